@@ -1,0 +1,1 @@
+"""Asterisk integration gateway: calling-plan licensing and prepaid billing in real time."""
