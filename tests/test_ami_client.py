@@ -1,0 +1,533 @@
+"""Fast tests of the AMI client against a fake AMI server speaking the wire format.
+
+The fake follows Asterisk's framing (banner line, ``Key: Value`` blocks ended by a
+blank line, ActionID echoed). The real PBX harness is the judge for the
+behaviour of Asterisk itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+from structlog.testing import capture_logs
+
+from gateway.ami import (
+    AMI_ACTION_FAILED,
+    AMI_DISCONNECTED,
+    AMI_LOGIN_FAILED,
+    AMI_TIMEOUT,
+    AMI_UNREACHABLE,
+    AmiClient,
+    AmiError,
+)
+
+USERNAME = "gateway"
+SECRET = "s3cret-Pw-77"
+
+Script = Callable[["FakeConn", dict[str, str]], Awaitable[None]]
+
+
+def encode(fields: dict[str, str]) -> bytes:
+    return "".join(f"{k}: {v}\r\n" for k, v in fields.items()).encode() + b"\r\n"
+
+
+def parse(block: bytes) -> dict[str, str]:
+    fields = {}
+    for line in block.decode().split("\r\n"):
+        if line:
+            key, _, value = line.partition(": ")
+            fields[key] = value
+    return fields
+
+
+class FakeConn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.closed = asyncio.Event()
+
+    async def send(self, fields: dict[str, str]) -> None:
+        self.writer.write(encode(fields))
+        await self.writer.drain()
+
+    async def reply(self, action: dict[str, str], **fields: str) -> None:
+        await self.send({"Response": "Success", "ActionID": action["ActionID"], **fields})
+
+
+class FakeAmi:
+    """An asyncio AMI server: Login/Ping/Logoff built in, other actions scripted."""
+
+    def __init__(self) -> None:
+        self.secret = SECRET
+        self.answer_pings = True
+        self.scripts: dict[str, Script] = {}
+        self.conns: list[FakeConn] = []
+        self.received: list[dict[str, str]] = []
+        self.logins = 0
+        self.failed_logins = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        self.drop()
+        self.server.close()
+        await self.server.wait_closed()
+
+    def drop(self) -> None:
+        for conn in self.conns:
+            conn.writer.close()
+
+    @property
+    def live(self) -> FakeConn:
+        return self.conns[-1]
+
+    async def event(self, fields: dict[str, str]) -> None:
+        await self.live.send(fields)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = FakeConn(reader, writer)
+        self.conns.append(conn)
+        writer.write(b"Asterisk Call Manager/11.0.0\r\n")
+        try:
+            while True:
+                action = parse(await reader.readuntil(b"\r\n\r\n"))
+                self.received.append(action)
+                await self._answer(conn, action)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            conn.closed.set()
+            writer.close()
+
+    async def _answer(self, conn: FakeConn, action: dict[str, str]) -> None:
+        name = action["Action"].lower()
+        if name == "login":
+            if action.get("Username") == USERNAME and action.get("Secret") == self.secret:
+                self.logins += 1
+                await conn.reply(action, Message="Authentication accepted")
+                await conn.send(
+                    {"Event": "FullyBooted", "Privilege": "system,all", "Status": "Fully Booted"}
+                )
+            else:
+                self.failed_logins += 1
+                await conn.send(
+                    {
+                        "Response": "Error",
+                        "ActionID": action["ActionID"],
+                        "Message": "Authentication failed",
+                    }
+                )
+                conn.writer.close()
+        elif name == "ping":
+            if self.answer_pings:
+                await conn.reply(action, Ping="Pong", Timestamp="1700000000.000000")
+        elif name == "logoff":
+            await conn.send(
+                {"Response": "Goodbye", "ActionID": action["ActionID"], "Message": "Bye"}
+            )
+            conn.writer.close()
+        elif name in self.scripts:
+            await self.scripts[name](conn, action)
+        else:
+            await conn.reply(action, Message="OK")
+
+
+async def never_answer(conn: FakeConn, action: dict[str, str]) -> None:
+    return None
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 2.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def fake():
+    server = FakeAmi()
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def make_client(fake):
+    clients: list[AmiClient] = []
+
+    def make(**overrides) -> AmiClient:
+        options = dict(
+            action_timeout=0.3,
+            ping_interval=60.0,
+            connect_timeout=0.5,
+            backoff_initial=0.05,
+            backoff_max=0.2,
+        )
+        options.update(overrides)
+        host = options.pop("host", "127.0.0.1")
+        port = options.pop("port", fake.port)
+        secret = options.pop("secret", SECRET)
+        client = AmiClient(host, port, USERNAME, secret, **options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_login_ok_and_system_events_reach_handlers(fake, make_client):
+    booted: list[dict[str, str]] = []
+    client = make_client()
+    client.on_event("FullyBooted", booted.append)
+
+    await client.start()
+
+    assert client.state == "connected"
+    login = fake.received[0]
+    assert login["Action"] == "Login"
+    assert login["Username"] == USERNAME
+    assert login["Events"] == "on"
+    await eventually(lambda: len(booted) == 1)
+    assert booted[0]["Status"] == "Fully Booted"
+    status = client.status()
+    assert status["state"] == "connected"
+    assert status["address"] == f"127.0.0.1:{fake.port}"
+    assert status["ami_version"] == "11.0.0"
+    assert SECRET not in repr(status) and SECRET not in repr(client)
+
+
+async def test_wrong_secret_raises_login_failed_quickly(fake, make_client):
+    client = make_client(secret="wrong-secret")
+    started = time.monotonic()
+    with pytest.raises(AmiError) as caught:
+        await client.start()
+
+    assert caught.value.code == AMI_LOGIN_FAILED
+    assert "Authentication failed" in str(caught.value)
+    assert "wrong-secret" not in str(caught.value)
+    assert time.monotonic() - started < 0.25
+    assert client.state == "disconnected"
+    assert client.last_error is not None and AMI_LOGIN_FAILED in client.last_error
+    # A failed start leaves nothing retrying in the background.
+    await asyncio.sleep(0.15)
+    assert len(fake.conns) == 1
+
+
+async def test_unreachable_port_raises_unreachable(make_client):
+    client = make_client(port=free_port())
+    with pytest.raises(AmiError) as caught:
+        await client.start()
+    assert caught.value.code == AMI_UNREACHABLE
+    assert client.state == "disconnected"
+
+
+async def test_server_without_banner_is_unreachable_after_connect_timeout(make_client):
+    async def silent(reader, writer):
+        await reader.read()  # accept, never greet; ends when the client gives up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = make_client(port=port, connect_timeout=0.2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(AmiError) as caught:
+            await client.start()
+    finally:
+        server.close()
+    elapsed = time.monotonic() - started
+    assert caught.value.code == AMI_UNREACHABLE
+    assert 0.15 < elapsed < 1.0
+
+
+async def test_responses_matched_by_action_id_with_interleaved_events(fake, make_client):
+    held: list[dict[str, str]] = []
+
+    async def hold_first(conn, action):
+        held.append(action)
+
+    async def answer_second_then_first(conn, action):
+        first = held[0]
+        # An event echoing the still-pending ActionID: a real event, not a response.
+        await conn.send({"Event": "VarSet", "ActionID": first["ActionID"], "Variable": "X"})
+        await conn.send({"Event": "Newexten", "Channel": "PJSIP/alice-00000001"})
+        await conn.send({"Response": "Success", "ActionID": "someone-else", "Message": "stale"})
+        await conn.reply(action, Message="second")
+        await conn.send({"Event": "Hangup", "Channel": "PJSIP/alice-00000001", "Cause": "16"})
+        await conn.reply(first, Message="first")
+
+    fake.scripts["first"] = hold_first
+    fake.scripts["second"] = answer_second_then_first
+    seen: list[str] = []
+    client = make_client()
+    client.on_event("*", lambda event: seen.append(event["Event"]))
+    await client.start()
+
+    first_task = asyncio.create_task(client.action({"Action": "First"}))
+    await eventually(lambda: bool(held))
+    second = await client.action({"Action": "Second"})
+    first = await first_task
+
+    assert second["Message"] == "second"
+    assert first["Message"] == "first"
+    assert first["ActionID"] == held[0]["ActionID"]
+    await eventually(lambda: "Hangup" in seen)
+    assert [name for name in seen if name != "FullyBooted"] == ["VarSet", "Newexten", "Hangup"]
+
+
+async def test_action_timeout_when_server_never_answers(fake, make_client):
+    fake.scripts["status"] = never_answer
+    client = make_client(action_timeout=0.2)
+    await client.start()
+
+    started = time.monotonic()
+    with pytest.raises(AmiError) as caught:
+        await client.action({"Action": "Status"})
+    elapsed = time.monotonic() - started
+
+    assert caught.value.code == AMI_TIMEOUT
+    assert 0.15 < elapsed < 0.6
+    # The link itself is fine: the next action is answered.
+    assert (await client.action({"Action": "Ping"}))["Ping"] == "Pong"
+    assert client.state == "connected"
+
+
+async def test_error_response_raises_action_failed_with_message(fake, make_client):
+    async def no_such_channel(conn, action):
+        await conn.send(
+            {"Response": "Error", "ActionID": action["ActionID"], "Message": "No such channel"}
+        )
+
+    client = make_client()
+    await client.start()
+
+    await client.setvar("PJSIP/alice-00000001", "TIMEOUT(absolute)", "10")
+    assert {k: fake.received[-1][k] for k in ("Action", "Channel", "Variable", "Value")} == {
+        "Action": "Setvar",
+        "Channel": "PJSIP/alice-00000001",
+        "Variable": "TIMEOUT(absolute)",
+        "Value": "10",
+    }
+    await client.hangup("PJSIP/bob-00000002", cause=17)
+    assert fake.received[-1]["Cause"] == "17"
+
+    fake.scripts["hangup"] = no_such_channel
+    with pytest.raises(AmiError) as caught:
+        await client.hangup("PJSIP/gone-00000009")
+    assert caught.value.code == AMI_ACTION_FAILED
+    assert "No such channel" in str(caught.value)
+    assert caught.value.response is not None
+    assert caught.value.response["Message"] == "No such channel"
+
+
+async def test_crlf_in_values_is_refused_before_sending(fake, make_client):
+    client = make_client()
+    await client.start()
+    sent = len(fake.received)
+    with pytest.raises(ValueError):
+        await client.setvar("PJSIP/a-1", "X", "1\r\nAction: Hangup\r\nChannel: /.*/")
+    await asyncio.sleep(0.05)
+    assert len(fake.received) == sent
+
+
+async def test_action_while_disconnected_raises_at_once(fake, make_client):
+    fake.scripts["status"] = never_answer
+    client = make_client(action_timeout=2.0, backoff_initial=5.0, backoff_max=5.0)
+
+    with pytest.raises(AmiError) as caught:
+        await client.action({"Action": "Ping"})
+    assert caught.value.code == AMI_DISCONNECTED
+
+    await client.start()
+    pending = asyncio.create_task(client.action({"Action": "Status"}))
+    await eventually(lambda: fake.received[-1]["Action"] == "Status")
+    fake.drop()
+
+    started = time.monotonic()
+    with pytest.raises(AmiError) as caught:
+        await pending
+    assert caught.value.code == AMI_DISCONNECTED
+    assert time.monotonic() - started < 0.5  # not the 2 s action timeout
+    assert client.state == "disconnected"
+
+    started = time.monotonic()
+    with pytest.raises(AmiError) as caught:
+        await client.action({"Action": "Ping"})
+    assert caught.value.code == AMI_DISCONNECTED
+    assert time.monotonic() - started < 0.05
+
+
+async def test_reconnects_after_server_drop_and_resyncs(fake, make_client):
+    connects = 0
+    hangups: list[dict[str, str]] = []
+
+    async def resync() -> None:
+        nonlocal connects
+        connects += 1
+
+    client = make_client()
+    client.on_connect(resync)
+    client.on_event("Hangup", hangups.append)
+    await client.start()
+    await eventually(lambda: connects == 1)
+    assert client.reconnects == 0
+
+    fake.drop()
+    await eventually(lambda: connects == 2 and client.state == "connected")
+
+    assert client.reconnects == 1
+    assert fake.logins == 2
+    assert client.last_error is not None and "closed" in client.last_error
+    await fake.event({"Event": "Hangup", "Channel": "PJSIP/bob-00000003", "Cause": "16"})
+    await eventually(lambda: len(hangups) == 1)
+    assert hangups[0]["Channel"] == "PJSIP/bob-00000003"
+    assert (await client.action({"Action": "Ping"}))["Ping"] == "Pong"
+
+
+async def test_wrong_secret_on_reconnect_is_logged_and_retried(fake, make_client):
+    client = make_client(backoff_initial=0.02, backoff_max=0.08)
+    await client.start()
+    with capture_logs() as logs:
+        fake.secret = "rotated"
+        fake.drop()
+        await eventually(lambda: fake.failed_logins >= 3)
+        assert client.state != "connected"
+        fake.secret = SECRET
+        await eventually(lambda: client.state == "connected")
+
+    failures = [e for e in logs if e["event"] == "ami.reconnect_failed"]
+    assert len(failures) >= 3
+    assert {e["code"] for e in failures} == {AMI_LOGIN_FAILED}
+    assert all(e["log_level"] == "error" for e in failures)
+    delays = [e["retry_in"] for e in failures]
+    assert delays[:3] == [0.04, 0.08, 0.08]  # doubled, then capped at backoff_max
+    assert SECRET not in repr(logs)
+    assert client.reconnects == 1
+
+
+async def test_unanswered_ping_declares_link_dead_and_reconnects(fake, make_client):
+    client = make_client(ping_interval=0.1, action_timeout=0.15)
+    await client.start()
+    first = fake.live
+    fake.answer_pings = False
+
+    await asyncio.wait_for(first.closed.wait(), 1.0)  # closed by the client
+    assert client.last_error is not None and "Ping" in client.last_error
+    fake.answer_pings = True
+    await eventually(lambda: client.reconnects == 1 and client.state == "connected")
+    assert len(fake.conns) == 2
+
+
+async def test_core_show_channels_collects_the_list(fake, make_client):
+    async def core_show_channels(conn, action):
+        aid = action["ActionID"]
+        await conn.reply(action, EventList="start", Message="Channels will follow")
+        await conn.send({"Event": "CoreShowChannel", "ActionID": aid, "Channel": "PJSIP/a-1"})
+        await conn.send({"Event": "Newchannel", "Channel": "PJSIP/c-3"})
+        await conn.send({"Event": "CoreShowChannel", "ActionID": aid, "Channel": "PJSIP/b-2"})
+        await conn.send(
+            {
+                "Event": "CoreShowChannelsComplete",
+                "ActionID": aid,
+                "EventList": "Complete",
+                "ListItems": "2",
+            }
+        )
+
+    fake.scripts["coreshowchannels"] = core_show_channels
+    seen: list[str] = []
+    client = make_client()
+    client.on_event("*", lambda event: seen.append(event["Event"]))
+    await client.start()
+
+    channels = await client.core_show_channels()
+
+    assert [c["Channel"] for c in channels] == ["PJSIP/a-1", "PJSIP/b-2"]
+    assert all(c["Event"] == "CoreShowChannel" for c in channels)
+    await eventually(lambda: "Newchannel" in seen)
+    assert "CoreShowChannel" not in seen and "CoreShowChannelsComplete" not in seen
+
+
+async def test_list_without_completion_times_out(fake, make_client):
+    async def incomplete(conn, action):
+        await conn.reply(action, EventList="start", Message="Channels will follow")
+
+    fake.scripts["coreshowchannels"] = incomplete
+    client = make_client(action_timeout=0.2)
+    await client.start()
+    with pytest.raises(AmiError) as caught:
+        await client.core_show_channels()
+    assert caught.value.code == AMI_TIMEOUT
+
+
+async def test_failing_callbacks_do_not_stop_other_events(fake, make_client):
+    good: list[str] = []
+
+    def broken_sync(event):
+        raise RuntimeError("sync handler bug")
+
+    async def broken_async(event):
+        raise RuntimeError("async handler bug")
+
+    client = make_client()
+    client.on_event("Hangup", broken_sync)
+    client.on_event("Hangup", broken_async)
+    client.on_event("Hangup", lambda event: good.append(event["Channel"]))
+    await client.start()
+
+    with capture_logs() as logs:
+        await fake.event({"Event": "Hangup", "Channel": "PJSIP/a-1"})
+        await fake.event({"Event": "Hangup", "Channel": "PJSIP/b-2"})
+        await eventually(lambda: len(good) == 2)
+
+    assert good == ["PJSIP/a-1", "PJSIP/b-2"]
+    failed = [e for e in logs if e["event"] == "ami.event_handler_failed"]
+    assert len(failed) == 4
+    assert client.state == "connected"
+    assert (await client.action({"Action": "Ping"}))["Ping"] == "Pong"
+
+
+async def test_trailing_empty_value_and_split_utf8_survive_framing(fake, make_client):
+    cdrs: list[dict[str, str]] = []
+    client = make_client()
+    client.on_event("Cdr", cdrs.append)
+    await client.start()
+
+    raw = encode({"Event": "Cdr", "CallerID": '"Zoë" <100>', "UserField": ""})
+    cut = raw.index("ë".encode()) + 1  # split inside the two-byte character
+    fake.live.writer.write(raw[:cut])
+    await fake.live.writer.drain()
+    await asyncio.sleep(0.02)
+    fake.live.writer.write(raw[cut:])
+
+    await eventually(lambda: len(cdrs) == 1)
+    assert cdrs[0]["CallerID"] == '"Zoë" <100>'
+    assert cdrs[0]["UserField"] == ""
+
+
+async def test_stop_logs_off_and_stops_reconnecting(fake, make_client):
+    client = make_client()
+    await client.start()
+    await client.stop()
+
+    assert client.state == "stopped"
+    assert fake.received[-1]["Action"] == "Logoff"
+    with pytest.raises(AmiError) as caught:
+        await client.action({"Action": "Ping"})
+    assert caught.value.code == AMI_DISCONNECTED
+    await asyncio.sleep(0.15)  # three back-off periods
+    assert len(fake.conns) == 1
