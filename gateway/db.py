@@ -1,0 +1,48 @@
+"""Database connection pools, and the embedded PostgreSQL used when no URL is given."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+
+import asyncpg
+import structlog
+
+from .store.migrate import migrate
+
+log = structlog.get_logger("gateway.db")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # The rater computes months in the tenant's timezone itself; keep sessions in UTC.
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
+async def open_pool(dsn: str, *, min_size: int = 2, max_size: int = 10,
+                    run_migrations: bool = True) -> asyncpg.Pool:
+    """Connect, bring the schema up to date, and return a pool."""
+    if run_migrations:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
+                                     init=_init_connection)
+
+
+def start_embedded(data_dir: pathlib.Path) -> tuple[str, object]:
+    """Start (or reuse) an embedded PostgreSQL in ``data_dir``; return its URL and handle.
+
+    pgserver ships the server binaries in its wheel and keeps the server running while
+    a handle is held.
+    """
+    import pgserver  # imported here: only the embedded mode needs it
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
+    return server.get_uri(), server
+
+
+async def start_embedded_async(data_dir: pathlib.Path) -> tuple[str, object]:
+    return await asyncio.to_thread(start_embedded, data_dir)

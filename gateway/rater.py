@@ -1,0 +1,231 @@
+"""The rater: decides, reserves, renews and settles calls. Knows nothing of AGI or AMI.
+
+Data path of one authorisation: one query loads the caller's context, the pure rules
+decide, and one call of ``gw_authorise`` records the decision and reserves the first
+slice atomically — two database round trips.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+
+import structlog
+
+from .errors import InvalidInput
+from .rating import numbers, rules
+from .rating.model import (
+    CallerContext,
+    Classified,
+    Decision,
+    Direction,
+    NumberClass,
+    Plan,
+    Reason,
+    Route,
+    Source,
+)
+from .store.repository import Repository
+
+log = structlog.get_logger("gateway.rater")
+
+Clock = Callable[[], dt.datetime]
+
+MAX_DIALLED = 64
+MAX_BILLABLE = 7 * 24 * 3600  # a week: anything longer is not a call report
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Renewal:
+    granted_seconds: int
+    funded_seconds: int
+    open: bool  # False when the call was already settled or released
+
+
+@dataclass(frozen=True)
+class Settlement:
+    outcome: str  # settled | released | already_settled | already_released | rejected
+    billed_seconds: int
+    charged: Decimal
+
+    @property
+    def first_time(self) -> bool:
+        return self.outcome in ("settled", "released")
+
+
+class Rater:
+    def __init__(self, repo: Repository, *, clock: Clock = utcnow, slice_seconds: int = 300):
+        if slice_seconds < 1:
+            raise ValueError("slice_seconds must be positive")
+        self.repo = repo
+        self.clock = clock
+        self.slice_seconds = slice_seconds
+
+    # ---- authorisation ---------------------------------------------------------------
+
+    async def authorise_outbound(
+        self,
+        sip_endpoint: str,
+        dialled: str,
+        *,
+        pbx_uniqueid: str | None = None,
+        linkedid: str | None = None,
+    ) -> Decision:
+        """Billing rules §6, outbound, for a call from ``sip_endpoint`` to ``dialled``."""
+        dialled = numbers.normalise(dialled)[:MAX_DIALLED + 1]
+        # Row 1 first, before any I/O: emergency calls go whatever the rater's health.
+        if numbers.is_emergency(dialled, None):
+            return self._emergency(dialled, sip_endpoint)
+        row = None
+        if sip_endpoint and len(sip_endpoint) <= 80:
+            row = await self.repo.find_caller(sip_endpoint, dialled)
+        if row is None:
+            plan = rules.decide_outbound(None, dialled, Classified(NumberClass.INVALID))
+            return self._log(Decision(False, plan.reason, None, destination=dialled),
+                             sip_endpoint)
+        classified = (
+            numbers.classify(dialled, row.user.usage_location)
+            if len(dialled) <= MAX_DIALLED
+            else Classified(NumberClass.INVALID)
+        )
+        internal = row.internal_user_endpoint
+        if internal is None and classified.e164 is not None:
+            internal = next(
+                (target or "" for e164, target in row.number_candidates
+                 if e164 == classified.e164),
+                None,
+            )
+        ctx = CallerContext(user=row.user, tenant=row.tenant, internal_target=internal)
+        plan = rules.decide_outbound(ctx, dialled, classified)
+        if plan.reason is Reason.EMERGENCY:
+            return self._emergency(dialled, sip_endpoint)
+        return await self._record(plan, ctx.tenant.id, ctx.user.id, Direction.OUTBOUND,
+                                  sip_endpoint, pbx_uniqueid, linkedid)
+
+    async def authorise_inbound(
+        self,
+        called: str,
+        caller: str = "",
+        *,
+        pbx_uniqueid: str | None = None,
+        linkedid: str | None = None,
+    ) -> Decision:
+        """Billing rules §6, inbound: a call from the carrier to ``called``."""
+        e164 = numbers.inbound_e164(called)
+        number = await self.repo.find_inbound_number(e164) if e164 else None
+        if number is None:
+            plan = rules.decide_inbound(e164, None, None)
+            return self._log(Decision(False, plan.reason, None, destination=called), caller)
+        plan = rules.decide_inbound(number.e164, number.kind, number.target)
+        return await self._record(plan, number.tenant_id, None, Direction.INBOUND,
+                                  numbers.normalise(caller)[:MAX_DIALLED] or "anonymous",
+                                  pbx_uniqueid, linkedid)
+
+    async def _record(self, plan: Plan, tenant_id: str, user_id: str | None,
+                      direction: Direction, caller: str, pbx_uniqueid: str | None,
+                      linkedid: str | None) -> Decision:
+        call_id = uuid.uuid4()
+        result = await self.repo.authorise(
+            call_id=call_id,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            direction=direction.value,
+            caller=caller,
+            destination=plan.destination[:MAX_DIALLED],
+            number_class=plan.number_class.value,
+            decision="ALLOW" if plan.allow else "REJECT",
+            reason=plan.reason.value,
+            route=plan.route.value if plan.route else None,
+            pbx_uniqueid=pbx_uniqueid,
+            linkedid=linkedid,
+            rate_kind=plan.rate_kind.value if plan.rate_kind else None,
+            sources=[s.value for s in plan.sources],
+            pool_country=plan.pool_country,
+            want_seconds=self.slice_seconds,
+            now=self.clock(),
+        )
+        allow = result.decision == "ALLOW"
+        decision = Decision(
+            allow=allow,
+            reason=Reason(result.reason),
+            call_id=call_id,
+            route=plan.route if allow else None,
+            funded_seconds=result.funded if allow and plan.rated else None,
+            destination=plan.destination,
+            target=plan.target,
+            number_class=plan.number_class,
+            tenant_id=tenant_id,
+            price_per_minute=result.price,
+            sources=plan.sources if allow else (),
+        )
+        return self._log(decision, caller)
+
+    def _emergency(self, dialled: str, caller: str) -> Decision:
+        return self._log(
+            Decision(True, Reason.EMERGENCY, None, route=Route.EMERGENCY, destination=dialled,
+                     number_class=NumberClass.EMERGENCY),
+            caller,
+        )
+
+    @staticmethod
+    def _log(decision: Decision, caller: str) -> Decision:
+        log.info(
+            "decision",
+            decision=decision.decision,
+            reason=decision.reason.value,
+            call_id=str(decision.call_id) if decision.call_id else None,
+            caller=caller,
+            destination=decision.destination,
+            route=decision.route.value if decision.route else None,
+            funded_seconds=decision.funded_seconds,
+            tenant_id=decision.tenant_id,
+        )
+        return decision
+
+    # ---- while the call is up ----------------------------------------------------------
+
+    async def answered(self, call_id: uuid.UUID, at: dt.datetime | None = None) -> bool:
+        return await self.repo.mark_answered(call_id, at or self.clock())
+
+    async def renew(self, call_id: uuid.UUID, seconds: int | None = None) -> Renewal:
+        """Reserve the next slice; it may come from another source, or only in part."""
+        want = self.slice_seconds if seconds is None else seconds
+        if not 1 <= want <= 86400:
+            raise InvalidInput(f"slice of {want} s is out of range", code="INVALID_SECONDS")
+        granted, funded, state = await self.repo.renew(call_id, want, self.clock())
+        log.info("renewed", call_id=str(call_id), granted_seconds=granted, funded_seconds=funded)
+        return Renewal(granted, funded, state in ("authorised", "answered"))
+
+    # ---- the end of a call ---------------------------------------------------------------
+
+    async def settle(self, call_id: uuid.UUID, billable_seconds: int, *, by: str = "api"
+                     ) -> Settlement:
+        """Bill the answered seconds once; a second report changes nothing and says so."""
+        if isinstance(billable_seconds, bool) or not isinstance(billable_seconds, int):
+            raise InvalidInput("billable seconds must be a whole number", code="INVALID_SECONDS")
+        if not 0 <= billable_seconds <= MAX_BILLABLE:
+            raise InvalidInput(f"billable seconds {billable_seconds} out of range",
+                               code="INVALID_SECONDS")
+        return await self._finish(call_id, billable_seconds, by)
+
+    async def release(self, call_id: uuid.UUID, *, by: str = "api") -> Settlement:
+        """A call that never connected: give back everything it reserved."""
+        return await self._finish(call_id, 0, by)
+
+    async def _finish(self, call_id: uuid.UUID, billable: int, by: str) -> Settlement:
+        r = await self.repo.finish(call_id, billable, self.clock(), by)
+        s = Settlement(r.outcome, r.billed_seconds, r.charged)
+        log.info("settlement", call_id=str(call_id), outcome=s.outcome,
+                 billable_seconds=billable, billed_seconds=s.billed_seconds,
+                 charged=str(s.charged), by=by)
+        return s
+
+
+__all__ = ["Rater", "Renewal", "Settlement", "Source", "utcnow"]

@@ -1,0 +1,154 @@
+"""Plain value types of the rater: what the rules read and what they answer."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+
+
+class Sku(StrEnum):
+    CALLING_PLAN = "business_voice_calling_plan"
+    BUSINESS_VOICE = "business_voice"
+    INTERNATIONAL = "international_calling_plan"
+
+
+BUSINESS_VOICE_SKUS = frozenset({Sku.CALLING_PLAN, Sku.BUSINESS_VOICE})
+
+# Countries with a Domestic Calling Plan (billing rules §3).
+CALLING_PLAN_COUNTRIES = frozenset({"CA", "GB", "US"})
+
+
+class NumberKind(StrEnum):
+    USER = "user"
+    TOLL_FREE = "toll_free"
+    SERVICE = "service"
+
+
+class NumberClass(StrEnum):
+    EMERGENCY = "emergency"
+    INTERNAL = "internal"
+    DOMESTIC = "domestic"
+    INTERNATIONAL = "international"
+    TOLL_FREE = "toll_free"
+    PREMIUM_RATE = "premium_rate"
+    INVALID = "invalid"
+
+
+class Route(StrEnum):
+    EMERGENCY = "emergency"
+    INTERNAL = "internal"
+    PARTNER = "partner"
+    PSTN = "pstn"
+
+
+class RateKind(StrEnum):
+    INTERNATIONAL = "international"
+    DOMESTIC_OVERAGE = "domestic_overage"
+    TOLL_FREE_INBOUND = "toll_free_inbound"
+
+
+class Source(StrEnum):
+    POOL = "pool"
+    ADDON = "addon"
+    WALLET = "wallet"
+
+
+class Reason(StrEnum):
+    """Stable reason codes. ALLOW reasons say why the call may go; the rest reject."""
+
+    EMERGENCY = "EMERGENCY"
+    INTERNAL = "INTERNAL"
+    PARTNER = "PARTNER"
+    TOLL_FREE_FREE = "TOLL_FREE_FREE"
+    FUNDED = "FUNDED"
+    INBOUND_USER_NUMBER = "INBOUND_USER_NUMBER"
+    UNKNOWN_CALLER = "UNKNOWN_CALLER"
+    NO_LICENSE = "NO_LICENSE"
+    INVALID_NUMBER = "INVALID_NUMBER"
+    BLOCKED_DESTINATION = "BLOCKED_DESTINATION"
+    NO_BALANCE = "NO_BALANCE"
+    NO_RATE = "NO_RATE"
+    UNKNOWN_NUMBER = "UNKNOWN_NUMBER"
+
+
+class Direction(StrEnum):
+    OUTBOUND = "outbound"
+    INBOUND = "inbound"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    country: str
+    timezone: str = "UTC"
+    currency: str = "USD"
+    blocked_classes: frozenset[str] = frozenset({NumberClass.PREMIUM_RATE})
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    tenant_id: str
+    sip_endpoint: str
+    usage_location: str
+    extension: str | None = None
+    licences: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Classified:
+    """A dialled string read against the caller's location."""
+
+    number_class: NumberClass
+    e164: str | None = None  # '+' and digits when the string is a dialable number
+
+
+@dataclass(frozen=True)
+class CallerContext:
+    """Everything the outbound rules need about one caller and one dialled string."""
+
+    user: User
+    tenant: Tenant
+    internal_target: str | None = None  # endpoint reached when the dialled string is internal
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The rules' answer before funding: allow/reject, route, and how to rate it."""
+
+    allow: bool
+    reason: Reason
+    number_class: NumberClass
+    route: Route | None = None
+    destination: str = ""  # E.164 for numbers, the dialled string otherwise
+    target: str | None = None  # PBX endpoint for internal and inbound calls
+    rate_kind: RateKind | None = None
+    sources: tuple[Source, ...] = ()
+    pool_country: str | None = None
+
+    @property
+    def rated(self) -> bool:
+        return bool(self.sources)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the rater tells the bridge about one call."""
+
+    allow: bool
+    reason: Reason
+    call_id: uuid.UUID | None
+    route: Route | None = None
+    funded_seconds: int | None = None  # None: no time limit (unrated call)
+    destination: str = ""
+    target: str | None = None
+    number_class: NumberClass | None = None
+    tenant_id: str | None = None
+    price_per_minute: Decimal | None = None
+    sources: tuple[Source, ...] = field(default=())
+
+    @property
+    def decision(self) -> str:
+        return "ALLOW" if self.allow else "REJECT"

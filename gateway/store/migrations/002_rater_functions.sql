@@ -1,0 +1,383 @@
+-- Server-side steps of the rater. Each public function is one statement for the
+-- client, so authorising, renewing and settling cost one round trip each, and the
+-- check of what is available and the reservation happen under the same row locks.
+--
+-- Lock order, the same everywhere so concurrent calls never deadlock:
+--   calls row -> pools / addon_usage row -> wallets row.
+
+CREATE INDEX ledger_recharges ON ledger (tenant_id, month) WHERE entry = 'recharge';
+
+-- Billing rules §7: answered seconds rounded up to the first increment, then to
+-- whole further increments. Mirrors gateway.rating.rules.bill_round.
+CREATE FUNCTION gw_bill_round(p_seconds bigint, p_first integer, p_increment integer)
+RETURNS bigint LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT CASE
+        WHEN p_seconds <= 0 THEN 0
+        WHEN p_seconds <= p_first THEN p_first
+        ELSE p_first + ((p_seconds - p_first + p_increment - 1) / p_increment) * p_increment
+    END
+$$;
+
+-- Price of `p_seconds` at `p_price` per minute, rounded up to 6 decimals.
+-- Mirrors gateway.rating.rules.cost.
+CREATE FUNCTION gw_cost(p_price numeric, p_seconds bigint)
+RETURNS numeric LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT (ceil(p_price * p_seconds * 1000000 / 60) / 1000000)::numeric(20, 6)
+$$;
+
+CREATE FUNCTION gw_month(p_tenant text, p_now timestamptz)
+RETURNS date LANGUAGE sql STABLE STRICT AS $$
+    SELECT date_trunc('month', p_now AT TIME ZONE t.timezone)::date
+    FROM tenants t WHERE t.id = p_tenant
+$$;
+
+-- Pool capacity in seconds: users located in the country holding the Calling Plan
+-- licence, times the country's allotment. Evaluated at use time (rules §3).
+CREATE FUNCTION gw_pool_capacity(p_tenant text, p_country char(2))
+RETURNS bigint LANGUAGE sql STABLE STRICT AS $$
+    SELECT count(*) * coalesce((SELECT a.minutes FROM allotments a
+                                WHERE a.country = p_country AND a.plan = 'domestic'), 0) * 60
+    FROM licence_assignments la JOIN users u ON u.id = la.user_id
+    WHERE la.tenant_id = p_tenant AND la.sku = 'business_voice_calling_plan'
+      AND u.usage_location = p_country
+$$;
+
+CREATE FUNCTION gw_addon_capacity(p_user text)
+RETURNS bigint LANGUAGE sql STABLE STRICT AS $$
+    SELECT coalesce((SELECT a.minutes * 60 FROM users u
+                     JOIN licence_assignments la
+                       ON la.user_id = u.id AND la.sku = 'international_calling_plan'
+                     JOIN allotments a ON a.country = u.usage_location AND a.plan = 'international'
+                     WHERE u.id = p_user), 0)
+$$;
+
+-- Adds the auto-recharge amount once when the wallet's available balance is below its
+-- threshold and the month's cap allows. The caller holds the wallet row lock.
+-- Returns true when a recharge was made.
+CREATE FUNCTION gw_auto_recharge(p_tenant text, p_now timestamptz, p_call uuid)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    w wallets%ROWTYPE;
+    v_month date := gw_month(p_tenant, p_now);
+BEGIN
+    SELECT * INTO w FROM wallets WHERE tenant_id = p_tenant;
+    IF NOT w.auto_recharge_enabled OR w.auto_recharge_amount <= 0
+       OR w.balance - w.reserved >= w.auto_recharge_threshold THEN
+        RETURN false;
+    END IF;
+    IF (SELECT count(*) FROM ledger
+        WHERE tenant_id = p_tenant AND entry = 'recharge' AND month = v_month)
+       >= w.auto_recharge_monthly_cap THEN
+        RETURN false;
+    END IF;
+    UPDATE wallets SET balance = balance + w.auto_recharge_amount WHERE tenant_id = p_tenant;
+    INSERT INTO ledger (at, tenant_id, entry, account, month, call_id, d_balance, note)
+    VALUES (p_now, p_tenant, 'recharge', 'wallet', v_month, p_call, w.auto_recharge_amount,
+            'auto-recharge below ' || w.auto_recharge_threshold);
+    RETURN true;
+END
+$$;
+
+-- Reserves up to p_want more seconds for an open call from its sources in order.
+-- The caller holds the calls row lock. Returns the seconds granted, which may be
+-- more than p_want (up to the next billing boundary) or less (sources ran dry).
+CREATE FUNCTION gw_reserve(p_call uuid, p_want integer, p_now timestamptz)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    c calls%ROWTYPE;
+    v_source text;
+    v_want integer;
+    v_left integer;
+    v_granted integer;
+    v_position integer := 0;
+    v_used bigint;
+    v_reserved bigint;
+    v_capacity bigint;
+    v_balance numeric;
+    v_wallet_reserved numeric;
+    v_have_seconds integer;
+    v_have_amount numeric;
+    v_amount numeric;
+    v_recharged boolean := false;
+BEGIN
+    SELECT * INTO c FROM calls WHERE id = p_call;
+    -- extend the funded end to the next billing boundary, so that short slices
+    -- never fund less than the rounding rule bills
+    v_want := gw_bill_round(c.funded_seconds + p_want, c.first_increment, c.increment)
+              - c.funded_seconds;
+    v_left := v_want;
+    FOREACH v_source IN ARRAY c.sources LOOP
+        v_position := v_position + 1;
+        EXIT WHEN v_left <= 0;
+        v_granted := 0;
+        v_amount := 0;
+        IF v_source = 'pool' THEN
+            SELECT used_seconds, reserved_seconds INTO v_used, v_reserved FROM pools
+            WHERE tenant_id = c.tenant_id AND country = c.pool_country AND month = c.month
+            FOR UPDATE;
+            IF NOT FOUND THEN
+                INSERT INTO pools (tenant_id, country, month)
+                VALUES (c.tenant_id, c.pool_country, c.month) ON CONFLICT DO NOTHING;
+                SELECT used_seconds, reserved_seconds INTO v_used, v_reserved FROM pools
+                WHERE tenant_id = c.tenant_id AND country = c.pool_country AND month = c.month
+                FOR UPDATE;
+            END IF;
+            v_capacity := gw_pool_capacity(c.tenant_id, c.pool_country);
+            v_granted := LEAST(v_left, GREATEST(v_capacity - v_used - v_reserved, 0));
+            IF v_granted > 0 THEN
+                UPDATE pools SET reserved_seconds = reserved_seconds + v_granted
+                WHERE tenant_id = c.tenant_id AND country = c.pool_country AND month = c.month;
+                INSERT INTO ledger (at, tenant_id, entry, account, country, month, call_id,
+                                    d_reserved_seconds)
+                VALUES (p_now, c.tenant_id, 'reserve', 'pool', c.pool_country, c.month, c.id,
+                        v_granted);
+            END IF;
+        ELSIF v_source = 'addon' THEN
+            SELECT used_seconds, reserved_seconds INTO v_used, v_reserved FROM addon_usage
+            WHERE user_id = c.user_id AND month = c.month FOR UPDATE;
+            IF NOT FOUND THEN
+                INSERT INTO addon_usage (user_id, month, tenant_id)
+                VALUES (c.user_id, c.month, c.tenant_id) ON CONFLICT DO NOTHING;
+                SELECT used_seconds, reserved_seconds INTO v_used, v_reserved FROM addon_usage
+                WHERE user_id = c.user_id AND month = c.month FOR UPDATE;
+            END IF;
+            v_capacity := gw_addon_capacity(c.user_id);
+            v_granted := LEAST(v_left, GREATEST(v_capacity - v_used - v_reserved, 0));
+            IF v_granted > 0 THEN
+                UPDATE addon_usage SET reserved_seconds = reserved_seconds + v_granted
+                WHERE user_id = c.user_id AND month = c.month;
+                INSERT INTO ledger (at, tenant_id, entry, account, month, user_id, call_id,
+                                    d_reserved_seconds)
+                VALUES (p_now, c.tenant_id, 'reserve', 'addon', c.month, c.user_id, c.id,
+                        v_granted);
+            END IF;
+        ELSIF v_source = 'wallet' THEN
+            SELECT balance, reserved INTO v_balance, v_wallet_reserved FROM wallets
+            WHERE tenant_id = c.tenant_id FOR UPDATE;
+            SELECT coalesce(max(reserved_seconds), 0), coalesce(max(reserved_amount), 0)
+            INTO v_have_seconds, v_have_amount
+            FROM call_funding WHERE call_id = c.id AND source = 'wallet';
+            -- an empty or short wallet may be refilled by auto-recharge before we give up
+            IF gw_cost(c.price_per_minute, v_have_seconds + v_left) - v_have_amount
+               > v_balance - v_wallet_reserved THEN
+                v_recharged := gw_auto_recharge(c.tenant_id, p_now, c.id);
+                IF v_recharged THEN
+                    SELECT balance, reserved INTO v_balance, v_wallet_reserved FROM wallets
+                    WHERE tenant_id = c.tenant_id;
+                END IF;
+            END IF;
+            IF c.price_per_minute = 0 THEN
+                v_granted := v_left;
+            ELSE
+                -- the most seconds the available money pays for, in whole increments
+                v_granted := LEAST(v_left::bigint,
+                    floor((v_balance - v_wallet_reserved + v_have_amount) * 60
+                          / c.price_per_minute)::bigint - v_have_seconds)::integer;
+                IF v_granted < v_left THEN
+                    v_granted := v_granted - v_granted % c.increment;
+                END IF;
+                WHILE v_granted > 0 AND gw_cost(c.price_per_minute, v_have_seconds + v_granted)
+                        - v_have_amount > v_balance - v_wallet_reserved LOOP
+                    v_granted := v_granted - c.increment;
+                END LOOP;
+                v_granted := GREATEST(v_granted, 0);
+            END IF;
+            IF v_granted > 0 THEN
+                v_amount := gw_cost(c.price_per_minute, v_have_seconds + v_granted) - v_have_amount;
+                UPDATE wallets SET reserved = reserved + v_amount WHERE tenant_id = c.tenant_id;
+                INSERT INTO ledger (at, tenant_id, entry, account, month, call_id,
+                                    d_reserved_seconds, d_reserved)
+                VALUES (p_now, c.tenant_id, 'reserve', 'wallet', c.month, c.id, v_granted,
+                        v_amount);
+            END IF;
+        END IF;
+        IF v_granted > 0 THEN
+            INSERT INTO call_funding (call_id, source, position, reserved_seconds, reserved_amount)
+            VALUES (c.id, v_source, v_position, v_granted, v_amount)
+            ON CONFLICT (call_id, source) DO UPDATE
+            SET reserved_seconds = call_funding.reserved_seconds + EXCLUDED.reserved_seconds,
+                reserved_amount = call_funding.reserved_amount + EXCLUDED.reserved_amount;
+            v_left := v_left - v_granted;
+        END IF;
+    END LOOP;
+    IF v_want - v_left > 0 THEN
+        UPDATE calls SET funded_seconds = funded_seconds + (v_want - v_left) WHERE id = c.id;
+    END IF;
+    RETURN v_want - v_left;
+END
+$$;
+
+-- Records one decision and, for an allowed rated call, looks up its rate and reserves
+-- its first slice. Returns the final decision: a rated call that finds no rate becomes
+-- NO_RATE, one that can reserve nothing becomes NO_BALANCE.
+CREATE FUNCTION gw_authorise(
+    p_id uuid, p_tenant text, p_user text, p_direction text, p_caller text,
+    p_destination text, p_class text, p_decision text, p_reason text, p_route text,
+    p_pbx_uniqueid text, p_linkedid text, p_rate_kind text, p_sources text[],
+    p_pool_country char(2), p_want integer, p_now timestamptz)
+RETURNS TABLE (decision text, reason text, funded integer, price numeric,
+               first_increment integer, increment integer, rate_prefix text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_currency text;
+    v_digits text := ltrim(p_destination, '+');
+    v_rate rates%ROWTYPE;
+    v_sources text[] := p_sources;
+    v_decision text := p_decision;
+    v_reason text := p_reason;
+    v_granted integer := 0;
+BEGIN
+    SELECT t.currency INTO v_currency FROM tenants t WHERE t.id = p_tenant;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown tenant %', p_tenant USING ERRCODE = 'GW404';
+    END IF;
+    IF v_decision = 'ALLOW' AND p_rate_kind IS NOT NULL THEN
+        SELECT r.* INTO v_rate FROM rates r
+        WHERE r.kind = p_rate_kind AND r.currency = v_currency
+          AND (r.tenant_id = p_tenant OR r.tenant_id IS NULL)
+          AND r.prefix = ANY (ARRAY(SELECT left(v_digits, n)
+                                    FROM generate_series(0, length(v_digits)) n))
+        ORDER BY length(r.prefix) DESC, r.tenant_id IS NULL
+        LIMIT 1;
+        IF NOT FOUND AND p_rate_kind = 'domestic_overage' THEN
+            -- the pool still pays domestic minutes; only overage needs a price
+            v_sources := array_remove(v_sources, 'wallet');
+        ELSIF NOT FOUND THEN
+            -- rules §6 row 10: a destination without a rate is not callable, add-on or not
+            v_decision := 'REJECT';
+            v_reason := 'NO_RATE';
+        END IF;
+    END IF;
+    INSERT INTO calls (id, tenant_id, user_id, direction, caller, destination, number_class,
+                       decision, reason, route, pbx_uniqueid, linkedid, rate_kind, rate_prefix,
+                       price_per_minute, first_increment, increment, sources, month,
+                       pool_country, state, authorised_at)
+    VALUES (p_id, p_tenant, p_user, p_direction, p_caller, p_destination, p_class,
+            v_decision, v_reason, CASE WHEN v_decision = 'ALLOW' THEN p_route END,
+            p_pbx_uniqueid, p_linkedid, p_rate_kind, v_rate.prefix, v_rate.price_per_minute,
+            coalesce(v_rate.first_increment, 60), coalesce(v_rate.increment, 60),
+            CASE WHEN v_decision = 'ALLOW' THEN v_sources ELSE '{}' END,
+            gw_month(p_tenant, p_now), p_pool_country,
+            CASE WHEN v_decision = 'ALLOW' THEN 'authorised' ELSE 'rejected' END, p_now);
+    IF v_decision = 'ALLOW' AND cardinality(v_sources) > 0 THEN
+        v_granted := gw_reserve(p_id, p_want, p_now);
+        IF v_granted = 0 THEN
+            v_decision := 'REJECT';
+            v_reason := 'NO_BALANCE';
+            UPDATE calls SET decision = v_decision, reason = v_reason, route = NULL,
+                             state = 'rejected'
+            WHERE id = p_id;
+        END IF;
+    END IF;
+    RETURN QUERY SELECT v_decision, v_reason, v_granted, v_rate.price_per_minute,
+                        coalesce(v_rate.first_increment, 60), coalesce(v_rate.increment, 60),
+                        v_rate.prefix;
+END
+$$;
+
+-- Reserves the next slice of an open call. Returns the seconds granted now and the
+-- call's funded total; a call that is no longer open gets nothing.
+CREATE FUNCTION gw_renew(p_call uuid, p_want integer, p_now timestamptz)
+RETURNS TABLE (granted integer, funded integer, state text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    c calls%ROWTYPE;
+    v_granted integer := 0;
+BEGIN
+    SELECT * INTO c FROM calls WHERE id = p_call FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown call %', p_call USING ERRCODE = 'GW404';
+    END IF;
+    IF c.state IN ('authorised', 'answered') AND cardinality(c.sources) > 0 THEN
+        v_granted := gw_reserve(p_call, p_want, p_now);
+    END IF;
+    RETURN QUERY SELECT v_granted, c.funded_seconds + v_granted, c.state;
+END
+$$;
+
+-- Ends a call exactly once. Bills the answered seconds rounded up to the rate's
+-- increments (never past what was funded), charges the reservations in source order,
+-- releases the rest and lets auto-recharge react. A second call changes nothing and
+-- returns outcome 'already_settled' / 'already_released'.
+CREATE FUNCTION gw_finish(p_call uuid, p_billable integer, p_now timestamptz, p_by text)
+RETURNS TABLE (outcome text, billed integer, charged numeric)
+LANGUAGE plpgsql AS $$
+DECLARE
+    c calls%ROWTYPE;
+    f call_funding%ROWTYPE;
+    v_billed integer;
+    v_left integer;
+    v_seconds integer;
+    v_amount numeric;
+    v_charged numeric := 0;
+    v_state text;
+BEGIN
+    SELECT * INTO c FROM calls WHERE id = p_call FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown call %', p_call USING ERRCODE = 'GW404';
+    END IF;
+    IF c.state IN ('settled', 'released') THEN
+        RETURN QUERY SELECT 'already_' || c.state, c.billed_seconds, c.charged_amount;
+        RETURN;
+    END IF;
+    IF c.state = 'rejected' THEN
+        RETURN QUERY SELECT 'rejected'::text, 0, 0::numeric;
+        RETURN;
+    END IF;
+    v_billed := gw_bill_round(GREATEST(p_billable, 0), c.first_increment, c.increment);
+    IF cardinality(c.sources) > 0 THEN
+        v_billed := LEAST(v_billed, c.funded_seconds);
+    END IF;
+    v_left := v_billed;
+    FOR f IN SELECT * FROM call_funding WHERE call_id = p_call ORDER BY position LOOP
+        v_seconds := LEAST(v_left, f.reserved_seconds);
+        v_left := v_left - v_seconds;
+        v_amount := 0;
+        IF f.source = 'pool' THEN
+            UPDATE pools SET used_seconds = used_seconds + v_seconds,
+                             reserved_seconds = reserved_seconds - f.reserved_seconds
+            WHERE tenant_id = c.tenant_id AND country = c.pool_country AND month = c.month;
+            INSERT INTO ledger (at, tenant_id, entry, account, country, month, call_id,
+                                d_used_seconds, d_reserved_seconds)
+            SELECT p_now, c.tenant_id, e.entry, 'pool', c.pool_country, c.month, c.id, e.u, e.r
+            FROM (VALUES ('charge', v_seconds, -v_seconds),
+                         ('release', 0, v_seconds - f.reserved_seconds)) e(entry, u, r)
+            WHERE e.u <> 0 OR e.r <> 0;
+        ELSIF f.source = 'addon' THEN
+            UPDATE addon_usage SET used_seconds = used_seconds + v_seconds,
+                                   reserved_seconds = reserved_seconds - f.reserved_seconds
+            WHERE user_id = c.user_id AND month = c.month;
+            INSERT INTO ledger (at, tenant_id, entry, account, month, user_id, call_id,
+                                d_used_seconds, d_reserved_seconds)
+            SELECT p_now, c.tenant_id, e.entry, 'addon', c.month, c.user_id, c.id, e.u, e.r
+            FROM (VALUES ('charge', v_seconds, -v_seconds),
+                         ('release', 0, v_seconds - f.reserved_seconds)) e(entry, u, r)
+            WHERE e.u <> 0 OR e.r <> 0;
+        ELSE
+            v_amount := gw_cost(c.price_per_minute, v_seconds);
+            UPDATE wallets SET balance = balance - v_amount,
+                               reserved = reserved - f.reserved_amount
+            WHERE tenant_id = c.tenant_id;
+            INSERT INTO ledger (at, tenant_id, entry, account, month, call_id,
+                                d_used_seconds, d_reserved_seconds, d_balance, d_reserved)
+            SELECT p_now, c.tenant_id, e.entry, 'wallet', c.month, c.id, e.u, e.r, e.b, e.m
+            FROM (VALUES ('charge', v_seconds, -v_seconds, -v_amount, -v_amount),
+                         ('release', 0, v_seconds - f.reserved_seconds, 0::numeric,
+                          v_amount - f.reserved_amount)) e(entry, u, r, b, m)
+            WHERE e.u <> 0 OR e.r <> 0 OR e.b <> 0 OR e.m <> 0;
+            IF v_amount > 0 THEN
+                PERFORM gw_auto_recharge(c.tenant_id, p_now, c.id);
+            END IF;
+        END IF;
+        UPDATE call_funding SET charged_seconds = v_seconds, charged_amount = v_amount
+        WHERE call_id = p_call AND source = f.source;
+        v_charged := v_charged + v_amount;
+    END LOOP;
+    v_state := CASE WHEN c.answered_at IS NULL AND p_billable <= 0 THEN 'released'
+                    ELSE 'settled' END;
+    UPDATE calls SET state = v_state, ended_at = p_now, billable_seconds = GREATEST(p_billable, 0),
+                     billed_seconds = v_billed, charged_amount = v_charged, settled_by = p_by
+    WHERE id = p_call;
+    RETURN QUERY SELECT v_state, v_billed, v_charged;
+END
+$$;

@@ -1,0 +1,544 @@
+"""The one place with SQL. Lookups that may miss are ``find_*`` (return None);
+those that must hit are ``get_*`` (raise NotFound). Database errors become the
+project's typed errors here, so callers never see asyncpg exceptions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from ..errors import Conflict, GatewayError, InvalidInput, NotFound, Unavailable
+from ..rating.model import NumberKind, Tenant, User
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class CallerRow:
+    user: User
+    tenant: Tenant
+    internal_user_endpoint: str | None
+    # (e164, endpoint it rings) of the tenant's numbers that end like the dialled digits
+    number_candidates: tuple[tuple[str, str | None], ...]
+
+
+@dataclass(frozen=True)
+class InboundNumber:
+    e164: str
+    tenant_id: str
+    kind: NumberKind
+    target: str | None
+
+
+@dataclass(frozen=True)
+class AuthoriseResult:
+    decision: str
+    reason: str
+    funded: int
+    price: Decimal | None
+    first_increment: int
+    increment: int
+    rate_prefix: str | None
+
+
+@dataclass(frozen=True)
+class FinishResult:
+    outcome: str  # settled | released | already_settled | already_released | rejected
+    billed_seconds: int
+    charged: Decimal
+
+
+@contextlib.contextmanager
+def translate_errors() -> Any:
+    """Turn database errors into the gateway's typed errors with stable codes."""
+    try:
+        yield
+    except GatewayError:
+        raise
+    except asyncpg.UniqueViolationError as exc:
+        raise Conflict(f"already exists: {exc.detail or exc}", code="DUPLICATE") from exc
+    except asyncpg.ForeignKeyViolationError as exc:
+        raise NotFound(f"refers to something that does not exist: {exc.detail or exc}",
+                       code="UNKNOWN_REFERENCE") from exc
+    except (asyncpg.CheckViolationError, asyncpg.NotNullViolationError,
+            asyncpg.NumericValueOutOfRangeError, asyncpg.StringDataRightTruncationError,
+            asyncpg.InvalidTextRepresentationError) as exc:
+        raise InvalidInput(f"invalid value: {exc}", code="INVALID_VALUE") from exc
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == "GW404":
+            raise NotFound(str(exc), code="UNKNOWN_CALL") from exc
+        raise
+    except (OSError, asyncpg.InterfaceError) as exc:
+        raise Unavailable(f"database unavailable: {exc}", code="DATABASE_UNAVAILABLE") from exc
+
+
+class Repository:
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        with translate_errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield conn
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        with translate_errors():
+            return await self.pool.fetch(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        with translate_errors():
+            return await self.pool.fetchrow(sql, *args)
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        with translate_errors():
+            return await self.pool.execute(sql, *args)
+
+    # ---- the call path -------------------------------------------------------------
+
+    async def find_caller(self, sip_endpoint: str, dialled: str) -> CallerRow | None:
+        """One round trip: the caller, their tenant and licences, and whether the
+        dialled string is one of the tenant's own extensions, users or numbers."""
+        digits = "".join(_DIGITS.findall(dialled or ""))
+        suffix = digits[-7:] if digits else None
+        r = await self._fetchrow(
+            """
+            SELECT u.id AS user_id, u.tenant_id, u.sip_endpoint, u.usage_location, u.extension,
+                   t.country, t.timezone, t.currency, t.blocked_classes,
+                   ARRAY(SELECT la.sku FROM licence_assignments la
+                         WHERE la.user_id = u.id) AS licences,
+                   (SELECT u2.sip_endpoint FROM users u2
+                    WHERE u2.tenant_id = u.tenant_id
+                      AND (u2.extension = $2 OR u2.sip_endpoint = $2)
+                    ORDER BY u2.extension = $2 DESC LIMIT 1) AS internal_user,
+                   ARRAY(SELECT ROW(pn.e164, coalesce(pu.sip_endpoint, pn.target))
+                         FROM phone_numbers pn LEFT JOIN users pu ON pu.id = pn.user_id
+                         WHERE $3::text IS NOT NULL AND pn.tenant_id = u.tenant_id
+                           AND reverse(pn.e164) LIKE reverse($3::text) || '%'
+                         LIMIT 20) AS numbers
+            FROM users u JOIN tenants t ON t.id = u.tenant_id
+            WHERE u.sip_endpoint = $1
+            """,
+            sip_endpoint,
+            dialled,
+            suffix,
+        )
+        if r is None:
+            return None
+        user = User(
+            id=r["user_id"],
+            tenant_id=r["tenant_id"],
+            sip_endpoint=r["sip_endpoint"],
+            usage_location=r["usage_location"],
+            extension=r["extension"],
+            licences=frozenset(r["licences"]),
+        )
+        tenant = Tenant(
+            id=r["tenant_id"],
+            country=r["country"],
+            timezone=r["timezone"],
+            currency=r["currency"],
+            blocked_classes=frozenset(r["blocked_classes"]),
+        )
+        numbers = tuple((n[0], n[1]) for n in r["numbers"])
+        return CallerRow(user, tenant, r["internal_user"], numbers)
+
+    async def find_inbound_number(self, e164: str) -> InboundNumber | None:
+        r = await self._fetchrow(
+            """
+            SELECT pn.e164, pn.tenant_id, pn.kind, coalesce(u.sip_endpoint, pn.target) AS target
+            FROM phone_numbers pn LEFT JOIN users u ON u.id = pn.user_id
+            WHERE pn.e164 = $1
+            """,
+            e164,
+        )
+        if r is None:
+            return None
+        return InboundNumber(r["e164"], r["tenant_id"], NumberKind(r["kind"]), r["target"])
+
+    async def authorise(
+        self,
+        *,
+        call_id: uuid.UUID,
+        tenant_id: str,
+        user_id: str | None,
+        direction: str,
+        caller: str,
+        destination: str,
+        number_class: str,
+        decision: str,
+        reason: str,
+        route: str | None,
+        pbx_uniqueid: str | None,
+        linkedid: str | None,
+        rate_kind: str | None,
+        sources: Sequence[str],
+        pool_country: str | None,
+        want_seconds: int,
+        now: dt.datetime,
+    ) -> AuthoriseResult:
+        r = await self._fetchrow(
+            "SELECT * FROM gw_authorise($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+            " $13, $14, $15, $16, $17)",
+            call_id, tenant_id, user_id, direction, caller, destination, number_class,
+            decision, reason, route, pbx_uniqueid, linkedid, rate_kind, list(sources),
+            pool_country, want_seconds, now,
+        )
+        assert r is not None
+        return AuthoriseResult(
+            r["decision"], r["reason"], r["funded"], r["price"], r["first_increment"],
+            r["increment"], r["rate_prefix"],
+        )
+
+    async def renew(self, call_id: uuid.UUID, want_seconds: int, now: dt.datetime
+                    ) -> tuple[int, int, str]:
+        r = await self._fetchrow("SELECT * FROM gw_renew($1, $2, $3)", call_id, want_seconds, now)
+        assert r is not None
+        return r["granted"], r["funded"], r["state"]
+
+    async def finish(self, call_id: uuid.UUID, billable_seconds: int, now: dt.datetime,
+                     by: str) -> FinishResult:
+        r = await self._fetchrow(
+            "SELECT * FROM gw_finish($1, $2, $3, $4)", call_id, billable_seconds, now, by
+        )
+        assert r is not None
+        return FinishResult(r["outcome"], r["billed"] or 0, r["charged"] or Decimal(0))
+
+    async def mark_answered(self, call_id: uuid.UUID, at: dt.datetime) -> bool:
+        status = await self._execute(
+            "UPDATE calls SET state = 'answered', answered_at = $2"
+            " WHERE id = $1 AND state = 'authorised'",
+            call_id, at,
+        )
+        return status.endswith(" 1")
+
+    async def find_call(self, call_id: uuid.UUID) -> asyncpg.Record | None:
+        return await self._fetchrow("SELECT * FROM calls WHERE id = $1", call_id)
+
+    async def find_call_by_uniqueid(self, pbx_uniqueid: str) -> asyncpg.Record | None:
+        return await self._fetchrow("SELECT * FROM calls WHERE pbx_uniqueid = $1", pbx_uniqueid)
+
+    async def open_calls(self) -> list[asyncpg.Record]:
+        return await self._fetch(
+            "SELECT * FROM calls WHERE state IN ('authorised', 'answered') ORDER BY authorised_at"
+        )
+
+    async def call_funding(self, call_id: uuid.UUID) -> list[asyncpg.Record]:
+        return await self._fetch(
+            "SELECT * FROM call_funding WHERE call_id = $1 ORDER BY position", call_id
+        )
+
+    # ---- provisioning --------------------------------------------------------------
+
+    async def create_tenant(self, t: Tenant, name: str) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO tenants (id, name, country, timezone, currency, blocked_classes)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                t.id, name, t.country, t.timezone, t.currency, sorted(t.blocked_classes),
+            )
+            await conn.execute("INSERT INTO wallets (tenant_id) VALUES ($1)", t.id)
+
+    async def update_tenant(self, tenant_id: str, fields: dict[str, Any]) -> None:
+        await self._update("tenants", "id", tenant_id, fields, "UNKNOWN_TENANT")
+
+    async def _update(self, table: str, key: str, key_value: Any, fields: dict[str, Any],
+                      missing_code: str) -> None:
+        # Column names come from the callers' fixed whitelists, never from input.
+        if not fields:
+            return
+        sets = ", ".join(f"{col} = ${i + 2}" for i, col in enumerate(fields))
+        status = await self._execute(
+            f"UPDATE {table} SET {sets} WHERE {key} = $1", key_value, *fields.values()
+        )
+        if status.endswith(" 0"):
+            raise NotFound(f"no such {table[:-1]}: {key_value}", code=missing_code)
+
+    async def find_tenant(self, tenant_id: str) -> asyncpg.Record | None:
+        return await self._fetchrow("SELECT * FROM tenants WHERE id = $1", tenant_id)
+
+    async def list_tenants(self) -> list[asyncpg.Record]:
+        return await self._fetch("SELECT * FROM tenants ORDER BY id")
+
+    async def set_subscription(self, tenant_id: str, sku: str, quantity: int) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO subscriptions (tenant_id, sku, quantity) VALUES ($1, $2, 0)"
+                " ON CONFLICT DO NOTHING", tenant_id, sku,
+            )
+            await conn.execute(
+                "SELECT 1 FROM subscriptions WHERE tenant_id = $1 AND sku = $2 FOR UPDATE",
+                tenant_id, sku,
+            )
+            assigned = await conn.fetchval(
+                "SELECT count(*) FROM licence_assignments WHERE tenant_id = $1 AND sku = $2",
+                tenant_id, sku,
+            )
+            if quantity < assigned:
+                raise Conflict(
+                    f"{assigned} {sku} licences are assigned; unassign some before "
+                    f"reducing the purchase to {quantity}",
+                    code="LICENCES_IN_USE", field="quantity",
+                )
+            await conn.execute(
+                "UPDATE subscriptions SET quantity = $3 WHERE tenant_id = $1 AND sku = $2",
+                tenant_id, sku, quantity,
+            )
+
+    async def subscriptions(self, tenant_id: str) -> list[asyncpg.Record]:
+        return await self._fetch(
+            """
+            SELECT s.sku, s.quantity,
+                   (SELECT count(*) FROM licence_assignments la
+                    WHERE la.tenant_id = s.tenant_id AND la.sku = s.sku) AS assigned
+            FROM subscriptions s WHERE s.tenant_id = $1 ORDER BY s.sku
+            """,
+            tenant_id,
+        )
+
+    async def create_user(self, u: User, display_name: str) -> None:
+        await self._execute(
+            "INSERT INTO users (id, tenant_id, display_name, sip_endpoint, extension,"
+            " usage_location) VALUES ($1, $2, $3, $4, $5, $6)",
+            u.id, u.tenant_id, display_name, u.sip_endpoint, u.extension, u.usage_location,
+        )
+
+    async def update_user(self, user_id: str, fields: dict[str, Any]) -> None:
+        await self._update("users", "id", user_id, fields, "UNKNOWN_USER")
+
+    async def delete_user(self, user_id: str) -> None:
+        status = await self._execute("DELETE FROM users WHERE id = $1", user_id)
+        if status.endswith(" 0"):
+            raise NotFound(f"no such user: {user_id}", code="UNKNOWN_USER")
+
+    async def find_user(self, user_id: str) -> asyncpg.Record | None:
+        return await self._fetchrow(
+            "SELECT u.*, ARRAY(SELECT sku FROM licence_assignments la WHERE la.user_id = u.id"
+            " ORDER BY sku) AS licences FROM users u WHERE u.id = $1",
+            user_id,
+        )
+
+    async def list_users(self, tenant_id: str) -> list[asyncpg.Record]:
+        return await self._fetch(
+            "SELECT u.*, ARRAY(SELECT sku FROM licence_assignments la WHERE la.user_id = u.id"
+            " ORDER BY sku) AS licences FROM users u WHERE u.tenant_id = $1 ORDER BY u.id",
+            tenant_id,
+        )
+
+    async def assign_licence(self, user_id: str, sku: str, check: Any) -> None:
+        """Assign under the subscription's row lock, so that two concurrent assignments
+        can never exceed the purchase. ``check(user_row, held_skus)`` applies the rules."""
+        async with self.transaction() as conn:
+            user = await conn.fetchrow(
+                "SELECT u.*, t.country AS tenant_country FROM users u"
+                " JOIN tenants t ON t.id = u.tenant_id WHERE u.id = $1", user_id,
+            )
+            if user is None:
+                raise NotFound(f"no such user: {user_id}", code="UNKNOWN_USER")
+            quantity = await conn.fetchval(
+                "SELECT quantity FROM subscriptions WHERE tenant_id = $1 AND sku = $2"
+                " FOR UPDATE", user["tenant_id"], sku,
+            )
+            held = {r["sku"] for r in await conn.fetch(
+                "SELECT sku FROM licence_assignments WHERE user_id = $1", user_id)}
+            if sku in held:
+                return  # assigning what is held already changes nothing
+            check(user, held)
+            assigned = await conn.fetchval(
+                "SELECT count(*) FROM licence_assignments WHERE tenant_id = $1 AND sku = $2",
+                user["tenant_id"], sku,
+            )
+            if quantity is None or assigned >= quantity:
+                raise Conflict(
+                    f"tenant {user['tenant_id']} has purchased {quantity or 0} {sku} "
+                    f"licences and {assigned} are assigned",
+                    code="LICENCE_LIMIT", field="sku",
+                )
+            await conn.execute(
+                "INSERT INTO licence_assignments (user_id, sku, tenant_id) VALUES ($1, $2, $3)",
+                user_id, sku, user["tenant_id"],
+            )
+
+    async def unassign_licence(self, user_id: str, sku: str, check: Any) -> None:
+        async with self.transaction() as conn:
+            held = {r["sku"] for r in await conn.fetch(
+                "SELECT sku FROM licence_assignments WHERE user_id = $1 FOR UPDATE", user_id)}
+            check(held)
+            await conn.execute(
+                "DELETE FROM licence_assignments WHERE user_id = $1 AND sku = $2", user_id, sku
+            )
+
+    async def add_number(self, e164: str, tenant_id: str, kind: str, user_id: str | None,
+                         target: str | None) -> None:
+        async with self.transaction() as conn:
+            if user_id is not None:
+                owner = await conn.fetchval("SELECT tenant_id FROM users WHERE id = $1", user_id)
+                if owner is None:
+                    raise NotFound(f"no such user: {user_id}", code="UNKNOWN_USER",
+                                   field="user_id")
+                if owner != tenant_id:
+                    raise InvalidInput(f"user {user_id} belongs to another tenant",
+                                       code="USER_OF_OTHER_TENANT", field="user_id")
+            await conn.execute(
+                "INSERT INTO phone_numbers (e164, tenant_id, kind, user_id, target)"
+                " VALUES ($1, $2, $3, $4, $5)", e164, tenant_id, kind, user_id, target,
+            )
+
+    async def delete_number(self, e164: str) -> None:
+        status = await self._execute("DELETE FROM phone_numbers WHERE e164 = $1", e164)
+        if status.endswith(" 0"):
+            raise NotFound(f"no such number: {e164}", code="UNKNOWN_NUMBER")
+
+    async def list_numbers(self, tenant_id: str) -> list[asyncpg.Record]:
+        return await self._fetch(
+            "SELECT * FROM phone_numbers WHERE tenant_id = $1 ORDER BY e164", tenant_id
+        )
+
+    async def upsert_rates(self, rows: Iterable[tuple[Any, ...]]) -> int:
+        """rows: (tenant_id|None, currency, kind, prefix, price, first, increment, description).
+        All or nothing."""
+        rows = list(rows)
+        async with self.transaction() as conn:
+            await conn.executemany(
+                """
+                INSERT INTO rates (tenant_id, currency, kind, prefix, price_per_minute,
+                                   first_increment, increment, description)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                ON CONFLICT (tenant_id, currency, kind, prefix) DO UPDATE
+                SET price_per_minute = EXCLUDED.price_per_minute,
+                    first_increment = EXCLUDED.first_increment,
+                    increment = EXCLUDED.increment, description = EXCLUDED.description
+                """,
+                rows,
+            )
+        return len(rows)
+
+    async def list_rates(self, tenant_id: str | None = None) -> list[asyncpg.Record]:
+        return await self._fetch(
+            "SELECT * FROM rates WHERE tenant_id IS NOT DISTINCT FROM $1"
+            " ORDER BY kind, currency, prefix", tenant_id,
+        )
+
+    async def set_allotment(self, country: str, plan: str, minutes: int) -> None:
+        await self._execute(
+            "INSERT INTO allotments (country, plan, minutes) VALUES ($1, $2, $3)"
+            " ON CONFLICT (country, plan) DO UPDATE SET minutes = EXCLUDED.minutes",
+            country, plan, minutes,
+        )
+
+    async def allotments(self) -> list[asyncpg.Record]:
+        return await self._fetch("SELECT * FROM allotments ORDER BY country, plan")
+
+    # ---- wallet ----------------------------------------------------------------------
+
+    async def topup(self, tenant_id: str, amount: Decimal, now: dt.datetime, note: str
+                    ) -> Decimal:
+        r = await self._fetchrow(
+            """
+            WITH w AS (
+                UPDATE wallets SET balance = balance + $2 WHERE tenant_id = $1
+                RETURNING balance
+            ), l AS (
+                INSERT INTO ledger (at, tenant_id, entry, account, d_balance, note)
+                SELECT $3, $1, 'topup', 'wallet', $2, $4 FROM w
+            )
+            SELECT balance FROM w
+            """,
+            tenant_id, amount, now, note,
+        )
+        if r is None:
+            raise NotFound(f"no such tenant: {tenant_id}", code="UNKNOWN_TENANT")
+        return r["balance"]
+
+    async def set_auto_recharge(self, tenant_id: str, enabled: bool, threshold: Decimal,
+                                amount: Decimal, monthly_cap: int) -> None:
+        await self._update(
+            "wallets", "tenant_id", tenant_id,
+            {"auto_recharge_enabled": enabled, "auto_recharge_threshold": threshold,
+             "auto_recharge_amount": amount, "auto_recharge_monthly_cap": monthly_cap},
+            "UNKNOWN_TENANT",
+        )
+
+    async def get_wallet(self, tenant_id: str, month: dt.date | None = None) -> asyncpg.Record:
+        r = await self._fetchrow(
+            """
+            SELECT w.*, (SELECT count(*) FROM ledger l WHERE l.tenant_id = w.tenant_id
+                         AND l.entry = 'recharge' AND l.month = $2) AS recharges_this_month
+            FROM wallets w WHERE w.tenant_id = $1
+            """,
+            tenant_id, month,
+        )
+        if r is None:
+            raise NotFound(f"no such tenant: {tenant_id}", code="UNKNOWN_TENANT")
+        return r
+
+    # ---- usage -----------------------------------------------------------------------
+
+    async def pools(self, tenant_id: str, month: dt.date) -> list[asyncpg.Record]:
+        """Every country the tenant has Calling Plan users in, with this month's counters."""
+        return await self._fetch(
+            """
+            WITH countries AS (
+                SELECT DISTINCT u.usage_location AS country FROM users u
+                JOIN licence_assignments la ON la.user_id = u.id
+                WHERE u.tenant_id = $1 AND la.sku = 'business_voice_calling_plan'
+                UNION SELECT country FROM pools WHERE tenant_id = $1 AND month = $2
+            )
+            SELECT c.country, gw_pool_capacity($1, c.country) AS capacity_seconds,
+                   coalesce(p.used_seconds, 0) AS used_seconds,
+                   coalesce(p.reserved_seconds, 0) AS reserved_seconds
+            FROM countries c
+            LEFT JOIN pools p ON p.tenant_id = $1 AND p.country = c.country AND p.month = $2
+            ORDER BY c.country
+            """,
+            tenant_id, month,
+        )
+
+    async def addon_usage(self, tenant_id: str, month: dt.date) -> list[asyncpg.Record]:
+        return await self._fetch(
+            """
+            SELECT u.id AS user_id, gw_addon_capacity(u.id) AS capacity_seconds,
+                   coalesce(a.used_seconds, 0) AS used_seconds,
+                   coalesce(a.reserved_seconds, 0) AS reserved_seconds
+            FROM users u JOIN licence_assignments la
+              ON la.user_id = u.id AND la.sku = 'international_calling_plan'
+            LEFT JOIN addon_usage a ON a.user_id = u.id AND a.month = $2
+            WHERE u.tenant_id = $1 ORDER BY u.id
+            """,
+            tenant_id, month,
+        )
+
+    async def list_calls(self, tenant_id: str, month: dt.date | None, limit: int = 100
+                         ) -> list[asyncpg.Record]:
+        return await self._fetch(
+            "SELECT * FROM calls WHERE tenant_id = $1 AND ($2::date IS NULL OR month = $2)"
+            " ORDER BY authorised_at DESC LIMIT $3",
+            tenant_id, month, limit,
+        )
+
+    async def usage_summary(self, tenant_id: str, month: dt.date) -> list[asyncpg.Record]:
+        return await self._fetch(
+            """
+            SELECT direction, number_class, decision, count(*) AS calls,
+                   coalesce(sum(billed_seconds), 0) AS billed_seconds,
+                   coalesce(sum(charged_amount), 0) AS charged
+            FROM calls WHERE tenant_id = $1 AND month = $2
+            GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+            """,
+            tenant_id, month,
+        )
+
+    async def ledger(self, tenant_id: str, limit: int = 100) -> list[asyncpg.Record]:
+        return await self._fetch(
+            "SELECT * FROM ledger WHERE tenant_id = $1 ORDER BY id DESC LIMIT $2",
+            tenant_id, limit,
+        )

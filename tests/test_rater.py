@@ -1,0 +1,520 @@
+"""The rater against the real PostgreSQL: every row of billing rules §6, reservations,
+settlement, periods and the ledger."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from gateway.errors import Conflict, InvalidInput, NotFound
+from gateway.rating.model import Reason, Route, Source
+
+from .scenario import TENANT, standard_tenant
+
+pytestmark = pytest.mark.db
+
+
+async def ledger_agrees(repo):
+    """Billing rules §8: counters equal the sums of their ledger rows; nothing negative."""
+    bad = await repo.pool.fetch(
+        """
+        SELECT 'pool' AS what, p.tenant_id FROM pools p
+        LEFT JOIN LATERAL (SELECT coalesce(sum(d_used_seconds), 0) u,
+                                  coalesce(sum(d_reserved_seconds), 0) r
+                           FROM ledger l WHERE l.account = 'pool' AND l.tenant_id = p.tenant_id
+                             AND l.country = p.country AND l.month = p.month) s ON true
+        WHERE s.u <> p.used_seconds OR s.r <> p.reserved_seconds
+           OR p.used_seconds + p.reserved_seconds > gw_pool_capacity(p.tenant_id, p.country)
+                AND p.reserved_seconds > 0
+        UNION ALL
+        SELECT 'addon', a.tenant_id FROM addon_usage a
+        LEFT JOIN LATERAL (SELECT coalesce(sum(d_used_seconds), 0) u,
+                                  coalesce(sum(d_reserved_seconds), 0) r
+                           FROM ledger l WHERE l.account = 'addon' AND l.user_id = a.user_id
+                             AND l.month = a.month) s ON true
+        WHERE s.u <> a.used_seconds OR s.r <> a.reserved_seconds
+        UNION ALL
+        SELECT 'wallet', w.tenant_id FROM wallets w
+        LEFT JOIN LATERAL (SELECT coalesce(sum(d_balance), 0) b, coalesce(sum(d_reserved), 0) r
+                           FROM ledger l WHERE l.account = 'wallet'
+                             AND l.tenant_id = w.tenant_id) s ON true
+        WHERE s.b <> w.balance OR s.r <> w.reserved OR w.balance < 0 OR w.balance < w.reserved
+        UNION ALL
+        -- reserved counters equal the open calls' funding
+        SELECT 'open-reservations', p.tenant_id FROM pools p
+        WHERE p.reserved_seconds <> (SELECT coalesce(sum(f.reserved_seconds), 0)
+                                     FROM call_funding f JOIN calls c ON c.id = f.call_id
+                                     WHERE f.source = 'pool' AND c.tenant_id = p.tenant_id
+                                       AND c.pool_country = p.country AND c.month = p.month
+                                       AND c.state IN ('authorised', 'answered'))
+        UNION ALL
+        -- billed minutes per pool equal its used minutes
+        SELECT 'billed-vs-used', p.tenant_id FROM pools p
+        WHERE p.used_seconds <> (SELECT coalesce(sum(f.charged_seconds), 0)
+                                 FROM call_funding f JOIN calls c ON c.id = f.call_id
+                                 WHERE f.source = 'pool' AND c.tenant_id = p.tenant_id
+                                   AND c.pool_country = p.country AND c.month = p.month)
+        """
+    )
+    assert [dict(r) for r in bad] == []
+
+
+async def pool_row(repo, tenant=TENANT, country="CA"):
+    r = await repo.pool.fetchrow(
+        "SELECT used_seconds, reserved_seconds FROM pools WHERE tenant_id=$1 AND country=$2",
+        tenant, country)
+    return (r["used_seconds"], r["reserved_seconds"]) if r else (0, 0)
+
+
+async def wallet(repo, tenant=TENANT):
+    r = await repo.get_wallet(tenant)
+    return r["balance"], r["reserved"]
+
+
+# ---- billing rules §6, outbound, one test per row -----------------------------------------
+
+async def test_row1_emergency_allowed_without_licence_or_money(admin, rater, repo):
+    await standard_tenant(admin)
+    d = await rater.authorise_outbound("carol", "911")
+    assert (d.allow, d.reason, d.route, d.funded_seconds) == (
+        True, Reason.EMERGENCY, Route.EMERGENCY, None)
+
+
+async def test_row1_emergency_allowed_when_the_database_is_gone(rater):
+    class Broken:
+        async def find_caller(self, *a):
+            raise OSError("database down")
+
+    rater.repo = Broken()
+    d = await rater.authorise_outbound("whoever", "112")
+    assert d.allow and d.route is Route.EMERGENCY
+
+
+async def test_row2_internal_extension_sip_user_and_number(admin, rater, repo):
+    await standard_tenant(admin)
+    for dialled, target in (("102", "bob"), ("bob", "bob"), ("+15145550100", "alice"),
+                            ("5145550100", "alice"), ("+15145550111", "bob")):
+        d = await rater.authorise_outbound("carol", dialled)  # carol holds no licence
+        assert (d.allow, d.reason, d.route, d.target) == (True, Reason.INTERNAL, Route.INTERNAL,
+                                                          target), dialled
+        assert d.funded_seconds is None
+    assert await pool_row(repo) == (0, 0)
+
+
+async def test_row2_other_tenants_extension_is_not_internal(admin, rater):
+    await standard_tenant(admin)
+    await standard_tenant(admin, tenant="other", prefix="o-")
+    d = await rater.authorise_outbound("o-carol", "+15145550100")  # acme's number
+    assert d.reason is Reason.NO_LICENSE
+
+
+async def test_row3_unknown_caller(admin, rater):
+    await standard_tenant(admin)
+    d = await rater.authorise_outbound("mallory", "2125550100")
+    assert (d.allow, d.reason, d.call_id) == (False, Reason.UNKNOWN_CALLER, None)
+
+
+async def test_row4_no_licence(admin, rater, repo):
+    await standard_tenant(admin)
+    d = await rater.authorise_outbound("carol", "2125550100")
+    assert (d.allow, d.reason) == (False, Reason.NO_LICENSE)
+    row = await repo.find_call(d.call_id)
+    assert (row["decision"], row["reason"], row["state"]) == ("REJECT", "NO_LICENSE", "rejected")
+
+
+async def test_row5_invalid_number(admin, rater):
+    await standard_tenant(admin)
+    for dialled in ("12", "abc", "+99912", "5" * 80):
+        d = await rater.authorise_outbound("alice", dialled)
+        assert (d.allow, d.reason) == (False, Reason.INVALID_NUMBER), dialled
+
+
+async def test_row6_blocked_premium_rate_by_default_and_policy(admin, rater):
+    await standard_tenant(admin)
+    d = await rater.authorise_outbound("alice", "+19005550100")
+    assert (d.allow, d.reason) == (False, Reason.BLOCKED_DESTINATION)
+    await admin.update_tenant(TENANT, blocked_classes=["premium_rate", "international"])
+    d = await rater.authorise_outbound("bob", "+442079460000")
+    assert d.reason is Reason.BLOCKED_DESTINATION
+
+
+async def test_row7_business_voice_goes_to_partner_unrated(admin, rater, repo):
+    await standard_tenant(admin)
+    d = await rater.authorise_outbound("dave", "+442079460000")
+    assert (d.allow, d.reason, d.route, d.funded_seconds) == (True, Reason.PARTNER,
+                                                              Route.PARTNER, None)
+    s = await rater.settle(d.call_id, 61)
+    assert (s.outcome, s.billed_seconds, s.charged) == ("settled", 120, 0)
+    assert await pool_row(repo) == (0, 0)
+    assert await wallet(repo) == (0, 0)
+
+
+async def test_row8_domestic_toll_free_is_free(admin, rater, repo):
+    await standard_tenant(admin)
+    d = await rater.authorise_outbound("alice", "1-800-555-0100")
+    assert (d.allow, d.reason, d.route, d.funded_seconds) == (True, Reason.TOLL_FREE_FREE,
+                                                              Route.PSTN, None)
+    await rater.settle(d.call_id, 300)
+    assert await pool_row(repo) == (0, 0)
+
+
+async def test_row9_domestic_from_pool_then_wallet_else_no_balance(admin, rater, repo):
+    await standard_tenant(admin)
+    d = await rater.authorise_outbound("alice", "2125550100")
+    assert (d.allow, d.reason, d.route, d.funded_seconds) == (True, Reason.FUNDED, Route.PSTN,
+                                                              300)
+    assert d.sources == (Source.POOL, Source.WALLET)
+    assert await pool_row(repo) == (0, 300)
+    s = await rater.settle(d.call_id, 61)
+    assert (s.outcome, s.billed_seconds) == ("settled", 120)
+    assert await pool_row(repo) == (120, 0)
+    await ledger_agrees(repo)
+
+
+async def test_row10_international_without_rate(admin, rater, repo):
+    await standard_tenant(admin, wallet="50")
+    for user in ("alice", "bob"):  # bob holds the add-on: still no rate, still rejected
+        d = await rater.authorise_outbound(user, "+33142685300")
+        assert (d.allow, d.reason) == (False, Reason.NO_RATE)
+    assert await wallet(repo) == (Decimal(50), 0)
+
+
+async def test_row11_international_wallet_at_longest_prefix(admin, rater, repo):
+    await standard_tenant(admin, wallet="10")
+    d = await rater.authorise_outbound("alice", "+442079460000")  # 4420 at 0.05 beats 44
+    assert d.allow and d.price_per_minute == Decimal("0.05")
+    assert d.sources == (Source.WALLET,)
+    assert await wallet(repo) == (Decimal(10), Decimal("0.25"))  # 300 s at 0.05 reserved
+    s = await rater.settle(d.call_id, 90)
+    assert (s.billed_seconds, s.charged) == (120, Decimal("0.1"))
+    assert await wallet(repo) == (Decimal("9.9"), 0)
+    d = await rater.authorise_outbound("alice", "+441612345678")
+    assert d.price_per_minute == Decimal("0.10")
+    await ledger_agrees(repo)
+
+
+async def test_row11_international_addon_first_then_wallet(admin, rater, repo):
+    await standard_tenant(admin, wallet="10")
+    await admin.set_allotment("CA", "international", 3)  # 180 s of add-on minutes
+    d = await rater.authorise_outbound("bob", "+442079460000")
+    assert d.sources == (Source.ADDON, Source.WALLET) and d.funded_seconds == 300
+    funding = {r["source"]: r["reserved_seconds"] for r in await repo.call_funding(d.call_id)}
+    assert funding == {"addon": 180, "wallet": 120}
+    s = await rater.settle(d.call_id, 200)  # 240 billed: 180 add-on + 60 wallet
+    assert (s.billed_seconds, s.charged) == (240, Decimal("0.05"))
+    usage = await repo.addon_usage(TENANT, dt.date(2026, 11, 1))
+    assert [(u["user_id"], u["used_seconds"]) for u in usage] == [("bob", 180)]
+    await ledger_agrees(repo)
+
+
+async def test_row11_international_no_balance(admin, rater):
+    await standard_tenant(admin)
+    d = await rater.authorise_outbound("alice", "+442079460000")
+    assert (d.allow, d.reason, d.route) == (False, Reason.NO_BALANCE, None)
+
+
+# ---- inbound ----------------------------------------------------------------------------
+
+async def test_inbound_toll_free_charges_wallet(admin, rater, repo):
+    await standard_tenant(admin, wallet="1")
+    d = await rater.authorise_inbound("18005550199", "+442071234567")
+    assert (d.allow, d.reason, d.target, d.funded_seconds) == (True, Reason.FUNDED, "alice", 300)
+    s = await rater.settle(d.call_id, 30)
+    assert (s.billed_seconds, s.charged) == (60, Decimal("0.03"))
+    assert await wallet(repo) == (Decimal("0.97"), 0)
+
+
+async def test_inbound_toll_free_empty_wallet_rejected(admin, rater):
+    await standard_tenant(admin)
+    d = await rater.authorise_inbound("+18005550199", "2125550100")
+    assert (d.allow, d.reason) == (False, Reason.NO_BALANCE)
+
+
+async def test_inbound_user_number_not_rated(admin, rater):
+    await standard_tenant(admin)
+    d = await rater.authorise_inbound("+15145550100", "2125550100")
+    assert (d.allow, d.reason, d.target, d.funded_seconds) == (
+        True, Reason.INBOUND_USER_NUMBER, "alice", None)
+
+
+async def test_inbound_unknown_number(admin, rater):
+    await standard_tenant(admin)
+    for called in ("+15145559999", "s", ""):
+        d = await rater.authorise_inbound(called, "2125550100")
+        assert (d.allow, d.reason) == (False, Reason.UNKNOWN_NUMBER)
+
+
+# ---- the article's example, pools, wallet -----------------------------------------------
+
+async def test_article_example_ten_bought_three_assigned(admin, repo):
+    await admin.create_tenant("north", "North Inc", "CA")
+    await admin.set_subscription("north", "business_voice_calling_plan", 10)
+    for i in range(3):
+        await admin.create_user(f"u{i}", "north", f"u{i}", "CA")
+        await admin.assign_licence(f"u{i}", "business_voice_calling_plan")
+    usage = await admin.usage("north")
+    assert [(p["country"], p["capacity_minutes"]) for p in usage["pools"]] == [("CA", 9000)]
+
+
+async def test_assignment_cannot_exceed_purchase(admin, repo):
+    await standard_tenant(admin, calling_plan_licences=2)  # alice and bob use both
+    await admin.create_user("erin", TENANT, "erin", "CA")
+    with pytest.raises(Conflict) as e:
+        await admin.assign_licence("erin", "business_voice_calling_plan")
+    assert e.value.code == "LICENCE_LIMIT"
+    assert (await admin.get_user("erin"))["licences"] == []
+    with pytest.raises(Conflict) as e:
+        await admin.set_subscription(TENANT, "business_voice_calling_plan", 1)
+    assert e.value.code == "LICENCES_IN_USE"
+
+
+async def test_pool_drains_mid_call_and_wallet_takes_over(admin, rater, repo):
+    await standard_tenant(admin, wallet="1")
+    await admin.set_allotment("CA", "domestic", 1)  # 2 users x 1 min = 120 s
+    d = await rater.authorise_outbound("alice", "2125550100")
+    assert d.funded_seconds == 300
+    funding = {r["source"]: r["reserved_seconds"] for r in await repo.call_funding(d.call_id)}
+    assert funding == {"pool": 120, "wallet": 180}
+    r = await rater.renew(d.call_id)
+    assert (r.granted_seconds, r.funded_seconds, r.open) == (300, 600, True)
+    s = await rater.settle(d.call_id, 400)  # 420 billed: 120 pool + 300 wallet
+    assert (s.billed_seconds, s.charged) == (420, Decimal("0.1"))
+    assert await pool_row(repo) == (120, 0)
+    assert await wallet(repo) == (Decimal("0.9"), 0)
+    await ledger_agrees(repo)
+
+
+async def test_partial_slice_and_cut_at_funded_end(admin, rater, repo):
+    await standard_tenant(admin)
+    await admin.set_allotment("CA", "domestic", 1)  # 120 s, no wallet
+    d = await rater.authorise_outbound("alice", "2125550100")
+    assert d.funded_seconds == 120
+    r = await rater.renew(d.call_id)
+    assert (r.granted_seconds, r.funded_seconds) == (0, 120)
+    s = await rater.settle(d.call_id, 121)  # PBX cut a little late: never billed past funding
+    assert s.billed_seconds == 120
+    d2 = await rater.authorise_outbound("bob", "2125550100")
+    assert (d2.allow, d2.reason) == (False, Reason.NO_BALANCE)
+    await ledger_agrees(repo)
+
+
+async def test_empty_pool_and_wallet_rejects_then_topup_succeeds(admin, rater, repo):
+    await standard_tenant(admin)
+    await admin.set_allotment("CA", "domestic", 0)
+    d = await rater.authorise_outbound("alice", "2125550100")
+    assert d.reason is Reason.NO_BALANCE
+    await admin.topup(TENANT, "0.02")  # one minute of overage
+    d = await rater.authorise_outbound("alice", "2125550100")
+    assert (d.allow, d.funded_seconds) == (True, 60)
+    await ledger_agrees(repo)
+
+
+async def test_mid_month_assignment_grows_pool_at_once(admin, rater, repo):
+    await standard_tenant(admin)
+    await admin.set_allotment("CA", "domestic", 1)
+    before = (await admin.usage(TENANT))["pools"][0]["capacity_minutes"]
+    await admin.create_user("erin", TENANT, "erin", "CA")
+    await admin.assign_licence("erin", "business_voice_calling_plan")
+    after = (await admin.usage(TENANT))["pools"][0]["capacity_minutes"]
+    assert (before, after) == (2, 3)
+
+
+async def test_settle_is_idempotent(admin, rater, repo):
+    await standard_tenant(admin)
+    d = await rater.authorise_outbound("alice", "2125550100")
+    first = await rater.settle(d.call_id, 65)
+    second = await rater.settle(d.call_id, 500, by="cdr")
+    third = await rater.release(d.call_id)
+    assert first.outcome == "settled" and first.first_time
+    assert (second.outcome, second.billed_seconds) == ("already_settled", 120)
+    assert not second.first_time and third.outcome == "already_settled"
+    assert await pool_row(repo) == (120, 0)
+    await ledger_agrees(repo)
+
+
+async def test_release_unanswered_call(admin, rater, repo):
+    await standard_tenant(admin, wallet="5")
+    d = await rater.authorise_outbound("alice", "+442079460000")
+    assert await wallet(repo) == (Decimal(5), Decimal("0.25"))
+    s = await rater.release(d.call_id)
+    assert (s.outcome, s.billed_seconds, s.charged) == ("released", 0, 0)
+    assert await wallet(repo) == (Decimal(5), 0)
+    row = await repo.find_call(d.call_id)
+    assert row["state"] == "released"
+    await ledger_agrees(repo)
+
+
+async def test_short_slices_reach_the_billing_boundary(admin, rater, repo):
+    await standard_tenant(admin, wallet="5")
+    rater.slice_seconds = 10
+    d = await rater.authorise_outbound("alice", "+442079460000")
+    assert d.funded_seconds == 60  # first increment is 60 s: a 10 s slice funds 60
+    r = await rater.renew(d.call_id)
+    assert r.funded_seconds == 120
+
+
+# ---- periods -------------------------------------------------------------------------------
+
+async def test_month_rollover_in_tenant_timezone(admin, rater, repo, clock):
+    # 30 Nov 23:30 in Toronto is 1 Dec 04:30 UTC
+    clock.now = dt.datetime(2026, 12, 1, 4, 30, tzinfo=dt.UTC)
+    await standard_tenant(admin, wallet="5")
+    await admin.set_allotment("CA", "domestic", 1)
+    await admin.set_allotment("CA", "international", 1)
+    d = await rater.authorise_outbound("alice", "2125550100")
+    await rater.settle(d.call_id, 120)
+    d = await rater.authorise_outbound("bob", "+442079460000")
+    await rater.settle(d.call_id, 60)
+    nov = await admin.usage(TENANT)
+    assert nov["month"] == "2026-11-01"
+    assert nov["pools"][0]["used_seconds"] == 120
+    assert nov["international_addon"][0]["used_seconds"] == 60
+    balance = nov["wallet"]["balance"]
+
+    clock.now = dt.datetime(2026, 12, 1, 5, 1, tzinfo=dt.UTC)  # 00:01 on 1 Dec in Toronto
+    dec = await admin.usage(TENANT)
+    assert dec["month"] == "2026-12-01"
+    assert dec["pools"][0]["used_seconds"] == 0 and dec["pools"][0]["capacity_seconds"] == 120
+    assert dec["international_addon"][0]["used_seconds"] == 0
+    assert dec["wallet"]["balance"] == balance  # the wallet carries over
+    d = await rater.authorise_outbound("bob", "+442079460000")
+    assert d.funded_seconds == 300
+    funding = {r["source"]: r["reserved_seconds"] for r in await repo.call_funding(d.call_id)}
+    assert funding["addon"] == 60  # December's add-on minutes are fresh
+    await ledger_agrees(repo)
+
+
+async def test_call_charged_to_month_it_was_authorised_in(admin, rater, repo, clock):
+    clock.now = dt.datetime(2026, 12, 1, 4, 59, tzinfo=dt.UTC)  # 23:59 on 30 Nov in Toronto
+    await standard_tenant(admin)
+    d = await rater.authorise_outbound("alice", "2125550100")
+    clock.advance(minutes=5)
+    await rater.settle(d.call_id, 240)
+    nov = await admin.usage(TENANT, dt.date(2026, 11, 1))
+    dec = await admin.usage(TENANT, dt.date(2026, 12, 1))
+    assert nov["pools"][0]["used_seconds"] == 240 and dec["pools"][0]["used_seconds"] == 0
+
+
+# ---- auto-recharge ---------------------------------------------------------------------------
+
+async def recharges(repo):
+    return await repo.pool.fetch(
+        "SELECT d_balance, month FROM ledger WHERE entry = 'recharge' ORDER BY id")
+
+
+async def test_auto_recharge_once_per_crossing_with_monthly_cap(admin, rater, repo, clock):
+    await standard_tenant(admin, wallet="1.00")
+    await admin.set_auto_recharge(TENANT, enabled=True, threshold="0.80", amount="0.50",
+                                  monthly_cap=2)
+    await admin.set_allotment("CA", "domestic", 0)
+
+    async def call(seconds):
+        d = await rater.authorise_outbound("alice", "+442079460000")  # 0.05 / min
+        assert d.allow
+        await rater.settle(d.call_id, seconds)
+
+    await call(240)  # 1.00 - 0.20 = 0.80: not below the threshold
+    assert len(await recharges(repo)) == 0
+    await call(60)  # 0.75 < 0.80 -> one recharge to 1.25
+    assert [r["d_balance"] for r in await recharges(repo)] == [Decimal("0.5")]
+    assert await wallet(repo) == (Decimal("1.25"), 0)
+    await call(300)  # 1.00
+    await call(240)  # 0.80: not below
+    await call(60)  # 0.75 -> second recharge (cap 2) -> 1.25
+    await call(300)  # 1.00
+    await call(300)  # 0.75 -> cap reached, no third recharge
+    assert len(await recharges(repo)) == 2
+    assert await wallet(repo) == (Decimal("0.75"), 0)
+    clock.now = dt.datetime(2026, 12, 15, tzinfo=dt.UTC)  # a new month: the cap resets
+    await call(60)
+    assert len(await recharges(repo)) == 3
+    await ledger_agrees(repo)
+
+
+async def test_auto_recharge_refills_an_empty_wallet_at_authorisation(admin, rater, repo):
+    await standard_tenant(admin)
+    await admin.set_auto_recharge(TENANT, enabled=True, threshold="1", amount="5",
+                                  monthly_cap=1)
+    d = await rater.authorise_outbound("alice", "+442079460000")
+    assert d.allow and d.funded_seconds == 300
+    assert await wallet(repo) == (Decimal(5), Decimal("0.25"))
+    await ledger_agrees(repo)
+
+
+# ---- bad input: typed errors, no partial writes ------------------------------------------
+
+async def count_rows(repo):
+    return await repo.pool.fetchval(
+        "SELECT (SELECT count(*) FROM tenants) + (SELECT count(*) FROM users)"
+        " + (SELECT count(*) FROM licence_assignments) + (SELECT count(*) FROM ledger)"
+        " + (SELECT count(*) FROM rates) + (SELECT count(*) FROM phone_numbers)")
+
+
+@pytest.mark.parametrize(
+    "op, exc, code",
+    [
+        (lambda a: a.create_tenant("x", "X", "ZZ"), InvalidInput, "UNKNOWN_COUNTRY"),
+        (lambda a: a.create_tenant("x", "X", "CA", timezone="Mars/Base"), InvalidInput,
+         "INVALID_TIMEZONE"),
+        (lambda a: a.create_tenant("bad id!", "X", "CA"), InvalidInput, "INVALID_ID"),
+        (lambda a: a.create_tenant(TENANT, "Again", "CA"), Conflict, "DUPLICATE"),
+        (lambda a: a.create_user("zed", "nope", "zed", "CA"), NotFound, "UNKNOWN_TENANT"),
+        (lambda a: a.create_user("alice", TENANT, "alice2", "CA"), Conflict, "DUPLICATE"),
+        (lambda a: a.create_user("zed", TENANT, "alice", "CA"), Conflict, "DUPLICATE"),
+        (lambda a: a.create_user("zed", TENANT, "zed", "XX"), InvalidInput, "UNKNOWN_COUNTRY"),
+        (lambda a: a.assign_licence("nobody", "business_voice"), NotFound, "UNKNOWN_USER"),
+        (lambda a: a.assign_licence("carol", "gold_plan"), InvalidInput, "UNKNOWN_SKU"),
+        (lambda a: a.assign_licence("carol", "international_calling_plan"), Conflict,
+         "ADDON_REQUIRES_CALLING_PLAN"),
+        (lambda a: a.assign_licence("dave", "business_voice_calling_plan"), Conflict,
+         "LICENCE_CONFLICT"),
+        (lambda a: a.topup(TENANT, "-5"), InvalidInput, "INVALID_AMOUNT"),
+        (lambda a: a.topup(TENANT, "0"), InvalidInput, "INVALID_AMOUNT"),
+        (lambda a: a.topup(TENANT, "1e12"), InvalidInput, "INVALID_AMOUNT"),
+        (lambda a: a.topup(TENANT, "NaN"), InvalidInput, "INVALID_AMOUNT"),
+        (lambda a: a.topup(TENANT, 1.5), InvalidInput, "INVALID_AMOUNT"),
+        (lambda a: a.topup(TENANT, "0.0000001"), InvalidInput, "INVALID_AMOUNT"),
+        (lambda a: a.topup("nope", "5"), NotFound, "UNKNOWN_TENANT"),
+        (lambda a: a.add_number("12345", TENANT, "user", user_id="alice"), InvalidInput,
+         "INVALID_NUMBER"),
+        (lambda a: a.add_number("+15145550100", TENANT, "user", user_id="alice"), Conflict,
+         "DUPLICATE"),
+        (lambda a: a.add_number("+15145550177", TENANT, "user", user_id="ghost"), NotFound,
+         "UNKNOWN_USER"),
+        (lambda a: a.set_rates([{"kind": "international", "prefix": "33",
+                                 "price_per_minute": "0.1"},
+                                {"kind": "intl", "prefix": "34", "price_per_minute": "0.1"}]),
+         InvalidInput, "INVALID_KIND"),
+        (lambda a: a.import_rates_csv("kind,prefix,price_per_minute\n"
+                                      "international,33,0.1\ninternational,34,-1\n"),
+         InvalidInput, "INVALID_AMOUNT"),
+        (lambda a: a.set_subscription(TENANT, "business_voice", -1), InvalidInput,
+         "INVALID_QUANTITY"),
+    ],
+)
+async def test_bad_input_is_a_typed_error_and_writes_nothing(admin, repo, op, exc, code):
+    await standard_tenant(admin)
+    before = await count_rows(repo)
+    with pytest.raises(exc) as e:
+        await op(admin)
+    assert e.value.code == code
+    assert await count_rows(repo) == before
+
+
+async def test_calls_api_bad_input(admin, rater, repo):
+    await standard_tenant(admin)
+    with pytest.raises(NotFound) as e:
+        await rater.settle(uuid.uuid4(), 10)
+    assert e.value.code == "UNKNOWN_CALL"
+    d = await rater.authorise_outbound("alice", "2125550100", pbx_uniqueid="1700000000.1")
+    for bad in (-1, 10**9, "12", 1.5, True):
+        with pytest.raises(InvalidInput):
+            await rater.settle(d.call_id, bad)
+    with pytest.raises(Conflict) as e:
+        await rater.authorise_outbound("bob", "2125550100", pbx_uniqueid="1700000000.1")
+    assert e.value.code == "DUPLICATE"
+    assert await pool_row(repo) == (0, 300)  # the duplicate reserved nothing
+    await ledger_agrees(repo)
