@@ -17,8 +17,10 @@ from .scenario import TENANT, standard_tenant
 pytestmark = pytest.mark.db
 
 
-async def ledger_agrees(repo):
-    """Billing rules §8: counters equal the sums of their ledger rows; nothing negative."""
+async def ledger_agrees(repo, capacity: bool = True):
+    """Billing rules §8: counters equal the sums of their ledger rows; nothing negative;
+    a pool never holds more than its capacity (``capacity=False`` after a licence was
+    removed mid-month, which may leave capacity below what was already granted)."""
     bad = await repo.pool.fetch(
         """
         SELECT 'pool' AS what, p.tenant_id FROM pools p
@@ -27,8 +29,8 @@ async def ledger_agrees(repo):
                            FROM ledger l WHERE l.account = 'pool' AND l.tenant_id = p.tenant_id
                              AND l.country = p.country AND l.month = p.month) s ON true
         WHERE s.u <> p.used_seconds OR s.r <> p.reserved_seconds
-           OR p.used_seconds + p.reserved_seconds > gw_pool_capacity(p.tenant_id, p.country)
-                AND p.reserved_seconds > 0
+           OR $1 AND p.used_seconds + p.reserved_seconds
+                     > gw_pool_capacity(p.tenant_id, p.country)
         UNION ALL
         SELECT 'addon', a.tenant_id FROM addon_usage a
         LEFT JOIN LATERAL (SELECT coalesce(sum(d_used_seconds), 0) u,
@@ -57,7 +59,8 @@ async def ledger_agrees(repo):
                                  FROM call_funding f JOIN calls c ON c.id = f.call_id
                                  WHERE f.source = 'pool' AND c.tenant_id = p.tenant_id
                                    AND c.pool_country = p.country AND c.month = p.month)
-        """
+        """,
+        capacity,
     )
     assert [dict(r) for r in bad] == []
 
@@ -320,6 +323,21 @@ async def test_mid_month_assignment_grows_pool_at_once(admin, rater, repo):
     await admin.assign_licence("erin", "business_voice_calling_plan")
     after = (await admin.usage(TENANT))["pools"][0]["capacity_minutes"]
     assert (before, after) == (2, 3)
+
+
+async def test_removing_a_licence_shrinks_the_pool_for_new_calls_only(admin, rater, repo):
+    await standard_tenant(admin)
+    await admin.set_allotment("CA", "domestic", 5)  # alice + bob: 600 s
+    d = await rater.authorise_outbound("alice", "2125550100")
+    assert d.funded_seconds == 300
+    await admin.unassign_licence("bob", "international_calling_plan")
+    await admin.unassign_licence("bob", "business_voice_calling_plan")  # capacity now 300
+    d2 = await rater.authorise_outbound("alice", "2125550100")
+    assert d2.reason is Reason.NO_BALANCE  # 300 of 300 already reserved
+    s = await rater.settle(d.call_id, 200)
+    assert s.billed_seconds == 240  # what was granted stays billable
+    assert await pool_row(repo) == (240, 0)
+    await ledger_agrees(repo)
 
 
 async def test_settle_is_idempotent(admin, rater, repo):

@@ -1,0 +1,40 @@
+"""A separate gateway process for the concurrency tests: N concurrent authorise(+settle)
+cycles against the database named on the command line; prints a JSON summary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from gateway.db import open_pool
+from gateway.rater import Rater
+from gateway.store.repository import Repository
+
+
+async def main(url: str, caller: str, dialled: str, n: int, slice_seconds: int,
+               settle: bool) -> None:
+    pool = await open_pool(url, min_size=4, max_size=8, run_migrations=False)
+    rater = Rater(Repository(pool), slice_seconds=slice_seconds)
+
+    async def one(i: int):
+        d = await rater.authorise_outbound(caller.format(i=i, m=i % 48), dialled)
+        if d.allow and settle:
+            await rater.settle(d.call_id, d.funded_seconds)
+        return d
+
+    results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+    await pool.close()
+    errors = [repr(r) for r in results if isinstance(r, BaseException)]
+    decisions = [r for r in results if not isinstance(r, BaseException)]
+    print(json.dumps({
+        "granted": sum(d.funded_seconds or 0 for d in decisions if d.allow),
+        "allowed": sum(1 for d in decisions if d.allow),
+        "reasons": sorted({d.reason.value for d in decisions}),
+        "errors": errors,
+    }))
+
+
+if __name__ == "__main__":
+    url, caller, dialled, n, slice_seconds, settle = sys.argv[1:7]
+    asyncio.run(main(url, caller, dialled, int(n), int(slice_seconds), settle == "1"))
