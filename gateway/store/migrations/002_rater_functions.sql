@@ -25,30 +25,39 @@ RETURNS numeric LANGUAGE sql IMMUTABLE STRICT AS $$
     SELECT (ceil(p_price * p_seconds * 1000000 / 60) / 1000000)::numeric(20, 6)
 $$;
 
+-- The helpers that read tables are PL/pgSQL, not SQL functions: PostgreSQL plans a
+-- non-inlined SQL function again at every call, PL/pgSQL keeps its plans per session.
 CREATE FUNCTION gw_month(p_tenant text, p_now timestamptz)
-RETURNS date LANGUAGE sql STABLE STRICT AS $$
-    SELECT date_trunc('month', p_now AT TIME ZONE t.timezone)::date
-    FROM tenants t WHERE t.id = p_tenant
+RETURNS date LANGUAGE plpgsql STABLE STRICT AS $$
+BEGIN
+    RETURN (SELECT date_trunc('month', p_now AT TIME ZONE t.timezone)::date
+            FROM tenants t WHERE t.id = p_tenant);
+END
 $$;
 
 -- Pool capacity in seconds: users located in the country holding the Calling Plan
 -- licence, times the country's allotment. Evaluated at use time (rules §3).
 CREATE FUNCTION gw_pool_capacity(p_tenant text, p_country char(2))
-RETURNS bigint LANGUAGE sql STABLE STRICT AS $$
-    SELECT count(*) * coalesce((SELECT a.minutes FROM allotments a
-                                WHERE a.country = p_country AND a.plan = 'domestic'), 0) * 60
-    FROM licence_assignments la JOIN users u ON u.id = la.user_id
-    WHERE la.tenant_id = p_tenant AND la.sku = 'business_voice_calling_plan'
-      AND u.usage_location = p_country
+RETURNS bigint LANGUAGE plpgsql STABLE STRICT AS $$
+BEGIN
+    RETURN (SELECT count(*) * coalesce((SELECT a.minutes FROM allotments a
+                                        WHERE a.country = p_country AND a.plan = 'domestic'),
+                                       0) * 60
+            FROM licence_assignments la JOIN users u ON u.id = la.user_id
+            WHERE la.tenant_id = p_tenant AND la.sku = 'business_voice_calling_plan'
+              AND u.usage_location = p_country);
+END
 $$;
 
 CREATE FUNCTION gw_addon_capacity(p_user text)
-RETURNS bigint LANGUAGE sql STABLE STRICT AS $$
-    SELECT coalesce((SELECT a.minutes * 60 FROM users u
+RETURNS bigint LANGUAGE plpgsql STABLE STRICT AS $$
+BEGIN
+    RETURN coalesce((SELECT a.minutes * 60 FROM users u
                      JOIN licence_assignments la
                        ON la.user_id = u.id AND la.sku = 'international_calling_plan'
                      JOIN allotments a ON a.country = u.usage_location AND a.plan = 'international'
-                     WHERE u.id = p_user), 0)
+                     WHERE u.id = p_user), 0);
+END
 $$;
 
 -- Adds the auto-recharge amount once when the wallet's available balance is below its
@@ -220,6 +229,7 @@ RETURNS TABLE (decision text, reason text, funded integer, price numeric,
 LANGUAGE plpgsql AS $$
 DECLARE
     v_currency text;
+    v_month date;
     v_digits text := ltrim(p_destination, '+');
     v_rate rates%ROWTYPE;
     v_sources text[] := p_sources;
@@ -227,7 +237,8 @@ DECLARE
     v_reason text := p_reason;
     v_granted integer := 0;
 BEGIN
-    SELECT t.currency INTO v_currency FROM tenants t WHERE t.id = p_tenant;
+    SELECT t.currency, date_trunc('month', p_now AT TIME ZONE t.timezone)::date
+    INTO v_currency, v_month FROM tenants t WHERE t.id = p_tenant;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown tenant %', p_tenant USING ERRCODE = 'GW404';
     END IF;
@@ -257,7 +268,7 @@ BEGIN
             p_pbx_uniqueid, p_linkedid, p_rate_kind, v_rate.prefix, v_rate.price_per_minute,
             coalesce(v_rate.first_increment, 60), coalesce(v_rate.increment, 60),
             CASE WHEN v_decision = 'ALLOW' THEN v_sources ELSE '{}' END,
-            gw_month(p_tenant, p_now), p_pool_country,
+            v_month, p_pool_country,
             CASE WHEN v_decision = 'ALLOW' THEN 'authorised' ELSE 'rejected' END, p_now);
     IF v_decision = 'ALLOW' AND cardinality(v_sources) > 0 THEN
         v_granted := gw_reserve(p_id, p_want, p_now);
