@@ -71,6 +71,7 @@ class Reason(StrEnum):
     NO_BALANCE = "NO_BALANCE"
     NO_RATE = "NO_RATE"
     UNKNOWN_NUMBER = "UNKNOWN_NUMBER"
+    GATEWAY_ERROR = "GATEWAY_ERROR"  # the gateway failed while deciding: fail closed
 
 
 class Direction(StrEnum):

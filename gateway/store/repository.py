@@ -542,3 +542,13 @@ class Repository:
             "SELECT * FROM ledger WHERE tenant_id = $1 ORDER BY id DESC LIMIT $2",
             tenant_id, limit,
         )
+
+    # ---- the PBX's own record ------------------------------------------------------
+
+    async def find_cdr(self, pbx_uniqueid: str) -> asyncpg.Record | None:
+        """The last CDR the PBX wrote for a channel (cdr_pgsql into table ``cdr``)."""
+        return await self._fetchrow(
+            "SELECT billsec, disposition, answer, \"end\" FROM cdr WHERE uniqueid = $1"
+            " ORDER BY (disposition = 'ANSWERED') DESC, id DESC LIMIT 1",
+            pbx_uniqueid,
+        )

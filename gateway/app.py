@@ -1,0 +1,192 @@
+"""The composition root: builds every component from the configuration, starts them in
+order, reports their health, and stops them gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pathlib
+import signal
+from typing import Any
+
+import asyncpg
+import structlog
+
+from . import logs
+from .admin import Admin
+from .agi import AgiServer
+from .ami import AmiClient, AmiError
+from .calls.service import CallService
+from .config import Config
+from .db import open_pool, start_embedded_async
+from .metrics import Metrics
+from .rater import Clock, Rater, utcnow
+from .store.repository import Repository
+
+log = structlog.get_logger("gateway.app")
+
+
+class StartupError(Exception):
+    """The gateway cannot start; the message says which component and why."""
+
+
+class Gateway:
+    def __init__(self, config: Config, *, clock: Clock = utcnow, configure_logs: bool = True):
+        self.config = config
+        self.clock = clock
+        self.configure_logs = configure_logs
+        self.pool: asyncpg.Pool | None = None
+        self.embedded: Any = None
+        self.database_mode = "url" if config.database_url else "embedded"
+        self.metrics = Metrics()
+        self.repo: Repository | None = None
+        self.rater: Rater | None = None
+        self.admin: Admin | None = None
+        self.calls: CallService | None = None
+        self.agi: AgiServer | None = None
+        self.ami: AmiClient | None = None
+        self.http_runner: Any = None
+        self.http_port: int | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = asyncio.Event()
+
+    # ---- start and stop ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        if self.configure_logs:
+            logs.configure(cfg.log_format, cfg.log_level)
+        url = cfg.database_url
+        if not url:
+            data = pathlib.Path(os.path.abspath(cfg.data_dir)) / "pgdata"
+            log.info("gateway_starting", database="embedded", data_dir=str(data))
+            try:
+                url, self.embedded = await start_embedded_async(data)
+            except Exception as exc:  # noqa: BLE001 - report any failure of pgserver
+                raise StartupError(f"database: cannot start the embedded PostgreSQL in "
+                                   f"{data}: {exc}") from exc
+        else:
+            log.info("gateway_starting", database="url",
+                     url=cfg.public()["database_url"])
+        try:
+            self.pool = await asyncio.wait_for(
+                open_pool(url, min_size=2, max_size=cfg.db_pool_size), timeout=15)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                TimeoutError) as exc:
+            raise StartupError(f"database: cannot connect to "
+                               f"{cfg.public()['database_url'] or 'embedded'}: {exc}") from exc
+        self.repo = Repository(self.pool)
+        self.rater = Rater(self.repo, clock=self.clock, slice_seconds=cfg.slice_seconds)
+        self.admin = Admin(self.repo, clock=self.clock)
+        self.calls = CallService(self.rater, metrics=self.metrics,
+                                 renew_before_seconds=cfg.renew_before_seconds)
+        self.agi = AgiServer(self.calls.routes(), host=cfg.agi_host, port=cfg.agi_port,
+                             allowed_peers=cfg.agi_allowed_peers or None,
+                             max_sessions=cfg.agi_max_sessions)
+        try:
+            await self.agi.start()
+        except OSError as exc:
+            raise StartupError(f"agi: cannot listen on {cfg.agi_host}:{cfg.agi_port}: "
+                               f"{exc.strerror}") from exc
+        if cfg.ami_host:
+            self.ami = AmiClient(cfg.ami_host, cfg.ami_port, cfg.ami_username, cfg.ami_secret)
+            self.calls.attach_ami(self.ami)
+            try:
+                await self.ami.start()
+            except AmiError as exc:
+                raise StartupError(f"ami: {exc}") from exc
+        else:
+            await self.calls.reconcile()  # CDR-only: settles what the PBX recorded
+        self._tasks.append(asyncio.create_task(
+            self.calls.run_reconciler(cfg.reconcile_interval_seconds), name="reconciler"))
+        await self._start_http()
+        log.info("gateway_started", agi=f"{cfg.agi_host}:{self.agi.port}",
+                 http=f"{cfg.http_host}:{self.http_port}",
+                 ami=f"{cfg.ami_host}:{cfg.ami_port}" if cfg.ami_host else "not configured",
+                 database=self.database_mode)
+
+    async def _start_http(self) -> None:
+        from aiohttp import web
+
+        from .http.app import build_app
+
+        self.http_runner = web.AppRunner(build_app(self), access_log=None)
+        await self.http_runner.setup()
+        site = web.TCPSite(self.http_runner, self.config.http_host, self.config.http_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"http: cannot listen on {self.config.http_host}:"
+                               f"{self.config.http_port}: {exc.strerror}") from exc
+        server = site._server  # the bound port, useful with http_port = 0
+        self.http_port = server.sockets[0].getsockname()[1] if server else None
+
+    async def stop(self) -> None:
+        """Stop taking calls, finish AGI sessions in flight, keep reservations of calls
+        still up (the next start adopts them), then close everything."""
+        log.info("gateway_stopping")
+        if self.agi is not None:
+            await self.agi.stop(grace=5.0)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.calls is not None:
+            await self.calls.stop()
+        if self.ami is not None:
+            await self.ami.stop()
+        if self.pool is not None:
+            await self.pool.close()
+        if self.embedded is not None:
+            with contextlib.suppress(Exception):
+                self.embedded.cleanup()
+        log.info("gateway_stopped")
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self._stopping.wait()
+
+    # ---- health ---------------------------------------------------------------------------
+
+    async def database_status(self) -> dict[str, Any]:
+        if self.pool is None:
+            return {"state": "down", "reason": "not started"}
+        try:
+            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), timeout=2)
+        except Exception as exc:  # noqa: BLE001 - any failure means down
+            return {"state": "down", "reason": str(exc) or type(exc).__name__,
+                    "mode": self.database_mode}
+        return {"state": "up", "mode": self.database_mode}
+
+    def ami_status(self) -> dict[str, Any]:
+        if self.ami is None:
+            return {"state": "not_configured",
+                    "reason": "no ami_host configured (GATEWAY_AMI_HOST)"}
+        status = self.ami.status()
+        status["state"] = "up" if self.ami.state == "connected" else "down"
+        self.metrics.ami_reconnects.set(self.ami.reconnects)
+        return status
+
+    def agi_status(self) -> dict[str, Any]:
+        if self.agi is None or not self.agi.listening:
+            return {"state": "down", "reason": "not listening"}
+        return {"state": "up", "listen": f"{self.config.agi_host}:{self.agi.port}",
+                **self.agi.stats}
+
+    async def components(self) -> dict[str, dict[str, Any]]:
+        return {"database": await self.database_status(), "ami": self.ami_status(),
+                "agi": self.agi_status()}
+
+    async def readiness(self) -> tuple[bool, dict[str, dict[str, Any]]]:
+        """Ready when the database answers, AGI listens, and AMI is logged in (or not
+        configured at all: a gateway without AMI still decides calls)."""
+        comps = await self.components()
+        ok = (comps["database"]["state"] == "up" and comps["agi"]["state"] == "up"
+              and comps["ami"]["state"] in ("up", "not_configured"))
+        return ok, comps

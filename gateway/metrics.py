@@ -1,0 +1,48 @@
+"""Prometheus metrics of one gateway process, in a registry of its own (so several
+gateways in one test process never clash)."""
+
+from __future__ import annotations
+
+from collections import Counter as PyCounter
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.decisions = Counter(
+            "gateway_authorisations", "Call decisions by direction, decision and reason",
+            ["direction", "decision", "reason"], registry=r)
+        self.decision_latency = Histogram(
+            "gateway_authorisation_seconds", "Time to decide and reserve one call",
+            ["direction"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+        self.live_calls = Gauge("gateway_live_calls", "Calls authorised and not yet ended",
+                                registry=r)
+        self.reservations = Counter("gateway_reservations", "Slices reserved, by outcome",
+                                    ["outcome"], registry=r)
+        self.settlements = Counter("gateway_settlements", "Call endings by path and outcome",
+                                   ["by", "outcome"], registry=r)
+        self.settle_lag = Histogram(
+            "gateway_settle_lag_seconds", "From the PBX's hangup report to the settlement",
+            registry=r, buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600))
+        self.ami_reconnects = Gauge("gateway_ami_reconnects", "AMI reconnections since start",
+                                    registry=r)
+        self.deadline_moves = Counter("gateway_deadline_moves",
+                                      "PBX hangup deadlines moved, by result", ["result"],
+                                      registry=r)
+        # the same counts, kept as plain numbers for /status
+        self.reason_counts: PyCounter[tuple[str, str, str]] = PyCounter()
+
+    def count_decision(self, direction: str, decision: str, reason: str, seconds: float) -> None:
+        self.decisions.labels(direction, decision, reason).inc()
+        self.decision_latency.labels(direction).observe(seconds)
+        self.reason_counts[(direction, decision, reason)] += 1
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
