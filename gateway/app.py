@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import pathlib
 import signal
 from typing import Any
@@ -39,6 +38,7 @@ class Gateway:
         self.pool: asyncpg.Pool | None = None
         self.embedded: Any = None
         self.database_mode = "url" if config.database_url else "embedded"
+        self.data_path = pathlib.Path(config.data_dir).resolve() / "pgdata"
         self.metrics = Metrics()
         self.repo: Repository | None = None
         self.rater: Rater | None = None
@@ -59,7 +59,7 @@ class Gateway:
             logs.configure(cfg.log_format, cfg.log_level)
         url = cfg.database_url
         if not url:
-            data = pathlib.Path(os.path.abspath(cfg.data_dir)) / "pgdata"
+            data = self.data_path
             log.info("gateway_starting", database="embedded", data_dir=str(data))
             try:
                 url, self.embedded = await start_embedded_async(data)
