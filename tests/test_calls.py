@@ -1,0 +1,238 @@
+"""The call lifecycle against the real PostgreSQL, with a recording AGI session and a
+fake AMI link (the real PBX proves the same paths in test_e2e_*)."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+
+from gateway.agi import parse_environment
+from gateway.calls.service import CallService
+from gateway.rater import Rater
+
+from .scenario import TENANT, standard_tenant
+from .test_rater import ledger_agrees, pool_row
+
+pytestmark = pytest.mark.db
+
+
+class Session:
+    """Stands in for an AgiSession: the request, and the variables set, in order."""
+
+    def __init__(self, script: str, *args: str, uniqueid: str = "1700000000.1",
+                 channel: str = "PJSIP/alice-00000001", fail_after: int | None = None):
+        lines = [f"agi_network_script: {script}", f"agi_uniqueid: {uniqueid}",
+                 f"agi_channel: {channel}", "agi_extension: s"]
+        lines += [f"agi_arg_{i + 1}: {a}" for i, a in enumerate(args)]
+        self.request = parse_environment([*lines, ""])
+        self.variables: list[tuple[str, str]] = []
+        self.fail_after = fail_after
+
+    async def set_variable(self, name, value):
+        if self.fail_after is not None and len(self.variables) >= self.fail_after:
+            raise ConnectionResetError("channel gone")
+        self.variables.append((name, value))
+
+    @property
+    def vars(self):
+        return dict(self.variables)
+
+
+class FakeAmi:
+    def __init__(self):
+        self.setvars: list[tuple[str, str, str, float]] = []
+        self.channels: list[dict[str, str]] = []
+        self.handlers = {}
+
+    def on_event(self, name, cb):
+        self.handlers[name] = cb
+
+    def on_connect(self, cb):
+        self.on_connect_cb = cb
+
+    async def setvar(self, channel, variable, value):
+        self.setvars.append((channel, variable, value, asyncio.get_running_loop().time()))
+
+    async def core_show_channels(self):
+        return list(self.channels)
+
+
+@pytest.fixture
+def service(rater):
+    svc = CallService(rater, renew_before_seconds=30)
+    svc.attach_ami(FakeAmi())
+    yield svc
+
+
+async def test_outbound_allow_sets_variables_decision_last(admin, service, repo):
+    await standard_tenant(admin)
+    s = Session("outbound", "2125550100", "alice", "1700000000.1")
+    await service.agi_outbound(s)
+    v = s.vars
+    assert s.variables[-1] == ("GW_DECISION", "ALLOW")
+    assert (v["GW_REASON"], v["GW_ROUTE"], v["GW_NUMBER"], v["GW_FUNDED"], v["GW_CAUSE"]) == (
+        "FUNDED", "pstn", "12125550100", "300", "")
+    assert len(service.live) == 1
+    row = await repo.find_call_by_uniqueid("1700000000.1")
+    assert str(row["id"]) == v["GW_CALL_ID"]
+    assert service.metrics.reason_counts[("outbound", "ALLOW", "FUNDED")] == 1
+
+
+async def test_outbound_reject_carries_the_cause(admin, service):
+    await standard_tenant(admin)
+    s = Session("outbound", "2125550100", "carol")
+    await service.agi_outbound(s)
+    assert (s.vars["GW_DECISION"], s.vars["GW_REASON"], s.vars["GW_CAUSE"]) == (
+        "REJECT", "NO_LICENSE", "21")
+    assert service.live == {}
+
+
+async def test_internal_call_names_the_target(admin, service):
+    await standard_tenant(admin)
+    s = Session("outbound", "102", "carol")
+    await service.agi_outbound(s)
+    assert (s.vars["GW_DECISION"], s.vars["GW_ROUTE"], s.vars["GW_TARGET"],
+            s.vars["GW_FUNDED"]) == ("ALLOW", "internal", "bob", "")
+
+
+async def test_rater_failure_fails_closed_but_emergency_goes(admin, service):
+    class Broken:
+        async def find_caller(self, *a):
+            raise OSError("database down")
+
+    service.rater.repo = Broken()
+    s = Session("outbound", "2125550100", "alice")
+    await service.agi_outbound(s)
+    assert (s.vars["GW_DECISION"], s.vars["GW_REASON"], s.vars["GW_CAUSE"]) == (
+        "REJECT", "GATEWAY_ERROR", "34")
+    s = Session("outbound", "911", "alice", uniqueid="2")
+    await service.agi_outbound(s)
+    assert (s.vars["GW_DECISION"], s.vars["GW_ROUTE"]) == ("ALLOW", "emergency")
+
+
+async def test_channel_gone_mid_reply_never_leaves_allow(admin, service, repo):
+    await standard_tenant(admin)
+    s = Session("outbound", "2125550100", "alice", fail_after=3)
+    await service.agi_outbound(s)
+    assert "GW_DECISION" not in s.vars
+    # the reservation is still held, and reconcile releases it once it is stale
+    service.stale_after = 0
+    counts = await service.reconcile()
+    assert counts["released"] == 1
+    assert await pool_row(repo) == (0, 0)
+
+
+async def test_hangup_report_settles_and_cdr_after_changes_nothing(admin, service, repo):
+    await standard_tenant(admin)
+    s = Session("outbound", "2125550100", "alice", uniqueid="u-1")
+    await service.agi_outbound(s)
+    call_id = s.vars["GW_CALL_ID"]
+    await service.on_dial_end({"DialStatus": "ANSWER", "Uniqueid": "u-1",
+                               "DestChannel": "PJSIP/carrier-00000002"})
+    assert (await repo.find_call(service.live[next(iter(service.live))].call_id))["state"] \
+        == "answered"
+    await service.agi_hangup(Session("hangup", call_id, "61200", "ANSWER", "61"))
+    await service.on_cdr({"UniqueID": "u-1", "Disposition": "ANSWERED",
+                          "BillableSeconds": "75"})
+    assert await pool_row(repo) == (120, 0)  # 61.2 s -> 62 -> two minutes, once
+    assert service.live == {}
+    assert service.metrics.settlements.labels("agi", "settled")._value.get() == 1
+    await ledger_agrees(repo)
+
+
+async def test_cdr_alone_settles_and_unanswered_releases(admin, service, repo):
+    await standard_tenant(admin, wallet="5")
+    s = Session("outbound", "+442079460000", "alice", uniqueid="u-2")
+    await service.agi_outbound(s)
+    await service.on_cdr({"UniqueID": "u-2", "Disposition": "NO ANSWER",
+                          "BillableSeconds": "0"})
+    w = await repo.get_wallet(TENANT)
+    assert (w["balance"], w["reserved"]) == (Decimal(5), 0)
+    assert service.live == {}
+
+
+async def test_renewal_moves_the_deadline_on_the_callee(admin, repo, clock):
+    await standard_tenant(admin)
+    await admin.set_rates([{"kind": "domestic_overage", "prefix": "1",
+                            "price_per_minute": "0.02", "first_increment": 1,
+                            "increment": 1}])
+    rater = Rater(repo, clock=clock, slice_seconds=2)
+    svc = CallService(rater, renew_before_seconds=30)
+    ami = FakeAmi()
+    svc.attach_ami(ami)
+    s = Session("outbound", "2125550100", "alice", uniqueid="u-3")
+    await svc.agi_outbound(s)
+    assert s.vars["GW_FUNDED"] == "2"
+    await svc.on_dial_end({"DialStatus": "ANSWER", "Uniqueid": "u-3",
+                           "DestChannel": "PJSIP/carrier-00000009"})
+    await asyncio.sleep(2.6)  # renewals at ~1 s and ~3 s... at least two by now
+    assert len(ami.setvars) >= 1
+    channel, variable, value, _ = ami.setvars[0]
+    assert (channel, variable) == ("PJSIP/carrier-00000009", "TIMEOUT(absolute)")
+    assert 2.5 <= float(value) <= 3.5  # 4 s funded, renewed ~1 s after answer
+    call = next(iter(svc.live.values()))
+    assert call.funded_seconds >= 4
+    await svc.agi_hangup(Session("hangup", s.vars["GW_CALL_ID"], "2600", "ANSWER", "2"))
+    await asyncio.sleep(0)
+    assert call.renew_task.done()
+    used, reserved = await pool_row(repo)
+    assert (used, reserved) == (3, 0)
+    await svc.stop()
+
+
+async def test_no_more_funding_leaves_the_deadline_alone(admin, repo, clock):
+    await standard_tenant(admin)
+    await admin.set_allotment("CA", "domestic", 0)
+    await admin.set_rates([{"kind": "domestic_overage", "prefix": "1",
+                            "price_per_minute": "0.60", "first_increment": 1,
+                            "increment": 1}])
+    await admin.topup(TENANT, "0.02")  # two seconds of overage
+    rater = Rater(repo, clock=clock, slice_seconds=2)
+    svc = CallService(rater)
+    ami = FakeAmi()
+    svc.attach_ami(ami)
+    s = Session("outbound", "2125550100", "alice", uniqueid="u-4")
+    await svc.agi_outbound(s)
+    assert s.vars["GW_FUNDED"] == "2"
+    await svc.on_dial_end({"DialStatus": "ANSWER", "Uniqueid": "u-4",
+                           "DestChannel": "PJSIP/carrier-0000000a"})
+    await asyncio.sleep(1.5)
+    assert ami.setvars == []  # nothing more could be reserved: the PBX keeps its deadline
+    assert svc.metrics.reservations.labels("exhausted")._value.get() == 1
+    await svc.stop()
+
+
+async def test_reconcile_settles_from_cdr_adopts_live_and_estimates(admin, service, repo,
+                                                                    clock):
+    await standard_tenant(admin)
+    for uid in ("gone-cdr", "still-up", "gone-no-record"):
+        await service.agi_outbound(Session("outbound", "2125550100", "alice", uniqueid=uid))
+    for uid in ("gone-cdr", "still-up", "gone-no-record"):
+        await service.on_dial_end({"DialStatus": "ANSWER", "Uniqueid": uid,
+                                   "DestChannel": f"PJSIP/carrier-{uid}"})
+    # a restart: a new service knows nothing of these calls
+    fresh = CallService(service.rater, stale_after_seconds=10)
+    ami = FakeAmi()
+    fresh.attach_ami(ami)
+    ami.channels = [
+        {"Channel": "PJSIP/alice-1", "Uniqueid": "still-up", "Linkedid": "still-up"},
+        {"Channel": "PJSIP/carrier-x", "Uniqueid": "peer", "Linkedid": "still-up"},
+    ]
+    await repo.pool.execute(
+        "INSERT INTO cdr (uniqueid, billsec, disposition) VALUES ('gone-cdr', 100, 'ANSWERED')")
+    clock.advance(seconds=40)
+    counts = await fresh.reconcile()
+    assert counts == {"adopted": 1, "settled": 1, "released": 0, "estimated": 1, "kept": 0}
+    rows = {r["pbx_uniqueid"]: r for r in await repo.pool.fetch("SELECT * FROM calls")}
+    assert (rows["gone-cdr"]["state"], rows["gone-cdr"]["billed_seconds"],
+            rows["gone-cdr"]["settled_by"]) == ("settled", 120, "reconcile-cdr")
+    assert (rows["gone-no-record"]["billed_seconds"],
+            rows["gone-no-record"]["settled_by"]) == (60, "reconcile-estimate")
+    assert rows["still-up"]["state"] == "answered"
+    adopted = fresh.live[rows["still-up"]["id"]]
+    assert adopted.dest_channel == "PJSIP/carrier-x"
+    await fresh.stop()
+    await service.stop()
+    await ledger_agrees(repo)
