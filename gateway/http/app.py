@@ -1,0 +1,136 @@
+"""The HTTP surface: health probes, /status, /metrics, the operator page and the admin
+REST API, built by one app factory around the composition root.
+
+Errors become JSON in one middleware: a GatewayError keeps its status and stable code;
+malformed JSON is 400 INVALID_JSON; unknown routes 404; anything unexpected is logged
+and answered 500 INTERNAL_ERROR without details.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import pathlib
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from ..errors import GatewayError
+from ..metrics import CONTENT_TYPE_LATEST
+from . import api
+from .auth import Unauthorized, require_read
+from .bodies import error_body, json_response
+from .keys import GATEWAY, STARTED_AT
+from .status import status_document
+
+log = structlog.get_logger("gateway.http")
+
+STATIC = pathlib.Path(__file__).parent / "static"
+MAX_BODY = 16 * 1024 * 1024  # a large rate sheet as CSV
+
+_HTTP_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN",
+               404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE",
+               415: "UNSUPPORTED_MEDIA_TYPE"}
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except GatewayError as exc:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        if exc.status >= 500 or (request.path.startswith(api.PREFIX)
+                                 and request.method not in ("GET", "HEAD")):
+            log.info("http_refused", method=request.method, route=_route(request),
+                     status=exc.status, code=exc.code, field=exc.field)
+        return json_response(error_body(exc.code, exc.message, exc.field),
+                             status=exc.status, headers=headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        code = _HTTP_CODES.get(exc.status, exc.reason.upper().replace(" ", "_"))
+        message = "no such route" if exc.status == 404 else exc.reason
+        return json_response(error_body(code, message), status=exc.status, headers=headers)
+    except Exception:  # noqa: BLE001 - the one place that turns surprises into a 500
+        log.exception("http_internal_error", method=request.method, route=_route(request))
+        return json_response(
+            error_body("INTERNAL_ERROR", "internal error; the gateway log has the details"),
+            status=500)
+    if request.path.startswith(api.PREFIX) and request.method not in ("GET", "HEAD"):
+        log.info("admin_write", method=request.method, route=_route(request),
+                 status=response.status)
+    return response
+
+
+def _route(request: web.Request) -> str:
+    """The route pattern, not the path: no ids or numbers of customers in every line."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
+
+
+# ---- probes, status, metrics, page ------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers. Says nothing about its dependencies (see /readyz)."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready, components = await request.app[GATEWAY].readiness()
+    failing = {name: c for name, c in components.items()
+               if c.get("state") not in ("up", "not_configured")}
+    return json_response({"status": "ready" if ready else "not_ready", "failing": failing,
+                          "components": {n: c.get("state") for n, c in components.items()}},
+                         status=200 if ready else 503)
+
+
+def _check_read(request: web.Request) -> Any:
+    gateway = request.app[GATEWAY]
+    require_read(request, gateway.config.read_token, gateway.config.admin_token)
+    return gateway
+
+
+async def status(request: web.Request) -> web.Response:
+    gateway = _check_read(request)
+    doc = await status_document(gateway, request.app[STARTED_AT])
+    return json_response(doc, headers={"Cache-Control": "no-store"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gateway = _check_read(request)
+    gateway.ami_status()  # refreshes the AMI reconnect gauge
+    if gateway.calls is not None:
+        gateway.metrics.live_calls.set(len(gateway.calls.live))
+    return web.Response(body=gateway.metrics.render(),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# The page holds no data; it fetches /status with the token given in ?token=.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:",
+    "Referrer-Policy": "no-referrer",  # the URL may carry the read token
+    "Cache-Control": "no-cache",
+}
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
+
+
+def build_app(gateway: Any) -> web.Application:
+    """The aiohttp application of one gateway. ``gateway`` is the composition root
+    (gateway.app.Gateway) or anything with its attributes: config, admin, repo, calls,
+    metrics, readiness(), ami_status()."""
+    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
+    app[GATEWAY] = gateway
+    app[STARTED_AT] = dt.datetime.now(dt.UTC)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC)
+    api.add_routes(app)
+    return app
