@@ -6,6 +6,7 @@ package. Prefixes are used only to look up rates.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import phonenumbers
@@ -62,6 +63,7 @@ def to_e164(dialled: str, region: str | None) -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+@functools.lru_cache(maxsize=65536)
 def classify(dialled: str, caller_country: str) -> Classified:
     """Emergency, toll-free, premium-rate, domestic, international or invalid.
 

@@ -121,6 +121,7 @@ BEGIN
         v_granted := 0;
         v_amount := 0;
         IF v_source = 'pool' THEN
+            v_capacity := gw_pool_capacity(c.tenant_id, c.pool_country);
             SELECT used_seconds, reserved_seconds INTO v_used, v_reserved FROM pools
             WHERE tenant_id = c.tenant_id AND country = c.pool_country AND month = c.month
             FOR UPDATE;
@@ -131,7 +132,6 @@ BEGIN
                 WHERE tenant_id = c.tenant_id AND country = c.pool_country AND month = c.month
                 FOR UPDATE;
             END IF;
-            v_capacity := gw_pool_capacity(c.tenant_id, c.pool_country);
             v_granted := LEAST(v_left, GREATEST(v_capacity - v_used - v_reserved, 0));
             IF v_granted > 0 THEN
                 UPDATE pools SET reserved_seconds = reserved_seconds + v_granted
@@ -310,6 +310,8 @@ $$;
 -- increments (never past what was funded), charges the reservations in source order,
 -- releases the rest and lets auto-recharge react. A second call changes nothing and
 -- returns outcome 'already_settled' / 'already_released'.
+-- The shared counters (pool, add-on, wallet) are updated last, so their row locks are
+-- held for as short a time as possible before the commit.
 CREATE FUNCTION gw_finish(p_call uuid, p_billable integer, p_now timestamptz, p_by text)
 RETURNS TABLE (outcome text, billed integer, charged numeric)
 LANGUAGE plpgsql AS $$
@@ -322,6 +324,14 @@ DECLARE
     v_amount numeric;
     v_charged numeric := 0;
     v_state text;
+    -- what to apply to each counter once the call's own rows are written
+    v_pool_used integer := 0;
+    v_pool_reserved integer := 0;
+    v_addon_used integer := 0;
+    v_addon_reserved integer := 0;
+    v_wallet_charge numeric := 0;
+    v_wallet_reserved numeric := 0;
+    v_has_wallet boolean := false;
 BEGIN
     SELECT * INTO c FROM calls WHERE id = p_call FOR UPDATE;
     IF NOT FOUND THEN
@@ -345,9 +355,8 @@ BEGIN
         v_left := v_left - v_seconds;
         v_amount := 0;
         IF f.source = 'pool' THEN
-            UPDATE pools SET used_seconds = used_seconds + v_seconds,
-                             reserved_seconds = reserved_seconds - f.reserved_seconds
-            WHERE tenant_id = c.tenant_id AND country = c.pool_country AND month = c.month;
+            v_pool_used := v_seconds;
+            v_pool_reserved := f.reserved_seconds;
             INSERT INTO ledger (at, tenant_id, entry, account, country, month, call_id,
                                 d_used_seconds, d_reserved_seconds)
             SELECT p_now, c.tenant_id, e.entry, 'pool', c.pool_country, c.month, c.id, e.u, e.r
@@ -355,9 +364,8 @@ BEGIN
                          ('release', 0, v_seconds - f.reserved_seconds)) e(entry, u, r)
             WHERE e.u <> 0 OR e.r <> 0;
         ELSIF f.source = 'addon' THEN
-            UPDATE addon_usage SET used_seconds = used_seconds + v_seconds,
-                                   reserved_seconds = reserved_seconds - f.reserved_seconds
-            WHERE user_id = c.user_id AND month = c.month;
+            v_addon_used := v_seconds;
+            v_addon_reserved := f.reserved_seconds;
             INSERT INTO ledger (at, tenant_id, entry, account, month, user_id, call_id,
                                 d_used_seconds, d_reserved_seconds)
             SELECT p_now, c.tenant_id, e.entry, 'addon', c.month, c.user_id, c.id, e.u, e.r
@@ -366,9 +374,9 @@ BEGIN
             WHERE e.u <> 0 OR e.r <> 0;
         ELSE
             v_amount := gw_cost(c.price_per_minute, v_seconds);
-            UPDATE wallets SET balance = balance - v_amount,
-                               reserved = reserved - f.reserved_amount
-            WHERE tenant_id = c.tenant_id;
+            v_has_wallet := true;
+            v_wallet_charge := v_amount;
+            v_wallet_reserved := f.reserved_amount;
             INSERT INTO ledger (at, tenant_id, entry, account, month, call_id,
                                 d_used_seconds, d_reserved_seconds, d_balance, d_reserved)
             SELECT p_now, c.tenant_id, e.entry, 'wallet', c.month, c.id, e.u, e.r, e.b, e.m
@@ -376,9 +384,6 @@ BEGIN
                          ('release', 0, v_seconds - f.reserved_seconds, 0::numeric,
                           v_amount - f.reserved_amount)) e(entry, u, r, b, m)
             WHERE e.u <> 0 OR e.r <> 0 OR e.b <> 0 OR e.m <> 0;
-            IF v_amount > 0 THEN
-                PERFORM gw_auto_recharge(c.tenant_id, p_now, c.id);
-            END IF;
         END IF;
         UPDATE call_funding SET charged_seconds = v_seconds, charged_amount = v_amount
         WHERE call_id = p_call AND source = f.source;
@@ -389,6 +394,25 @@ BEGIN
     UPDATE calls SET state = v_state, ended_at = p_now, billable_seconds = GREATEST(p_billable, 0),
                      billed_seconds = v_billed, charged_amount = v_charged, settled_by = p_by
     WHERE id = p_call;
+    -- the shared counters, in the global lock order
+    IF v_pool_reserved > 0 THEN
+        UPDATE pools SET used_seconds = used_seconds + v_pool_used,
+                         reserved_seconds = reserved_seconds - v_pool_reserved
+        WHERE tenant_id = c.tenant_id AND country = c.pool_country AND month = c.month;
+    END IF;
+    IF v_addon_reserved > 0 THEN
+        UPDATE addon_usage SET used_seconds = used_seconds + v_addon_used,
+                               reserved_seconds = reserved_seconds - v_addon_reserved
+        WHERE user_id = c.user_id AND month = c.month;
+    END IF;
+    IF v_has_wallet THEN
+        UPDATE wallets SET balance = balance - v_wallet_charge,
+                           reserved = reserved - v_wallet_reserved
+        WHERE tenant_id = c.tenant_id;
+        IF v_wallet_charge > 0 THEN
+            PERFORM gw_auto_recharge(c.tenant_id, p_now, c.id);
+        END IF;
+    END IF;
     RETURN QUERY SELECT v_state, v_billed, v_charged;
 END
 $$;
