@@ -119,6 +119,21 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html", headers=_PAGE_HEADERS)
 
 
+def _static_handler() -> Any:
+    """Serves the page's few files by name: no paths, so nothing outside the folder,
+    and a missing file is a JSON 404 like any other (aiohttp's static route decides
+    that only after the middleware)."""
+    files = {p.name for p in STATIC.iterdir() if p.is_file()}
+
+    async def static_file(request: web.Request) -> web.FileResponse:
+        name = request.match_info["name"]
+        if name not in files:
+            raise web.HTTPNotFound()
+        return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+
+    return static_file
+
+
 def build_app(gateway: Any) -> web.Application:
     """The aiohttp application of one gateway. ``gateway`` is the composition root
     (gateway.app.Gateway) or anything with its attributes: config, admin, repo, calls,
@@ -131,6 +146,6 @@ def build_app(gateway: Any) -> web.Application:
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", index)
-    app.router.add_static("/static/", STATIC)
+    app.router.add_get("/static/{name}", _static_handler())
     api.add_routes(app)
     return app

@@ -1,0 +1,208 @@
+"""Probes, /status, /metrics and the page of a real, started gateway: calls decided over
+its AGI port show up as live calls and counters; secrets never appear."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import uuid
+
+import aiohttp
+import pytest
+
+from gateway.errors import Unavailable
+
+from .scenario import TENANT, standard_tenant
+from .test_http_api import ADMIN, READ, Client, floats_in, running_gateway
+
+pytestmark = pytest.mark.db
+
+DB_PASSWORD = "pw-Secret-5521"
+
+
+def with_password(url: str) -> str:
+    """The test database URL with a password (trust auth ignores it): it must never show."""
+    scheme, _, rest = url.partition("://")
+    user, _, host = rest.partition("@")
+    return f"{scheme}://{user}:{DB_PASSWORD}@{host}"
+
+
+async def agi_outbound(port: int, endpoint: str, dialled: str) -> dict[str, str]:
+    """Play Asterisk for one outbound AGI request; return the variables the gateway set."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    env = {"agi_network": "yes", "agi_network_script": "outbound",
+           "agi_request": f"agi://127.0.0.1:{port}/outbound",
+           "agi_channel": f"PJSIP/{endpoint}-00000001", "agi_uniqueid": uuid.uuid4().hex[:12],
+           "agi_callerid": endpoint, "agi_extension": dialled,
+           "agi_arg_1": dialled, "agi_arg_2": endpoint}
+    writer.write(("".join(f"{k}: {v}\n" for k, v in env.items()) + "\n").encode())
+    variables: dict[str, str] = {}
+    async with asyncio.timeout(5):
+        while line := await reader.readline():
+            words = shlex.split(line.decode())
+            if words[:2] == ["SET", "VARIABLE"]:
+                variables[words[2]] = words[3]
+            writer.write(b"200 result=1\n")
+    writer.close()
+    return variables
+
+
+@pytest.fixture(scope="module")
+async def gw(database_url):
+    async with running_gateway(with_password(database_url)) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+async def http(gw):
+    async with aiohttp.ClientSession() as session:
+        yield Client(session, gw.http_port, token=READ)
+
+
+async def test_healthz_and_readyz_need_no_token(http):
+    r = await http("GET", "/healthz", token=None)
+    assert (r.status, r.body) == (200, {"status": "ok"})
+    r = await http("GET", "/readyz", token=None)
+    assert r.status == 200
+    assert r.body == {"status": "ready", "failing": {},
+                      "components": {"database": "up", "ami": "not_configured", "agi": "up"}}
+
+
+async def test_readyz_names_the_failing_component(database_url):
+    async with running_gateway(database_url) as gw, aiohttp.ClientSession() as session:
+        http = Client(session, gw.http_port, token=None)
+        await gw.agi.stop(grace=0)
+        r = await http("GET", "/readyz")
+        assert r.status == 503
+        assert r.body["status"] == "not_ready"
+        assert list(r.body["failing"]) == ["agi"]
+        assert r.body["failing"]["agi"]["state"] == "down"
+        assert (await http("GET", "/healthz")).status == 200  # alive all the same
+        r = await http("GET", "/status", token=READ)
+        assert r.status == 200 and r.body["ready"] is False
+
+
+@pytest.mark.parametrize("path", ["/status", "/metrics"])
+async def test_status_and_metrics_need_the_read_or_admin_token(http, path):
+    for token in (None, "nope", READ + "x", READ.upper()):
+        r = await http("GET", path, token=token)
+        assert r.status == 401, token
+        assert r.error["code"] == "UNAUTHORIZED"
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert (await http("GET", path, token=READ)).status == 200
+    assert (await http("GET", path, token=ADMIN)).status == 200
+
+
+async def test_status_and_metrics_are_open_without_a_read_token(database_url):
+    async with running_gateway(database_url, read_token="", admin_token="") as gw, \
+            aiohttp.ClientSession() as session:
+        http = Client(session, gw.http_port, token=None)
+        assert (await http("GET", "/status")).status == 200
+        assert (await http("GET", "/metrics")).status == 200
+        # an empty admin token opens nothing: the admin API is off
+        assert (await http("GET", "/api/v1/tenants")).status == 503
+
+
+async def test_status_shows_calls_pools_wallets_and_counters(gw, http, admin):
+    await standard_tenant(admin, wallet="20.00")
+    await admin.set_auto_recharge(TENANT, enabled=True, threshold="5", amount="10",
+                                  monthly_cap=2)
+    allowed = await agi_outbound(gw.agi.port, "alice", "+15145550123")
+    refused = await agi_outbound(gw.agi.port, "carol", "+15145550123")
+    assert (allowed["GW_DECISION"], allowed["GW_REASON"]) == ("ALLOW", "FUNDED")
+    assert (refused["GW_DECISION"], refused["GW_REASON"]) == ("REJECT", "NO_LICENSE")
+
+    r = await http("GET", "/status")
+    assert r.status == 200
+    doc = r.body
+    assert {"generated_at", "started_at", "uptime_seconds", "ready", "components",
+            "live_calls", "tenants", "tenants_error", "decisions", "last_reconcile",
+            "config"} <= set(doc)
+    assert doc["ready"] is True and doc["tenants_error"] is None
+    assert doc["components"]["database"]["state"] == "up"
+    assert doc["components"]["agi"]["sessions_total"] >= 2
+
+    live = [c for c in doc["live_calls"] if c["call_id"] == allowed["GW_CALL_ID"]]
+    assert len(live) == 1
+    assert (live[0]["tenant_id"], live[0]["caller"], live[0]["destination"],
+            live[0]["state"], live[0]["funded_seconds"], live[0]["source"]) == (
+        TENANT, "alice", "+15145550123", "ringing", 300, "pool+wallet")
+
+    decisions = {(d["direction"], d["decision"], d["reason"]): d["count"]
+                 for d in doc["decisions"]}
+    assert decisions[("outbound", "ALLOW", "FUNDED")] >= 1
+    assert decisions[("outbound", "REJECT", "NO_LICENSE")] >= 1
+    assert "at" in doc["last_reconcile"]  # the start-up reconciliation
+
+    (tenant,) = doc["tenants"]
+    assert (tenant["tenant_id"], tenant["name"], tenant["currency"], tenant["month"]) == (
+        TENANT, "Acme Ltd", "USD", "2026-11-01")
+    (pool,) = tenant["pools"]
+    assert pool == {"country": "CA", "capacity_minutes": "6000.00", "used_minutes": "0.00",
+                    "reserved_minutes": "5.00", "remaining_minutes": "5995.00",
+                    "capacity_seconds": 360000, "used_seconds": 0, "reserved_seconds": 300}
+    assert [a["user_id"] for a in tenant["international_addon"]] == ["bob"]
+    assert tenant["wallet"]["balance"] == "20.000000"
+    assert tenant["wallet"]["available"] == "20.000000"
+    assert tenant["wallet"]["auto_recharge"]["enabled"] is True
+    assert tenant["wallet"]["auto_recharge"]["threshold"] == "5.000000"
+    assert floats_in(doc["tenants"]) == []  # money is never a JSON number
+
+
+async def test_status_never_shows_secrets(gw, http, admin):
+    await standard_tenant(admin, wallet="1")
+    async with http.session.get(http.base + "/status",
+                                headers={"Authorization": f"Bearer {READ}"}) as r:
+        text = await r.text()
+    for secret in (ADMIN, READ, DB_PASSWORD):
+        assert secret not in text
+    config = json.loads(text)["config"]
+    assert config["admin_token"] == "***" and config["read_token"] == "***"
+    assert ":***@" in config["database_url"]
+
+
+async def test_status_still_answers_when_the_tenants_cannot_be_read(gw, http, monkeypatch):
+    async def down() -> None:
+        raise Unavailable("database unavailable: connection refused",
+                          code="DATABASE_UNAVAILABLE")
+
+    monkeypatch.setattr(gw.repo, "list_tenants", down)
+    r = await http("GET", "/status")
+    assert r.status == 200
+    assert r.body["tenants"] == []
+    assert r.body["tenants_error"]["code"] == "DATABASE_UNAVAILABLE"
+
+
+async def test_metrics_text_has_the_counters(gw, http, admin):
+    await standard_tenant(admin, wallet="5")
+    await agi_outbound(gw.agi.port, "dave", "+15145550123")  # partner route
+    async with http.session.get(http.base + "/metrics",
+                                headers={"Authorization": f"Bearer {READ}"}) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain; version=")
+        text = await r.text()
+    assert ('gateway_authorisations_total{decision="ALLOW",direction="outbound",'
+            'reason="PARTNER"}') in text
+    assert "gateway_authorisation_seconds_bucket" in text
+    assert "gateway_live_calls " in text
+    assert "gateway_ami_reconnects 0.0" in text
+    live = next(line for line in text.splitlines() if line.startswith("gateway_live_calls "))
+    assert float(live.split()[1]) == len(gw.calls.live) >= 1
+
+
+async def test_page_and_static_files(http):
+    async with http.session.get(http.base + "/") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/html")
+        assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+        assert r.headers["Referrer-Policy"] == "no-referrer"
+        page = await r.text()
+    assert '<script src="/static/app.js"' in page and "/static/style.css" in page
+    for name, kind in (("app.js", "javascript"), ("style.css", "text/css")):
+        async with http.session.get(f"{http.base}/static/{name}") as r:
+            assert r.status == 200 and kind in r.headers["Content-Type"]
+    r = await http("GET", "/static/missing.js", token=None)
+    assert r.status == 404 and r.error["code"] == "NOT_FOUND"
+    r = await http("GET", "/static/../app.py", token=None)
+    assert r.status in (403, 404) and "error" in r.body
