@@ -107,8 +107,9 @@ function renderTenant(t) {
   t.pools.forEach((p) => card.append(poolGauge(p)));
   (t.international_addon || []).forEach((a) => card.append(addonGauge(a)));
   card.append(walletGauge(t.wallet, t.currency));
-  card.append(el("div", { class: "legend" }, el("i", { class: "u" }), "used",
-                 el("i", { class: "r" }), "reserved"));
+  card.append(el("div", { class: "legend" }, el("i", { class: "u" }), "minutes used",
+                 el("i", { class: "r" }), "reserved", el("i", { class: "a" }),
+                 "credits available"));
   return card;
 }
 

@@ -1,0 +1,150 @@
+"""The operator page in a real browser: headless Chromium loads / from a started
+gateway, the page's JavaScript fetches /status with the token from ?token= and draws
+the live call, the tenant's pool and its wallet. Checked twice: the DOM after the
+scripts ran (--dump-dom) and a screenshot that must not be blank."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import struct
+import zlib
+
+import pytest
+
+from .conftest import need
+from .scenario import TENANT, standard_tenant
+from .test_http_api import READ, running_gateway
+from .test_http_status import agi_outbound
+
+pytestmark = pytest.mark.db
+
+# Where the screenshot is kept when set (to look at it); a temporary folder otherwise.
+SCREENSHOT_DIR = os.environ.get("GATEWAY_SCREENSHOT_DIR")
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        need("chromium (apt-get install chromium) for the operator page test")
+    return path
+
+
+async def run_chromium(binary: str, profile: str, *args: str) -> bytes:
+    """One headless run; its own profile folder so that two runs can go side by side.
+    Async, so that the gateway in this event loop keeps answering the page."""
+    proc = await asyncio.create_subprocess_exec(
+        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={profile}", "--window-size=1200,900",
+        "--virtual-time-budget=5000", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out
+
+
+def png_rows(data: bytes) -> tuple[int, int, int, list[bytes]]:
+    """A small PNG decoder (8-bit RGB/RGBA, not interlaced): width, height, bytes per
+    pixel and the unfiltered rows."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, header = 8, [], None
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+    assert header is not None
+    width, height, depth, colour, _, _, interlace = header
+    assert depth == 8 and colour in (2, 6) and interlace == 0, header
+    bpp = 3 if colour == 2 else 4
+    stride = width * bpp
+    raw = zlib.decompress(b"".join(idat))
+    assert len(raw) == height * (stride + 1)
+    rows: list[bytes] = []
+    prev = bytearray(stride)
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, line = raw[start], bytearray(raw[start + 1:start + 1 + stride])
+        if kind == 1:
+            for i in range(bpp, stride):
+                line[i] = (line[i] + line[i - bpp]) & 0xFF
+        elif kind == 2:
+            line = bytearray((a + b) & 0xFF for a, b in zip(line, prev, strict=True))
+        elif kind == 3:
+            for i in range(stride):
+                left = line[i - bpp] if i >= bpp else 0
+                line[i] = (line[i] + ((left + prev[i]) >> 1)) & 0xFF
+        elif kind == 4:
+            for i in range(stride):
+                a = line[i - bpp] if i >= bpp else 0
+                b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                predictor = a if pa <= pb and pa <= pc else b if pb <= pc else c
+                line[i] = (line[i] + predictor) & 0xFF
+        rows.append(bytes(line))
+        prev = line
+    return width, height, bpp, rows
+
+
+def colours(width: int, bpp: int, rows: list[bytes], step: int = 3) -> dict[bytes, int]:
+    seen: dict[bytes, int] = {}
+    for row in rows[::step]:
+        for x in range(0, width, step):
+            pixel = row[x * bpp:x * bpp + 3]
+            seen[pixel] = seen.get(pixel, 0) + 1
+    return seen
+
+
+async def test_operator_page_draws_calls_pools_and_wallets(database_url, admin, tmp_path):
+    binary = chromium()
+    await standard_tenant(admin, wallet="20.00")
+    # a small pool, so that the live call's reserved slice shows on its gauge
+    await admin.set_allotment("CA", "domestic", 10)
+    async with running_gateway(database_url) as gw:
+        reply = await agi_outbound(gw.agi.port, "alice", "+15145550123")
+        assert reply["GW_DECISION"] == "ALLOW"
+        url = f"http://127.0.0.1:{gw.http_port}/?token={READ}"
+        shots = SCREENSHOT_DIR or str(tmp_path)
+        png = os.path.join(shots, "operator-page.png")
+        dom, _ = await asyncio.gather(
+            run_chromium(binary, str(tmp_path / "profile-dom"), "--dump-dom", url),
+            run_chromium(binary, str(tmp_path / "profile-shot"), f"--screenshot={png}", url),
+        )
+    html = dom.decode()
+    # drawn by app.js from /status, so the fetch with the token worked
+    assert f'data-tenant="{TENANT}"' in html
+    assert 'data-pool="CA"' in html and 'data-capacity="20.00"' in html
+    assert "Acme Ltd" in html
+    assert "0.00 used + 5.00 reserved / 20.00 min" in html  # the live call's slice
+    assert 'style="width: 25%;"' in html  # ...drawn as a quarter of the bar
+    assert f'data-call="{reply["GW_CALL_ID"]}"' in html
+    assert "20.00 USD available" in html
+    assert 'class="pill ok">ready<' in html
+    assert "Cannot read /status" not in html and "needs a read token" not in html
+
+    data = open(png, "rb").read()  # noqa: ASYNC230 - the browser is done; a small file
+    assert len(data) > 10_000
+    width, height, bpp, rows = png_rows(data)
+    assert (width, height) == (1200, 900)
+    seen = colours(width, bpp, rows)
+    assert len(seen) >= 8, f"only {len(seen)} colours: a blank page?"
+    background = max(seen.values())
+    assert background < 0.9 * sum(seen.values()), "one colour fills nearly everything"
+    # the pool's gauge: the amber of "reserved" over a quarter of a 345 px bar, sampled
+    # every third pixel of every third row
+    amber = seen.get(bytes((0xF0, 0xA5, 0x00)), 0)
+    assert amber >= 50, f"the reserved part of the pool's gauge is missing ({amber})"
