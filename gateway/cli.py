@@ -483,10 +483,9 @@ class _Where:
         return None
 
     def __exit__(self, typ: Any, exc: BaseException | None, tb: Any) -> None:
-        if isinstance(exc, GatewayError) and not getattr(exc, "_located", False):
+        if isinstance(exc, GatewayError):  # nested: the outer location comes first
             exc.message = f"{self.where}: {exc.message}"
             exc.args = (exc.message,)
-            exc._located = True  # type: ignore[attr-defined]
 
 
 async def provision(admin: Any, data: dict[str, Any], report: Callable[[str], None]) -> int:

@@ -233,7 +233,8 @@ async def test_a_conflict_with_the_database_names_where(run, admin, tmp_path):
                     "[[tenants.users]]\nid = 'alice'\nsip_endpoint = 'alice'\n"
                     "usage_location = 'CA'\n")
     rc, _, err = await run("provision", str(path))
-    assert rc == 1 and "USER_OF_OTHER_TENANT" in err and "users[0] alice" in err
+    assert err.startswith("gateway: USER_OF_OTHER_TENANT: tenants[0] other: users[0] alice: "
+                          "user alice belongs to tenant acme"), err
     rc, _, err = await run("provision", str(tmp_path / "missing.toml"))
     assert rc == 1 and err.startswith("gateway: FILE_NOT_FOUND: ")
 
