@@ -1,0 +1,1018 @@
+"""A real Asterisk 22 and SIPp "phones" for tests, without Docker.
+
+Both run from a Debian sid root folder (built by ``.ci/pbx-root.sh``) with
+``chroot``; they share the host's network and meet the code under test on
+127.0.0.1.
+
+``Pbx`` starts one Asterisk with the shipped ``dialplan/extensions_gateway.conf``
+and a generated PJSIP/AMI/CDR configuration; every run lives in its own folder
+``ROOT/run/gwpbx-<random>`` and on its own free ports, so several instances can
+run one after another (or side by side) in one session::
+
+    with Pbx(gw_agi=f"127.0.0.1:{agi_port}") as pbx:
+        uas = pbx.uas("carrier", ring_ms=1000)          # the PSTN answers after 1 s
+        await uas.started()
+        caller = await pbx.call("alice", "15551234567", scenario="until_bye")
+        callee = await uas.result()
+        caller.final_code, caller.talk, caller.bye_from   # 200, 5.01, "pbx"
+
+``Sipp`` runs one SIPp process (``chroot ROOT sipp ...``) for exactly one call
+and reports what the phone saw (``CallResult``), parsed from SIPp's message
+trace (``-trace_msg``), which stamps every SIP message with the wall clock to
+the microsecond.
+
+Every process is bounded by a timeout and killed by ``stop()`` / on exit; proc
+is mounted in a private mount namespace (``unshare -m``) that disappears with
+Asterisk, so nothing stays mounted on the host whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import datetime as _dt
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PBX_ROOT = "/var/cache/agi-gateway/pbx-root"
+REPO = Path(__file__).resolve().parents[2]
+DIALPLAN_DIR = REPO / "dialplan"
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+
+#: Modules not to load: absent hardware/back-ends (they log errors or hang on
+#: start), things that bind extra ports, and pbx_lua/pbx_ael which would read
+#: the root's sample dialplans. Everything else autoloads (res_agi needs
+#: res_speech & co., so a "load only what we need" list is brittle).
+NOLOAD = (
+    "chan_iax2.so",
+    "chan_dahdi.so",
+    "chan_console.so",
+    "chan_unistim.so",
+    "chan_motif.so",
+    "chan_mobile.so",
+    "chan_ooh323.so",
+    "res_xmpp.so",
+    "res_odbc.so",
+    "res_odbc_transaction.so",
+    "res_config_odbc.so",
+    "cdr_odbc.so",
+    "cdr_adaptive_odbc.so",
+    "cel_odbc.so",
+    "func_odbc.so",
+    "app_voicemail_odbc.so",
+    "app_voicemail_imap.so",
+    "res_config_mysql.so",
+    "app_mysql.so",
+    "cdr_mysql.so",
+    "res_config_ldap.so",
+    "cdr_radius.so",
+    "cel_radius.so",
+    "cdr_tds.so",
+    "cel_tds.so",
+    "res_corosync.so",
+    "pbx_lua.so",
+    "pbx_ael.so",
+    "pbx_dundi.so",
+    "res_hep.so",
+    "res_hep_pjsip.so",
+    "res_hep_rtcp.so",
+    "res_snmp.so",
+    "res_calendar.so",
+    "res_calendar_caldav.so",
+    "res_calendar_ews.so",
+    "res_calendar_exchange.so",
+    "res_calendar_icalendar.so",
+    "res_stun_monitor.so",
+    "res_phoneprov.so",
+    "res_pjsip_phoneprov_provider.so",
+    "res_statsd.so",
+    "res_prometheus.so",
+    "cdr_pgsql.so",
+    "cel_pgsql.so",
+    "res_config_pgsql.so",
+    "cdr_csv.so",
+    "cdr_custom.so",
+    "cel_custom.so",
+    "cdr_sqlite3_custom.so",
+    "cel_sqlite3_custom.so",
+    "cdr_beanstalkd.so",
+    "cel_beanstalkd.so",
+    # need configuration files this harness does not write; they only decline
+    "res_pjsip_notify.so",
+    "res_parking.so",
+    "app_agent_pool.so",
+    "app_confbridge.so",
+    "app_page.so",
+    "cel_manager.so",
+    "app_alarmreceiver.so",
+    "app_festival.so",
+    "app_amd.so",
+    "app_followme.so",
+    "app_queue.so",
+    "app_voicemail.so",
+    "app_minivm.so",
+    "res_clialiases.so",
+    "res_http_media_cache.so",
+    "app_adsiprog.so",
+    "app_getcpeid.so",
+    "res_adsi.so",
+)
+
+_LIVE_PROCS: set[subprocess.Popen | asyncio.subprocess.Process] = set()
+
+
+def _kill_leftovers() -> None:
+    for proc in list(_LIVE_PROCS):
+        with contextlib.suppress(Exception):
+            if proc.returncode is None:
+                proc.kill()
+
+
+atexit.register(_kill_leftovers)
+
+
+class PbxError(RuntimeError):
+    """The PBX or SIPp could not be started or driven."""
+
+
+def pbx_root_path() -> Path:
+    """Where the sid root folder lives: ``$PBX_ROOT`` or the documented default."""
+    return Path(os.environ.get("PBX_ROOT") or DEFAULT_PBX_ROOT)
+
+
+def root_ready(root: Path | str | None = None) -> bool:
+    root = Path(root) if root else pbx_root_path()
+    return all(
+        (root / p).exists() for p in ("usr/sbin/asterisk", "usr/bin/sipp", "usr/sbin/chroot")
+    )
+
+
+def free_port(kind: str = "tcp") -> int:
+    """A port on 127.0.0.1 free right now for ``kind`` ("tcp", "udp" or "both")."""
+    for _ in range(50):
+        with socket.socket(
+            socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
+        ) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if kind != "both":
+            return port
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+    raise PbxError("no free port")
+
+
+def _free_udp_ports(n: int, taken: set[int]) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        p = free_port("udp")
+        if p not in taken and p not in ports:
+            ports.append(p)
+    return ports
+
+
+# ----------------------------------------------------------------------------
+# Asterisk
+# ----------------------------------------------------------------------------
+
+
+class Pbx:
+    """One Asterisk 22 running the shipped gateway dialplan.
+
+    Parameters (all keyword-only, all optional):
+
+    root
+        the sid root folder (default: ``pbx_root_path()``).
+    gw_agi
+        ``host:port`` of the FastAGI server (the ``GW_AGI`` global).
+    fail_policy, inbound_fail_policy, emergency_numbers
+        the ``GW_FAIL_POLICY`` / ``GW_INBOUND_FAIL_POLICY`` /
+        ``GW_EMERGENCY_NUMBERS`` globals.
+    phones
+        PJSIP endpoints in context ``gateway-outbound``; each is identified by
+        its own SIPp source port on 127.0.0.1 and reached at that same port.
+    trunks
+        PJSIP endpoints in context ``gateway-inbound`` (same port scheme);
+        ``carrier`` is the PSTN trunk and the source of inbound calls.
+    pstn_trunk, partner_trunk, emergency_trunk
+        which trunk names the dialplan globals point at.
+    globals
+        more (or overriding) ``[globals]`` entries.
+    extra_config
+        ``{file name: text}`` written next to the generated configuration
+        (e.g. ``cdr_pgsql.conf``); ``noload``: module names added to
+        ``NOLOAD``; ``load``: module names removed from it.
+    cdr
+        ``[general]`` options of cdr.conf.
+    contexts
+        ``{endpoint: context}`` to put an endpoint in another context than
+        the default (phones: ``gateway-outbound``, trunks: ``gateway-inbound``).
+    extra_dialplan
+        text appended to the test extensions.conf after the shipped include
+        (test-only contexts).
+
+    After ``start()``: ``sip_port``, ``ami_host``/``ami_port``/``ami_user``/
+    ``ami_secret``, ``ports`` (endpoint name -> SIPp port), ``run_dir`` (host
+    path) and ``guest_dir`` (the same folder seen from inside the root).
+    """
+
+    AMI_USER = "gateway"
+
+    def __init__(
+        self,
+        *,
+        root: Path | str | None = None,
+        gw_agi: str = "127.0.0.1:4573",
+        fail_policy: str = "closed",
+        inbound_fail_policy: str = "closed",
+        emergency_numbers: str = "911,933,112,999",
+        phones: Iterable[str] = ("alice", "bob", "carol", "dave"),
+        trunks: Iterable[str] = ("carrier", "partner", "emergency"),
+        pstn_trunk: str = "carrier",
+        partner_trunk: str = "partner",
+        emergency_trunk: str = "emergency",
+        globals: Mapping[str, str] | None = None,
+        extra_config: Mapping[str, str] | None = None,
+        noload: Iterable[str] = (),
+        load: Iterable[str] = (),
+        cdr: Mapping[str, str] | None = None,
+        contexts: Mapping[str, str] | None = None,
+        extra_dialplan: str = "",
+        boot_timeout: float = 60.0,
+    ) -> None:
+        self.root = Path(root) if root else pbx_root_path()
+        self.phones = tuple(phones)
+        self.trunks = tuple(trunks)
+        self.globals: dict[str, str] = {
+            "GW_AGI": gw_agi,
+            "GW_FAIL_POLICY": fail_policy,
+            "GW_INBOUND_FAIL_POLICY": inbound_fail_policy,
+            "GW_PSTN_TRUNK": pstn_trunk,
+            "GW_PARTNER_TRUNK": partner_trunk,
+            "GW_EMERGENCY_TRUNK": emergency_trunk,
+            "GW_EMERGENCY_NUMBERS": emergency_numbers,
+        }
+        self.globals.update(globals or {})
+        self.extra_config = dict(extra_config or {})
+        self.noload = [m for m in (*NOLOAD, *noload) if m not in set(load)]
+        self.cdr = {"enable": "yes"} | dict(cdr or {})
+        self.contexts = dict(contexts or {})
+        self.extra_dialplan = extra_dialplan
+        self.boot_timeout = boot_timeout
+
+        self.ami_host = "127.0.0.1"
+        self.ami_port = 0
+        self.ami_user = self.AMI_USER
+        self.ami_secret = ""
+        self.sip_port = 0
+        self.ports: dict[str, int] = {}
+        self.run_dir: Path | None = None
+        self.guest_dir = ""
+        self._proc: subprocess.Popen | None = None
+        self._sipps: set[Sipp] = set()
+        self._out = None
+
+    # -- life cycle ---------------------------------------------------------
+
+    def __enter__(self) -> Pbx:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> Pbx:
+        if self._proc is not None:
+            raise PbxError("already started")
+        if not root_ready(self.root):
+            raise PbxError(f"no Asterisk/SIPp root folder at {self.root} (run .ci/pbx-root.sh)")
+        name = "gwpbx-" + secrets.token_hex(4)
+        self.run_dir = self.root / "run" / name
+        self.guest_dir = f"/run/{name}"
+        for sub in ("etc", "lib", "db", "spool", "run", "log", "sipp"):
+            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.ami_secret = secrets.token_hex(12)
+        self.ami_port = free_port("tcp")
+        self.sip_port = free_port("both")
+        ports = _free_udp_ports(len(self.phones) + len(self.trunks), {self.sip_port})
+        self.ports = dict(zip((*self.phones, *self.trunks), ports, strict=True))
+        self._write_config()
+        self._out = open(self.run_dir / "log" / "console.out", "wb")  # noqa: SIM115
+        # A private mount namespace: proc is mounted for Asterisk only and
+        # vanishes with it, so a crash or a kill -9 leaves no mount behind.
+        cmd = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t proc proc "$1/proc" && exec chroot "$1" asterisk -C "$2" -f',
+            "sh",
+            str(self.root),
+            f"{self.guest_dir}/etc/asterisk.conf",
+        ]
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _LIVE_PROCS.add(self._proc)
+        try:
+            self._wait_booted()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_booted(self) -> None:
+        deadline = time.monotonic() + self.boot_timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise PbxError(f"asterisk exited with {self._proc.returncode}:\n{self.log_tail()}")
+            try:
+                out = self.cli(
+                    "core waitfullybooted", timeout=max(1.0, deadline - time.monotonic())
+                )
+                if "fully booted" in out.lower():
+                    return
+                last = out
+            except PbxError as e:
+                last = str(e)
+            time.sleep(0.2)
+        raise PbxError(f"asterisk did not boot in {self.boot_timeout}s: {last}\n{self.log_tail()}")
+
+    def kill_sipps(self) -> None:
+        """Kill every SIPp process of this PBX that is still running."""
+        for sipp in list(self._sipps):
+            sipp.kill()
+        self._sipps.clear()
+
+    def stop(self) -> None:
+        """Hang up everything, stop Asterisk (gracefully, then by force), remove the run folder."""
+        self.kill_sipps()
+        proc = self._proc
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(Exception):
+                    self.cli("core stop now", timeout=5)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait(timeout=5)
+            _LIVE_PROCS.discard(proc)
+            self._proc = None
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        if self.run_dir is not None and self.run_dir.exists():
+            if os.environ.get("PBX_KEEP_RUNS"):
+                return
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # -- control ------------------------------------------------------------
+
+    def _cli_cmd(self, command: str) -> list[str]:
+        return [
+            "chroot",
+            str(self.root),
+            "asterisk",
+            "-C",
+            f"{self.guest_dir}/etc/asterisk.conf",
+            "-rx",
+            command,
+        ]
+
+    def cli(self, command: str, timeout: float = 10.0) -> str:
+        """Run one CLI command on this Asterisk (``asterisk -rx``) and return its output."""
+        if not self.guest_dir:
+            raise PbxError("not started")
+        try:
+            res = subprocess.run(
+                self._cli_cmd(command),
+                capture_output=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise PbxError(f"CLI {command!r} timed out") from e
+        out = res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
+        if res.returncode != 0 or "Unable to connect to remote asterisk" in out:
+            raise PbxError(f"CLI {command!r} failed ({res.returncode}): {out.strip()}")
+        return out
+
+    async def acli(self, command: str, seconds: float = 10.0) -> str:
+        """``cli()`` without blocking the event loop."""
+        return await asyncio.to_thread(self.cli, command, seconds)
+
+    def set_global(self, name: str, value: str) -> None:
+        """Change a dialplan global at run time (``dialplan set global``)."""
+        self.cli(f"dialplan set global {name} {value}")
+        self.globals[name] = value
+
+    def get_global(self, name: str) -> str:
+        out = self.cli("dialplan show globals")
+        m = re.search(rf"^\s*{re.escape(name)}=(.*)$", out, re.M)
+        return m.group(1).strip() if m else ""
+
+    def hangup_all(self) -> None:
+        """Hang up every channel (between tests)."""
+        self.cli("channel request hangup all")
+
+    def channels(self) -> list[str]:
+        out = self.cli("core show channels concise")
+        return [line.split("!")[0] for line in out.splitlines() if "!" in line]
+
+    def wait_no_channels(self, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.channels():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def log_text(self) -> str:
+        """Asterisk's full log of this run (notice, warning, error, verbose)."""
+        if self.run_dir is None:
+            return ""
+        p = self.run_dir / "log" / "full"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_text()
+        if self.run_dir is not None and (self.run_dir / "log" / "console.out").exists():
+            text += (self.run_dir / "log" / "console.out").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- SIPp ---------------------------------------------------------------
+
+    def sipp(self, endpoint: str, scenario: str, **kw) -> Sipp:
+        """A SIPp process acting as ``endpoint`` (a phone or trunk name) with ``scenario``."""
+        if endpoint not in self.ports:
+            raise PbxError(f"unknown endpoint {endpoint!r}; have {sorted(self.ports)}")
+        sipp = Sipp(self, endpoint, scenario, **kw)
+        self._sipps.add(sipp)
+        return sipp
+
+    def uas(
+        self,
+        endpoint: str,
+        *,
+        ring_ms: int = 0,
+        max_wait: float = 60.0,
+        answer: bool = True,
+    ) -> Sipp:
+        """A callee (trunk or phone) that rings ``ring_ms`` then answers and waits for BYE.
+
+        With ``answer=False`` it rings until the caller cancels. Call
+        ``await uas.started()`` before placing the call, ``await uas.result()``
+        after.
+        """
+        scenario = "uas_answer" if answer else "uas_ring"
+        return self.sipp(
+            endpoint,
+            scenario,
+            params={"RING_MS": max(1, int(ring_ms)), "MAX_MS": int(max_wait * 1000)},
+            timeout=max_wait + ring_ms / 1000 + 15,
+        )
+
+    async def call(
+        self,
+        endpoint: str,
+        number: str,
+        *,
+        scenario: str = "hold",
+        hold: float = 1.0,
+        cancel_after: float = 1.0,
+        max_wait: float = 60.0,
+        caller_id: str | None = None,
+    ) -> CallResult:
+        """Place one call from ``endpoint`` to ``number`` and return what the phone saw.
+
+        scenario:
+          ``hold``         answered, held ``hold`` seconds, then the phone hangs up
+                           (unless the PBX hangs up first);
+          ``until_bye``    answered and held until the PBX sends BYE (the phone
+                           gives up and hangs up itself after ``max_wait``);
+          ``expect_error`` expects a final error response (ACKs it; if the call
+                           is answered instead, hangs up at once);
+          ``cancel``       cancels ``cancel_after`` seconds after ringing starts.
+        """
+        names = {
+            "hold": "uac_hold",
+            "until_bye": "uac_until_bye",
+            "expect_error": "uac_expect_error",
+            "cancel": "uac_cancel",
+        }
+        if scenario not in names:
+            raise PbxError(f"unknown scenario {scenario!r}")
+        hold_ms = int(hold * 1000) if scenario == "hold" else int(max_wait * 1000)
+        sipp = self.sipp(
+            endpoint,
+            names[scenario],
+            params={
+                "HOLD_MS": max(1, hold_ms),
+                "CANCEL_MS": max(1, int(cancel_after * 1000)),
+                "MAX_MS": int(max_wait * 1000),
+            },
+            service=number,
+            caller_id=caller_id or endpoint,
+            timeout=max_wait + (hold if scenario == "hold" else 0) + 15,
+        )
+        return await sipp.run()
+
+    # -- configuration --------------------------------------------------------
+
+    def _mod_dir(self) -> str:
+        found = sorted(self.root.glob("usr/lib/*/asterisk/modules"))
+        if not found:
+            raise PbxError(f"no asterisk modules under {self.root}/usr/lib")
+        return "/" + str(found[0].relative_to(self.root))
+
+    def _write_config(self) -> None:
+        g = self.guest_dir
+        etc = self.run_dir / "etc"
+        files: dict[str, str] = {}
+        files["asterisk.conf"] = f"""[directories]
+astcachedir => {g}/lib/cache
+astetcdir => {g}/etc
+astmoddir => {self._mod_dir()}
+astvarlibdir => {g}/lib
+astdbdir => {g}/db
+astkeydir => {g}/lib
+astdatadir => /usr/share/asterisk
+astagidir => /usr/share/asterisk/agi-bin
+astspooldir => {g}/spool
+astrundir => {g}/run
+astlogdir => {g}/log
+astsbindir => /usr/sbin
+
+[options]
+runuser = root
+rungroup = root
+verbose = 3
+debug = 0
+nocolor = yes
+; the PBX must not wait on DNS for anything (there is none here)
+hideconnect = yes
+"""
+        files["modules.conf"] = "[modules]\nautoload = yes\n" + "".join(
+            f"noload => {m}\n" for m in self.noload
+        )
+        files["logger.conf"] = (
+            "[general]\ndateformat = %F %T.%3q\n\n"
+            "[logfiles]\nfull => notice,warning,error,verbose\n"
+        )
+        globals_text = "".join(f"{k}={v}\n" for k, v in self.globals.items())
+        files["extensions.conf"] = (
+            "[general]\nstatic = yes\nwriteprotect = yes\n\n"
+            f"[globals]\n{globals_text}\n"
+            "#include extensions_gateway.conf\n\n"
+            f"{self.extra_dialplan}\n"
+        )
+        shutil.copy(DIALPLAN_DIR / "extensions_gateway.conf", etc / "extensions_gateway.conf")
+        files["pjsip.conf"] = self._pjsip_conf()
+        read, write = _manager_perms()
+        files["manager.conf"] = f"""[general]
+enabled = yes
+port = {self.ami_port}
+bindaddr = 127.0.0.1
+displayconnects = no
+
+[{self.ami_user}]
+secret = {self.ami_secret}
+deny = 0.0.0.0/0.0.0.0
+permit = 127.0.0.1/255.255.255.255
+read = {read}
+write = {write}
+"""
+        files["cdr.conf"] = "[general]\n" + "".join(f"{k} = {v}\n" for k, v in self.cdr.items())
+        files["cdr_manager.conf"] = "[general]\nenabled = yes\n\n[mappings]\nlinkedid => LinkedID\n"
+        files["rtp.conf"] = "[general]\nrtpstart = 20000\nrtpend = 30000\n"
+        # Empty files for modules that would otherwise read the root's samples.
+        for empty in ("http.conf", "ari.conf", "acl.conf", "udptl.conf", "features.conf"):
+            files.setdefault(empty, "")
+        files.update(self.extra_config)
+        for name, text in files.items():
+            (etc / name).write_text(text)
+
+    def _pjsip_conf(self) -> str:
+        common = (
+            "type=endpoint\ndisallow=all\nallow=ulaw\n"
+            # native RTP bridging re-INVITEs both legs; SIPp scenarios don't expect that
+            "direct_media=no\n"
+            # without these, Asterisk resolves a host name for every stream and
+            # stalls for seconds with no DNS
+            "media_address=127.0.0.1\nbind_rtp_to_media_address=yes\n"
+            "rtp_symmetric=yes\n"
+        )
+        out = [
+            "[global]\ntype=global\nendpoint_identifier_order=ip\nuser_agent=gateway-test-pbx\n",
+            f"[transport-udp]\ntype=transport\nprotocol=udp\nbind=127.0.0.1:{self.sip_port}\n",
+        ]
+        for name, port in self.ports.items():
+            context = self.contexts.get(
+                name, "gateway-outbound" if name in self.phones else "gateway-inbound"
+            )
+            out.append(f"[{name}]\n{common}context={context}\naors={name}\n")
+            out.append(f"[{name}]\ntype=aor\ncontact=sip:{name}@127.0.0.1:{port}\n")
+            out.append(f"[{name}-id]\ntype=identify\nendpoint={name}\nmatch=127.0.0.1:{port}\n")
+        return "\n".join(out)
+
+
+def _manager_perms() -> tuple[str, str]:
+    """The read/write permissions of the shipped least-privilege AMI user."""
+    text = (DIALPLAN_DIR / "manager.conf.example").read_text()
+    section = text.split("[gateway]", 1)[1]
+    read = re.search(r"^\s*read\s*=\s*(\S+)", section, re.M)
+    write = re.search(r"^\s*write\s*=\s*(\S+)", section, re.M)
+    if not read or not write:
+        raise PbxError("dialplan/manager.conf.example has no read/write for [gateway]")
+    return read.group(1), write.group(1)
+
+
+# ----------------------------------------------------------------------------
+# SIPp
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class SipMessage:
+    at: float  # wall clock, seconds since the epoch
+    direction: str  # "sent" | "received"
+    first_line: str
+    text: str
+
+    @property
+    def is_response(self) -> bool:
+        return self.first_line.startswith("SIP/2.0 ")
+
+    @property
+    def code(self) -> int | None:
+        return int(self.first_line.split()[1]) if self.is_response else None
+
+    @property
+    def method(self) -> str:
+        """Request method, or the CSeq method of a response."""
+        if not self.is_response:
+            return self.first_line.split()[0]
+        m = re.search(r"^CSeq:\s*\d+\s+(\S+)", self.text, re.M | re.I)
+        return m.group(1) if m else ""
+
+    def header(self, name: str) -> str | None:
+        m = re.search(rf"^{re.escape(name)}:\s*(.*?)\s*$", self.text, re.M | re.I)
+        return m.group(1) if m else None
+
+
+@dataclass
+class CallResult:
+    """What one SIPp phone saw during one call."""
+
+    endpoint: str
+    scenario: str
+    returncode: int | None
+    messages: list[SipMessage] = field(default_factory=list)
+    stderr: str = ""
+    errors: str = ""
+
+    # -- INVITE transaction ---------------------------------------------------
+    def _invite_responses(self) -> list[SipMessage]:
+        return [m for m in self.messages if m.is_response and m.method == "INVITE"]
+
+    @property
+    def invited(self) -> bool:
+        """A UAS received an INVITE (the phone rang)."""
+        return any(m.first_line.startswith("INVITE ") for m in self.messages)
+
+    @property
+    def invite(self) -> SipMessage | None:
+        return next((m for m in self.messages if m.first_line.startswith("INVITE ")), None)
+
+    @property
+    def provisional_codes(self) -> list[int]:
+        return [m.code for m in self._invite_responses() if m.code < 200]
+
+    @property
+    def final_code(self) -> int | None:
+        """The final response to the INVITE (sent or received, whichever side this is)."""
+        finals = [m for m in self._invite_responses() if m.code >= 200]
+        return finals[0].code if finals else None
+
+    @property
+    def final_response(self) -> SipMessage | None:
+        finals = [m for m in self._invite_responses() if m.code >= 200]
+        return finals[0] if finals else None
+
+    @property
+    def answered_at(self) -> float | None:
+        """When the 200 OK to the INVITE was received (UAC) or sent (UAS)."""
+        for m in self._invite_responses():
+            if m.code == 200:
+                return m.at
+        return None
+
+    @property
+    def bye(self) -> SipMessage | None:
+        return next((m for m in self.messages if m.first_line.startswith("BYE ")), None)
+
+    @property
+    def bye_at(self) -> float | None:
+        b = self.bye
+        return b.at if b else None
+
+    @property
+    def bye_from(self) -> str | None:
+        """ "pbx" if the PBX sent the BYE, "phone" if this phone did."""
+        b = self.bye
+        if b is None:
+            return None
+        return "pbx" if b.direction == "received" else "phone"
+
+    @property
+    def talk(self) -> float | None:
+        """Seconds from the 200 OK to the BYE, as this phone saw them."""
+        if self.answered_at is None or self.bye_at is None:
+            return None
+        return self.bye_at - self.answered_at
+
+    @property
+    def cancelled(self) -> bool:
+        return any(m.first_line.startswith("CANCEL ") for m in self.messages)
+
+    def summary(self) -> str:
+        lines = [f"{self.endpoint} {self.scenario} rc={self.returncode}"]
+        t0 = self.messages[0].at if self.messages else 0.0
+        for m in self.messages:
+            arrow = "->" if m.direction == "sent" else "<-"
+            lines.append(f"  {m.at - t0:8.3f} {arrow} {m.first_line}")
+        if self.errors.strip():
+            lines.append("  errors: " + self.errors.strip()[-800:])
+        if self.stderr.strip():
+            lines.append("  stderr: " + self.stderr.strip()[-800:])
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+# SIPp 3.8 writes "----- 2026-11-27T03:47:09.159932Z"; older ones "----- 2024-01-01\t12:00:00.123456".
+_SEPARATOR = re.compile(r"^-{20,} (\S+?)(?:[ \t]+(\d{2}:\d{2}:\d{2}(?:\.\d+)?))?[ \t]*$", re.M)
+_DIRECTION = re.compile(r"^\S+ message (sent|received)\b.*$", re.M)
+
+
+def parse_message_trace(text: str) -> list[SipMessage]:
+    """Parse a SIPp ``-trace_msg`` file into timestamped messages."""
+    out: list[SipMessage] = []
+    marks = list(_SEPARATOR.finditer(text))
+    for i, mark in enumerate(marks):
+        body = text[mark.end() : marks[i + 1].start() if i + 1 < len(marks) else len(text)]
+        d = _DIRECTION.search(body)
+        if not d:
+            continue
+        msg = body[d.end() :].strip("\r\n")
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+        if not lines:
+            continue
+        try:
+            stamp = _parse_stamp(mark.group(1), mark.group(2))
+        except ValueError:
+            continue
+        out.append(
+            SipMessage(
+                at=stamp.timestamp(),
+                direction=d.group(1),
+                first_line=lines[0],
+                text="\n".join(lines),
+            )
+        )
+    return out
+
+
+def _parse_stamp(first: str, second: str | None) -> _dt.datetime:
+    if second:  # local time, "YYYY-MM-DD HH:MM:SS.ffffff"
+        return _dt.datetime.strptime(f"{first} {second}", "%Y-%m-%d %H:%M:%S.%f")
+    stamp = _dt.datetime.fromisoformat(first.replace("Z", "+00:00"))
+    return stamp if stamp.tzinfo else stamp.astimezone()
+
+
+class Sipp:
+    """One SIPp process for one call, run inside the root with ``chroot``.
+
+    Use ``run()`` for a UAC (start and wait), or ``start()``/``started()``
+    then ``result()`` for a UAS that must be listening before the call.
+    """
+
+    def __init__(
+        self,
+        pbx: Pbx,
+        endpoint: str,
+        scenario: str,
+        *,
+        params: Mapping[str, int | str] | None = None,
+        service: str = "s",
+        caller_id: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.pbx = pbx
+        self.endpoint = endpoint
+        self.scenario = scenario
+        self.params = dict(params or {})
+        self.service = service
+        self.caller_id = caller_id or endpoint
+        self.timeout = timeout
+        self.port = pbx.ports[endpoint]
+        self.proc: asyncio.subprocess.Process | None = None
+        tag = f"{scenario}-{endpoint}-{secrets.token_hex(3)}"
+        self.host_dir = pbx.run_dir / "sipp" / tag
+        self.guest_dir = f"{pbx.guest_dir}/sipp/{tag}"
+        self._result: CallResult | None = None
+        self._ready = asyncio.Event() if _has_loop() else None
+
+    def _write_scenario(self) -> str:
+        text = (SCENARIO_DIR / f"{self.scenario}.xml").read_text()
+        for key, value in self.params.items():
+            text = text.replace(f"@@{key}@@", str(value))
+        if "@@" in text:
+            left = sorted(set(re.findall(r"@@(\w+)@@", text)))
+            raise PbxError(f"scenario {self.scenario}: no value for {left}")
+        self.host_dir.mkdir(parents=True, exist_ok=True)
+        (self.host_dir / "scenario.xml").write_text(text)
+        return f"{self.guest_dir}/scenario.xml"
+
+    def command(self) -> list[str]:
+        scen = self._write_scenario()
+        g = self.guest_dir
+        pbx = self.pbx
+        # SIPp's own ports: control socket and media ports must not collide with
+        # other SIPp processes running at the same time.
+        cp = free_port("udp")
+        mp = free_port("both")
+        return [
+            "chroot",
+            str(pbx.root),
+            "sipp",
+            f"127.0.0.1:{pbx.sip_port}",
+            "-sf",
+            scen,
+            "-i",
+            "127.0.0.1",
+            "-mi",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-cp",
+            str(cp),
+            "-mp",
+            str(mp),
+            "-t",
+            "u1",
+            "-m",
+            "1",
+            "-l",
+            "1",
+            "-s",
+            self.service,
+            "-key",
+            "caller",
+            self.caller_id,
+            "-nostdin",
+            "-timeout",
+            f"{int(self.timeout)}s",
+            "-trace_msg",
+            "-message_file",
+            f"{g}/messages.log",
+            "-trace_err",
+            "-error_file",
+            f"{g}/errors.log",
+        ]
+
+    def _open_stdout(self):
+        return open(self.host_dir / "stdout.log", "wb")  # noqa: SIM115
+
+    async def start(self) -> Sipp:
+        if self.proc is not None:
+            return self
+        cmd = self.command()
+        self._stdout = self._open_stdout()
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=self._stdout,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        _LIVE_PROCS.add(self.proc)
+        return self
+
+    async def started(self, seconds: float = 10.0) -> Sipp:
+        """Start, and return once SIPp listens on its port (a UAS must before the call)."""
+        await self.start()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                raise PbxError(f"sipp {self.scenario} exited early:\n{await self.result()}")
+            if _udp_port_bound(self.port):
+                return self
+            await asyncio.sleep(0.02)
+        raise PbxError(f"sipp {self.scenario} did not bind 127.0.0.1:{self.port}")
+
+    async def result(self, within: float | None = None) -> CallResult:
+        """Wait for SIPp to finish and parse what it saw.
+
+        Bounded by the run's own timeout, or by ``within`` seconds, after which
+        SIPp is killed and the result holds what it saw so far (e.g. a callee
+        that must NOT have been called: ``await uas.result(within=0.5)``).
+        """
+        if self._result is not None:
+            return self._result
+        if self.proc is None:
+            await self.start()
+        stderr = b""
+        try:
+            _, stderr = await asyncio.wait_for(
+                self.proc.communicate(), self.timeout + 10 if within is None else within
+            )
+        except TimeoutError:
+            self.kill()
+            with contextlib.suppress(Exception):
+                _, stderr = await asyncio.wait_for(self.proc.communicate(), 5)
+        finally:
+            _LIVE_PROCS.discard(self.proc)
+            self.pbx._sipps.discard(self)
+            with contextlib.suppress(Exception):
+                self._stdout.close()
+        msgs_path = self.host_dir / "messages.log"
+        err_path = self.host_dir / "errors.log"
+        self._result = CallResult(
+            endpoint=self.endpoint,
+            scenario=self.scenario,
+            returncode=self.proc.returncode,
+            messages=parse_message_trace(msgs_path.read_text(errors="replace"))
+            if msgs_path.exists()
+            else [],
+            stderr=(stderr or b"").decode(errors="replace"),
+            errors=err_path.read_text(errors="replace") if err_path.exists() else "",
+        )
+        return self._result
+
+    async def run(self) -> CallResult:
+        await self.start()
+        return await self.result()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    async def __aenter__(self) -> Sipp:
+        return await self.started()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            self.kill()
+        await self.result()
+
+
+def _has_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _udp_port_bound(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False

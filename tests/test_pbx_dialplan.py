@@ -1,0 +1,917 @@
+"""The shipped dialplan (dialplan/extensions_gateway.conf) on a real Asterisk 22.
+
+Every test places real SIP calls with SIPp phones and checks what the phone
+saw. The gateway is played by ``FakeGateway``, a tiny FastAGI responder defined
+here (the real gateway is tested elsewhere); AMI is spoken over a raw asyncio
+connection (``Ami``) logged in with the least-privilege permissions of
+dialplan/manager.conf.example.
+
+Results feed docs/dialplan.md (cause -> SIP table, talk-time source, which
+asterisk-notes facts held).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.pbx.fixtures import make_pbx, pbx_root  # noqa: F401  (fixtures)
+from tests.pbx.harness import DIALPLAN_DIR, CallResult, Pbx, free_port
+
+pytestmark = [pytest.mark.pbx, pytest.mark.timeout(180)]
+
+NUMBER = "15551234567"  # what the phones dial (the gateway would normalise it)
+
+#: The recommended reason -> Q.850 cause table (docs/dialplan.md), with the SIP
+#: final response each cause produced on the real PBX.
+REASON_CAUSE_SIP = {
+    "UNKNOWN_CALLER": (21, 403),
+    "NO_LICENSE": (50, 603),
+    "INVALID_NUMBER": (28, 484),
+    "BLOCKED_DESTINATION": (21, 403),
+    "NO_BALANCE": (31, 480),
+    "NO_RATE": (3, 404),
+    "UNKNOWN_NUMBER": (1, 404),
+}
+
+
+# ---------------------------------------------------------------------------
+# A tiny FastAGI responder
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class AgiRequest:
+    env: dict[str, str]
+    received_at: float
+    #: commands this session sent and the replies it got
+    dialogue: list[tuple[str, str]] = field(default_factory=list)
+    #: unsolicited lines (Asterisk's "HANGUP")
+    unsolicited: list[str] = field(default_factory=list)
+
+    @property
+    def script(self) -> str:
+        return self.env.get("agi_network_script", "")
+
+    @property
+    def args(self) -> list[str]:
+        out, i = [], 1
+        while f"agi_arg_{i}" in self.env:
+            out.append(self.env[f"agi_arg_{i}"])
+            i += 1
+        return out
+
+
+class AgiSession:
+    """One FastAGI connection, seen from the server side."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: AgiRequest):
+        self.reader, self.writer, self.req = reader, writer, req
+
+    async def read_line(self, seconds: float = 10.0) -> str:
+        line = await asyncio.wait_for(self.reader.readline(), seconds)
+        if not line:
+            raise ConnectionError("Asterisk closed the AGI connection")
+        return line.decode().rstrip("\r\n")
+
+    async def command(self, line: str, seconds: float = 10.0) -> str:
+        """Send one command, return its reply (a multi-line 520 reply joined by newlines)."""
+        self.writer.write(line.encode() + b"\n")
+        await self.writer.drain()
+        reply = await self.read_line(seconds)
+        while reply == "HANGUP":  # unsolicited: the channel hung up meanwhile
+            self.req.unsolicited.append(reply)
+            reply = await self.read_line(seconds)
+        if reply.startswith("520-"):
+            lines = [reply]
+            while not lines[-1].startswith("520 "):
+                lines.append(await self.read_line(seconds))
+            reply = "\n".join(lines)
+        self.req.dialogue.append((line, reply))
+        return reply
+
+    async def set(self, **variables: object) -> None:
+        for name, value in variables.items():
+            reply = await self.command(f'SET VARIABLE {name} "{value}"')
+            assert reply.startswith("200 result=1"), reply
+
+
+Handler = Callable[[AgiRequest, AgiSession], Awaitable[None]]
+
+
+class FakeGateway:
+    """asyncio FastAGI server on 127.0.0.1:<free port>; ``handler`` decides per test."""
+
+    def __init__(self) -> None:
+        self.requests: list[AgiRequest] = []
+        self.errors: list[BaseException] = []
+        self.handler: Handler | None = None
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._changed = asyncio.Condition()
+
+    async def start(self) -> FakeGateway:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def reset(self, handler: Handler | None = None) -> None:
+        self.requests.clear()
+        self.errors.clear()
+        self.handler = handler
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            env: dict[str, str] = {}
+            while True:
+                line = await asyncio.wait_for(reader.readline(), 5)
+                if line in (b"", b"\n", b"\r\n"):
+                    break
+                key, _, value = line.decode().rstrip("\r\n").partition(": ")
+                env[key] = value
+            req = AgiRequest(env, time.time())
+            self.requests.append(req)
+            async with self._changed:
+                self._changed.notify_all()
+            if self.handler is not None:
+                await self.handler(req, AgiSession(reader, writer, req))
+        except Exception as e:  # recorded; tests assert there were none
+            self.errors.append(e)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            async with self._changed:
+                self._changed.notify_all()
+
+    def of(self, script: str) -> list[AgiRequest]:
+        return [r for r in self.requests if r.script == script]
+
+    async def wait_for(self, script: str, count: int = 1, seconds: float = 15.0) -> AgiRequest:
+        async def ready() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: len(self.of(script)) >= count)
+
+        await asyncio.wait_for(ready(), seconds)
+        return self.of(script)[count - 1]
+
+
+def decide(**variables: object) -> Handler:
+    """A handler answering outbound/inbound requests with these variables."""
+
+    async def handler(req: AgiRequest, agi: AgiSession) -> None:
+        if req.script in ("outbound", "inbound"):
+            await agi.set(**variables)
+
+    return handler
+
+
+def allow(route: str = "pstn", call_id: str = "call-1", **more: object) -> Handler:
+    values = {"GW_DECISION": "ALLOW", "GW_REASON": "FUNDED", "GW_CALL_ID": call_id}
+    values |= {"GW_ROUTE": route, "GW_NUMBER": NUMBER} | more
+    return decide(**values)
+
+
+# ---------------------------------------------------------------------------
+# A raw asyncio AMI client
+# ---------------------------------------------------------------------------
+
+
+class Ami:
+    def __init__(self) -> None:
+        self.banner = ""
+        self.events: list[dict[str, str]] = []
+        self._pending: dict[str, asyncio.Future] = {}
+        self._lists: dict[str, list[dict[str, str]]] = {}
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._next = 0
+
+    async def connect(self, pbx: Pbx) -> Ami:
+        reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(pbx.ami_host, pbx.ami_port), 5
+        )
+        self.banner = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+        self._task = asyncio.create_task(self._read(reader))
+        resp = await self.action("Login", Username=pbx.ami_user, Secret=pbx.ami_secret)
+        assert resp.get("Response") == "Success", resp
+        return self
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.action("Logoff"), 2)
+            self._writer.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        msg: dict[str, str] = {}
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip("\r\n")
+            if text:
+                key, _, value = text.partition(": ")
+                msg.setdefault(key, value)
+                continue
+            if not msg:
+                continue
+            action_id = msg.get("ActionID", "")
+            if "Response" in msg and action_id in self._pending:
+                self._pending.pop(action_id).set_result(msg)
+            elif "Event" in msg:
+                if action_id in self._lists:
+                    self._lists[action_id].append(msg)
+                async with self._changed:
+                    self.events.append(msg)
+                    self._changed.notify_all()
+            msg = {}
+
+    async def action(self, name: str, seconds: float = 5.0, **fields: str) -> dict[str, str]:
+        self._next += 1
+        action_id = f"t{self._next}"
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[action_id] = fut
+        text = f"Action: {name}\r\nActionID: {action_id}\r\n"
+        text += "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
+        self._writer.write(text.encode())
+        await self._writer.drain()
+        return await asyncio.wait_for(fut, seconds)
+
+    async def action_list(self, name: str, complete: str, **fields: str) -> list[dict[str, str]]:
+        """An action answered by a list of events ending with ``complete``."""
+        action_id = f"t{self._next + 1}"
+        self._lists[action_id] = []
+        resp = await self.action(name, **fields)
+        assert resp.get("Response") == "Success", resp
+        await self.wait_event(
+            lambda e: e.get("Event") == complete and e.get("ActionID") == action_id
+        )
+        return [e for e in self._lists.pop(action_id) if e.get("Event") != complete]
+
+    async def wait_event(
+        self, pred: Callable[[dict[str, str]], bool], seconds: float = 15.0
+    ) -> dict[str, str]:
+        async def find() -> dict[str, str]:
+            async with self._changed:
+                await self._changed.wait_for(lambda: any(pred(e) for e in self.events))
+                return next(e for e in self.events if pred(e))
+
+        return await asyncio.wait_for(find(), seconds)
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def gw():
+    server = await FakeGateway().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture(scope="module")
+def shared_pbx(pbx_root, gw):  # noqa: F811
+    """One PBX for most tests (boots in about a second); each test resets it."""
+    pbx = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{gw.port}")
+    pbx.start()
+    yield pbx
+    pbx.stop()
+
+
+@pytest.fixture
+async def pbx(shared_pbx: Pbx, gw: FakeGateway):
+    gw.reset()
+    globals_before = dict(shared_pbx.globals)
+    yield shared_pbx
+    # Leave no call or phone behind for the next test, and undo global changes.
+    shared_pbx.kill_sipps()
+    await shared_pbx.acli("channel request hangup all")
+    await asyncio.to_thread(shared_pbx.wait_no_channels, 10)
+    for name, value in globals_before.items():
+        if shared_pbx.globals.get(name) != value:
+            await asyncio.to_thread(shared_pbx.set_global, name, value)
+    assert not gw.errors, f"the fake gateway failed: {gw.errors!r}"
+
+
+@pytest.fixture
+async def ami(pbx: Pbx):
+    client = await Ami().connect(pbx)
+    yield client
+    await client.close()
+
+
+def explain(*results: CallResult) -> str:
+    return "\n".join(r.summary() for r in results)
+
+
+async def callee(pbx: Pbx, endpoint: str = "carrier", **kw):
+    return await pbx.uas(endpoint, **kw).started()
+
+
+# ---------------------------------------------------------------------------
+# Outbound: funded calls and their deadline
+# ---------------------------------------------------------------------------
+
+
+async def test_funded_call_is_cut_five_seconds_after_answer_despite_ringing(pbx, gw):
+    gw.handler = allow("pstn", GW_FUNDED=5)
+    uas = await callee(pbx, ring_ms=2000)
+    phone = await pbx.call("alice", NUMBER, scenario="until_bye", max_wait=30)
+    trunk = await uas.result()
+    why = explain(phone, trunk)
+    assert phone.final_code == 200, why
+    assert trunk.invite.first_line.startswith(f"INVITE sip:{NUMBER}@"), why
+    assert phone.bye_from == "pbx" and trunk.bye_from == "pbx", why
+    # 2 s of ringing are not counted: the deadline runs from answer.
+    assert phone.answered_at - phone.messages[0].at >= 1.9, why
+    assert 4.0 <= phone.talk <= 6.0, why
+    assert abs(trunk.talk - 5.0) < 0.3, why
+
+
+async def test_fractional_funding_becomes_milliseconds(pbx, gw):
+    gw.handler = allow("pstn", GW_FUNDED="2.5")
+    uas = await callee(pbx)
+    phone = await pbx.call("alice", NUMBER, scenario="until_bye", max_wait=20)
+    trunk = await uas.result()
+    assert phone.bye_from == "pbx", explain(phone, trunk)
+    assert abs(trunk.talk - 2.5) < 0.3, explain(phone, trunk)
+
+
+@pytest.mark.parametrize("funded", ["", "0"])
+async def test_unfunded_or_zero_means_no_limit(pbx, gw, funded):
+    gw.handler = allow("pstn", GW_FUNDED=funded)
+    uas = await callee(pbx)
+    phone = await pbx.call("alice", NUMBER, scenario="hold", hold=3)
+    trunk = await uas.result()
+    assert phone.final_code == 200 and phone.bye_from == "phone", explain(phone, trunk)
+    assert "L(" not in _dial_data(pbx), _dial_data(pbx)
+
+
+def _dial_data(pbx: Pbx) -> str:
+    lines = [ln for ln in pbx.log_text().splitlines() if "Dial(" in ln]
+    return lines[-1] if lines else ""
+
+
+async def test_ami_setvar_timeout_on_callee_moves_the_deadline(pbx, gw, ami):
+    gw.handler = allow("pstn", GW_FUNDED=3)
+    uas = await callee(pbx, ring_ms=500)
+    call = asyncio.create_task(pbx.call("alice", NUMBER, scenario="until_bye", max_wait=30))
+    dial_end = await ami.wait_event(
+        lambda e: (
+            e.get("Event") == "DialEnd"
+            and e.get("DialStatus") == "ANSWER"
+            and e.get("Channel", "").startswith("PJSIP/alice-")
+        )
+    )
+    assert dial_end["DestChannel"].startswith("PJSIP/carrier-"), dial_end
+    await asyncio.sleep(1.0)
+    # A fractional value: 6.5 s from now, i.e. ~7.5 s after answer instead of 3.
+    set_at = time.time()
+    resp = await ami.action(
+        "Setvar", Channel=dial_end["DestChannel"], Variable="TIMEOUT(absolute)", Value="6.5"
+    )
+    assert resp["Response"] == "Success", resp
+    phone = await call
+    trunk = await uas.result()
+    why = explain(phone, trunk)
+    assert phone.bye_from == "pbx", why
+    # Cut 6.5 s after the Setvar arrived (fractions honoured: not 6 or 7).
+    assert abs(phone.bye_at - (set_at + 6.5)) < 0.3, why
+    assert 7.0 < trunk.talk < 8.0, why
+
+
+async def test_timeout_set_on_the_caller_channel_also_ends_the_call(pbx, gw, ami):
+    """The caller's own TIMEOUT(absolute) is independent of L(): whichever comes first."""
+    gw.handler = allow("pstn", GW_FUNDED=10)
+    uas = await callee(pbx)
+    call = asyncio.create_task(pbx.call("alice", NUMBER, scenario="until_bye", max_wait=30))
+    dial_end = await ami.wait_event(
+        lambda e: e.get("Event") == "DialEnd" and e.get("DialStatus") == "ANSWER"
+    )
+    set_at = time.time()
+    resp = await ami.action(
+        "Setvar", Channel=dial_end["Channel"], Variable="TIMEOUT(absolute)", Value="2"
+    )
+    assert resp["Response"] == "Success", resp
+    phone = await call
+    await uas.result()
+    assert phone.bye_from == "pbx" and abs(phone.bye_at - (set_at + 2)) < 0.3, explain(phone)
+
+
+async def test_limit_with_warning_is_fixed_at_bridge_time(make_pbx, gw):  # noqa: F811
+    """[source] fact: with a warning in L() the deadline is a bridge hook, not the callee's
+    TIMEOUT(absolute), so moving TIMEOUT(absolute) on the callee does not extend it."""
+    gw.reset()
+    pbx = make_pbx(
+        gw_agi=f"127.0.0.1:{gw.port}",
+        contexts={"dave": "test-limit-warning"},
+        extra_dialplan=(
+            "[test-limit-warning]\n"
+            "exten => _X.,1,Dial(PJSIP/${EXTEN}@carrier,,L(4000:2000))\n"
+            " same => n,Hangup()\n"
+        ),
+    )
+    ami = await Ami().connect(pbx)
+    try:
+        uas = await callee(pbx)
+        call = asyncio.create_task(pbx.call("dave", NUMBER, scenario="until_bye", max_wait=30))
+        dial_end = await ami.wait_event(
+            lambda e: e.get("Event") == "DialEnd" and e.get("DialStatus") == "ANSWER"
+        )
+        resp = await ami.action(
+            "Setvar", Channel=dial_end["DestChannel"], Variable="TIMEOUT(absolute)", Value="10"
+        )
+        assert resp["Response"] == "Success", resp
+        phone = await call
+        trunk = await uas.result()
+        assert phone.bye_from == "pbx", explain(phone, trunk)
+        assert abs(trunk.talk - 4.0) < 0.4, explain(phone, trunk)
+    finally:
+        await ami.close()
+
+
+# ---------------------------------------------------------------------------
+# The hangup handler
+# ---------------------------------------------------------------------------
+
+
+async def test_hangup_handler_reports_call_id_and_talk_time(pbx, gw):
+    gw.handler = allow("pstn", call_id="call-hh-1")
+    uas = await callee(pbx, ring_ms=1000)
+    phone = await pbx.call("alice", NUMBER, scenario="hold", hold=3.3)
+    trunk = await uas.result()
+    report = await gw.wait_for("hangup")
+    call_id, talk_ms, dial_status, billsec = report.args
+    assert call_id == "call-hh-1"
+    assert dial_status == "ANSWER"
+    # Ringing (1 s) is not talk time; the PBX's figure is within 50 ms of the phone's.
+    assert abs(int(talk_ms) / 1000 - phone.talk) < 0.05, (talk_ms, explain(phone, trunk))
+    assert billsec == "3"  # CDR(billsec): whole seconds, truncated
+    # The report comes from the caller channel that asked for the decision.
+    assert report.env["agi_uniqueid"] == gw.of("outbound")[0].env["agi_uniqueid"]
+
+
+async def test_hangup_handler_after_a_deadline_cut(pbx, gw):
+    gw.handler = allow("pstn", call_id="call-hh-2", GW_FUNDED=2)
+    uas = await callee(pbx, ring_ms=1500)
+    phone = await pbx.call("alice", NUMBER, scenario="until_bye", max_wait=20)
+    await uas.result()
+    report = await gw.wait_for("hangup")
+    assert report.args[0] == "call-hh-2" and report.args[2] == "ANSWER"
+    assert abs(int(report.args[1]) - 2000) < 100, report.args
+    assert abs(int(report.args[1]) / 1000 - phone.talk) < 0.05, (report.args, explain(phone))
+
+
+async def test_hangup_handler_for_a_call_cancelled_while_ringing(pbx, gw):
+    gw.handler = allow("pstn", call_id="call-hh-3")
+    uas = await callee(pbx, answer=False)
+    phone = await pbx.call("alice", NUMBER, scenario="cancel", cancel_after=1)
+    trunk = await uas.result()
+    assert phone.final_code == 487 and trunk.final_code == 487, explain(phone, trunk)
+    report = await gw.wait_for("hangup")
+    assert report.args == ["call-hh-3", "0", "CANCEL", "0"]
+
+
+async def test_no_hangup_report_without_a_call_id(pbx, gw):
+    gw.handler = decide(GW_DECISION="ALLOW", GW_ROUTE="pstn", GW_NUMBER=NUMBER)
+    uas = await callee(pbx)
+    phone = await pbx.call("alice", NUMBER, scenario="hold", hold=1)
+    await uas.result()
+    assert phone.final_code == 200
+    await asyncio.sleep(0.5)
+    assert gw.of("hangup") == []
+
+
+# ---------------------------------------------------------------------------
+# REJECT: cause -> SIP response, default deny, fail policy
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason", sorted(REASON_CAUSE_SIP))
+async def test_reject_reason_gives_the_documented_sip_response(pbx, gw, reason):
+    cause, sip = REASON_CAUSE_SIP[reason]
+    gw.handler = decide(GW_DECISION="REJECT", GW_REASON=reason, GW_CAUSE=cause)
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    assert phone.final_code == sip, explain(phone)
+    # The Q.850 cause travels to the phone too (res_pjsip_rfc3326).
+    assert phone.final_response.header("Reason") == f"Q.850;cause={cause}", explain(phone)
+
+
+@pytest.mark.parametrize(
+    ("cause", "sip"),
+    [(1, 404), (3, 404), (17, 486), (18, 408), (19, 480), (21, 403), (22, 410), (28, 484),
+     (29, 501), (31, 480), (34, 503), (38, 500), (42, 503), (50, 603), (57, 603), (58, 488),
+     (16, 603), (127, 500)],
+)  # fmt: skip
+async def test_cause_to_sip_mapping(pbx, gw, cause, sip):
+    gw.handler = decide(GW_DECISION="REJECT", GW_REASON="X", GW_CAUSE=cause)
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    assert phone.final_code == sip, explain(phone)
+
+
+@pytest.mark.parametrize("cause", ["", "abc", "21;x"])
+async def test_reject_without_a_usable_cause_is_403(pbx, gw, cause):
+    gw.handler = decide(GW_DECISION="REJECT", GW_REASON="X", GW_CAUSE=cause)
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    assert phone.final_code == 403, explain(phone)
+
+
+async def test_reject_produces_no_call_to_any_trunk(pbx, gw):
+    gw.handler = decide(GW_DECISION="REJECT", GW_REASON="NO_BALANCE", GW_CAUSE=31)
+    uas = await callee(pbx)
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    trunk = await uas.result(within=0.5)
+    assert phone.final_code == 480 and not trunk.invited, explain(phone, trunk)
+
+
+async def test_gateway_closing_without_a_decision_is_denied(pbx, gw):
+    async def silent(req: AgiRequest, agi: AgiSession) -> None:
+        return None  # read the environment, close the socket
+
+    gw.handler = silent
+    uas = await callee(pbx)
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    trunk = await uas.result(within=0.5)
+    assert phone.final_code == 503 and not trunk.invited, explain(phone, trunk)
+    # [source] fact: an early close still counts as AGISTATUS=SUCCESS.
+    assert "AGISTATUS=SUCCESS decision= " in pbx.log_text()
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"GW_DECISION": "allow", "GW_ROUTE": "pstn", "GW_NUMBER": NUMBER},
+        {"GW_DECISION": "ALLOW ", "GW_ROUTE": "pstn", "GW_NUMBER": NUMBER},
+        {"GW_DECISION": "MAYBE"},
+        {"GW_DECISION": "ALLOW", "GW_ROUTE": "moon", "GW_NUMBER": NUMBER},
+        {"GW_DECISION": "ALLOW", "GW_ROUTE": "pstn", "GW_NUMBER": ""},
+        {"GW_DECISION": "ALLOW", "GW_ROUTE": "pstn", "GW_NUMBER": "1555&PJSIP/bob"},
+        {"GW_DECISION": "ALLOW", "GW_ROUTE": "internal", "GW_TARGET": "bob&PJSIP/carol"},
+        {"GW_DECISION": "ALLOW", "GW_ROUTE": "pstn", "GW_NUMBER": NUMBER, "GW_FUNDED": "ten"},
+    ],
+    ids=["lowercase", "trailing-space", "unknown", "bad-route", "no-number",
+         "number-injection", "target-injection", "bad-funded"],
+)  # fmt: skip
+async def test_anything_but_a_clean_decision_is_denied(pbx, gw, variables):
+    gw.handler = decide(**variables)
+    uas = await callee(pbx)
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    trunk = await uas.result(within=0.5)
+    assert phone.final_code == 503 and not trunk.invited, explain(phone, trunk)
+
+
+async def test_gateway_down_fail_closed_gives_503(pbx, gw):
+    pbx.set_global("GW_AGI", f"127.0.0.1:{free_port()}")  # nobody listens there
+    uas = await callee(pbx)
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    trunk = await uas.result(within=0.5)
+    assert phone.final_code == 503 and not trunk.invited, explain(phone, trunk)
+    assert "AGISTATUS=FAILURE" in pbx.log_text()
+    assert gw.requests == []
+
+
+async def test_gateway_down_fail_open_connects_unlimited(make_pbx):  # noqa: F811
+    # Built with the policy (not set at run time) to show constructor overrides.
+    pbx = make_pbx(gw_agi=f"127.0.0.1:{free_port()}", fail_policy="open")
+    uas = await callee(pbx)
+    phone = await pbx.call("alice", "+" + NUMBER, scenario="hold", hold=2)
+    trunk = await uas.result()
+    assert phone.final_code == 200 and phone.bye_from == "phone", explain(phone, trunk)
+    # The '+' is dropped; the call goes to the PSTN trunk as dialled.
+    assert trunk.invite.first_line.startswith(f"INVITE sip:{NUMBER}@"), explain(trunk)
+
+
+async def test_unknown_fail_policy_value_fails_closed(pbx, gw):
+    pbx.set_global("GW_AGI", f"127.0.0.1:{free_port()}")
+    pbx.set_global("GW_FAIL_POLICY", "opne")
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    assert phone.final_code == 503, explain(phone)
+
+
+# ---------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("number", ["911", "112"])
+async def test_emergency_number_dials_with_the_gateway_down(pbx, gw, number):
+    pbx.set_global("GW_AGI", f"127.0.0.1:{free_port()}")
+    uas = await callee(pbx, "emergency")
+    phone = await pbx.call("alice", number, scenario="hold", hold=2)
+    trunk = await uas.result()
+    assert phone.final_code == 200 and phone.bye_from == "phone", explain(phone, trunk)
+    assert trunk.invite.first_line.startswith(f"INVITE sip:{number}@"), explain(trunk)
+    assert "AGISTATUS" not in pbx.log_text().split(f"gateway outbound {number}")[-1]
+
+
+async def test_emergency_numbers_are_configurable(pbx, gw):
+    pbx.set_global("GW_EMERGENCY_NUMBERS", "911,0118")
+    pbx.set_global("GW_AGI", f"127.0.0.1:{free_port()}")
+    uas = await callee(pbx, "emergency")
+    phone = await pbx.call("alice", "0118", scenario="hold", hold=1)
+    await uas.result()
+    assert phone.final_code == 200, explain(phone)
+    # ... and 112 is no longer one: with the gateway down it fails closed.
+    phone = await pbx.call("alice", "112", scenario="expect_error", max_wait=10)
+    assert phone.final_code == 503, explain(phone)
+
+
+async def test_internal_route_rings_the_target_phone(pbx, gw):
+    gw.handler = allow("internal", GW_TARGET="bob", GW_NUMBER="")
+    uas = await callee(pbx, "bob", ring_ms=500)
+    phone = await pbx.call("alice", "201", scenario="hold", hold=1)
+    bob = await uas.result()
+    assert phone.final_code == 200 and bob.final_code == 200, explain(phone, bob)
+    assert bob.invite.first_line.startswith("INVITE sip:bob@"), explain(bob)
+
+
+async def test_partner_route_uses_the_partner_trunk(pbx, gw):
+    gw.handler = allow("partner", GW_FUNDED=2)
+    uas = await callee(pbx, "partner")
+    phone = await pbx.call("alice", NUMBER, scenario="until_bye", max_wait=20)
+    trunk = await uas.result()
+    assert trunk.invite.first_line.startswith(f"INVITE sip:{NUMBER}@"), explain(trunk)
+    assert phone.bye_from == "pbx" and abs(trunk.talk - 2.0) < 0.3, explain(phone, trunk)
+
+
+async def test_emergency_route_decided_by_the_gateway_is_never_limited(pbx, gw):
+    # 933 is not in this PBX's local list, so the gateway is asked and says "emergency".
+    pbx.set_global("GW_EMERGENCY_NUMBERS", "911")
+    gw.handler = allow("emergency", GW_NUMBER="933", GW_FUNDED=1)
+    uas = await callee(pbx, "emergency")
+    phone = await pbx.call("alice", "933", scenario="hold", hold=2.5)
+    trunk = await uas.result()
+    assert gw.of("outbound"), "the gateway was asked"
+    assert trunk.invite.first_line.startswith("INVITE sip:933@"), explain(trunk)
+    assert phone.bye_from == "phone" and phone.talk > 2.3, explain(phone, trunk)
+
+
+async def test_agi_arguments_follow_the_contract(pbx, gw):
+    gw.handler = decide(GW_DECISION="REJECT", GW_REASON="NO_RATE", GW_CAUSE=3)
+    await pbx.call("carol", "+442079460000", scenario="expect_error")
+    req = gw.of("outbound")[0]
+    number, endpoint, linkedid = req.args
+    assert (number, endpoint) == ("+442079460000", "carol")
+    # [source] fact: no linkedid in the environment, hence the argument. For the
+    # caller's own channel the linkedid is its uniqueid.
+    assert not any("linkedid" in k.lower() for k in req.env), req.env
+    assert linkedid == req.env["agi_uniqueid"]
+    assert req.env["agi_channel"].startswith("PJSIP/carol-")
+    assert req.env["agi_network_script"] == "outbound"
+
+
+# ---------------------------------------------------------------------------
+# Inbound
+# ---------------------------------------------------------------------------
+
+
+async def test_inbound_allow_rings_the_target_phone(pbx, gw):
+    gw.handler = decide(
+        GW_DECISION="ALLOW", GW_REASON="INBOUND_USER_NUMBER", GW_CALL_ID="in-1", GW_TARGET="bob"
+    )
+    uas = await callee(pbx, "bob", ring_ms=1000)
+    carrier = await pbx.call(
+        "carrier", "15557654321", scenario="hold", hold=2, caller_id="15550001111"
+    )
+    bob = await uas.result()
+    assert carrier.final_code == 200 and bob.final_code == 200, explain(carrier, bob)
+    req = gw.of("inbound")[0]
+    assert req.args[:2] == ["15557654321", "15550001111"]
+    assert req.args[2] == req.env["agi_uniqueid"]
+    report = await gw.wait_for("hangup")
+    assert report.args[0] == "in-1" and abs(int(report.args[1]) / 1000 - carrier.talk) < 0.05
+
+
+async def test_inbound_funded_call_is_cut(pbx, gw):
+    gw.handler = decide(GW_DECISION="ALLOW", GW_CALL_ID="in-2", GW_TARGET="bob", GW_FUNDED=2)
+    uas = await callee(pbx, "bob", ring_ms=500)
+    carrier = await pbx.call("carrier", "18005550100", scenario="until_bye", max_wait=20)
+    bob = await uas.result()
+    assert carrier.bye_from == "pbx" and abs(bob.talk - 2.0) < 0.3, explain(carrier, bob)
+
+
+async def test_inbound_reject_unknown_number(pbx, gw):
+    gw.handler = decide(GW_DECISION="REJECT", GW_REASON="UNKNOWN_NUMBER", GW_CAUSE=1)
+    carrier = await pbx.call("carrier", "15550009999", scenario="expect_error", max_wait=10)
+    assert carrier.final_code == 404, explain(carrier)
+
+
+async def test_inbound_gateway_down_fails_closed_by_default(pbx, gw):
+    pbx.set_global("GW_AGI", f"127.0.0.1:{free_port()}")
+    carrier = await pbx.call("carrier", "15557654321", scenario="expect_error", max_wait=10)
+    assert carrier.final_code == 503, explain(carrier)
+
+
+async def test_inbound_gateway_down_fail_open_uses_the_fallback_context(make_pbx):  # noqa: F811
+    pbx = make_pbx(
+        gw_agi=f"127.0.0.1:{free_port()}",
+        inbound_fail_policy="open",
+        extra_dialplan=(
+            "[gateway-inbound-fallback]\n"
+            "exten => 15557654321,1,Dial(PJSIP/bob)\n"
+            " same => n,Hangup()\n"
+        ),
+    )
+    uas = await callee(pbx, "bob")
+    carrier = await pbx.call("carrier", "15557654321", scenario="hold", hold=1)
+    bob = await uas.result()
+    assert carrier.final_code == 200 and bob.final_code == 200, explain(carrier, bob)
+    # A number the fallback does not know is still rejected.
+    carrier = await pbx.call("carrier", "15550000000", scenario="expect_error", max_wait=10)
+    assert carrier.final_code == 503, explain(carrier)
+
+
+# ---------------------------------------------------------------------------
+# AMI: least privilege, events, CDRs
+# ---------------------------------------------------------------------------
+
+
+async def test_cdr_event_carries_the_agi_uniqueid(pbx, gw, ami):
+    gw.handler = allow("pstn", call_id="call-cdr")
+    uas = await callee(pbx)
+    phone = await pbx.call("alice", NUMBER, scenario="hold", hold=2.5)
+    await uas.result()
+    uniqueid = gw.of("outbound")[0].env["agi_uniqueid"]
+    cdr = await ami.wait_event(lambda e: e.get("Event") == "Cdr" and e.get("UniqueID") == uniqueid)
+    assert cdr["Disposition"] == "ANSWERED"
+    assert cdr["Destination"] == NUMBER
+    # Whole seconds, truncated: 2.5 s of talk bill as 2.
+    assert cdr["BillableSeconds"] == "2" and 2.4 < phone.talk < 2.7, (cdr, explain(phone))
+    # [source] fact: cdr_manager.conf [mappings] adds fields (linkedid here).
+    assert cdr.get("LinkedID") == uniqueid, cdr
+
+
+async def test_ami_least_privilege_is_enough(pbx, gw, ami):
+    # [source] banner, and FullyBooted arrives with read=system.
+    assert ami.banner == "Asterisk Call Manager/11.0.0"
+    await ami.wait_event(lambda e: e.get("Event") == "FullyBooted", seconds=5)
+    assert (await ami.action("Ping"))["Response"] == "Success"
+    gw.handler = allow("pstn", call_id="call-ami")
+    uas = await callee(pbx)
+    call = asyncio.create_task(pbx.call("alice", NUMBER, scenario="until_bye", max_wait=30))
+    dial_end = await ami.wait_event(
+        lambda e: e.get("Event") == "DialEnd" and e.get("DialStatus") == "ANSWER"
+    )
+    await ami.wait_event(
+        lambda e: e.get("Event") == "BridgeEnter" and e.get("Channel") == dial_end["DestChannel"]
+    )
+    channels = await ami.action_list("CoreShowChannels", "CoreShowChannelsComplete")
+    names = {c["Channel"] for c in channels}
+    assert {dial_end["Channel"], dial_end["DestChannel"]} <= names, names
+    # Hangup by regular expression (what a gateway uses to sweep a call).
+    carrier_name = dial_end["DestChannel"]
+    resp = await ami.action("Hangup", Channel=f"/^{carrier_name}$/")
+    assert resp["Response"] == "Success", resp
+    phone = await call
+    await uas.result()
+    assert phone.bye_from == "pbx", explain(phone)
+    hangup = await ami.wait_event(
+        lambda e: e.get("Event") == "Hangup" and e.get("Channel") == carrier_name
+    )
+    assert hangup["Cause"].isdigit() and hangup.get("Cause-txt"), hangup
+    # Not granted: originate/system/command.
+    denied = await ami.action("Command", Command="core show version")
+    assert denied["Response"] == "Error", denied
+
+
+# ---------------------------------------------------------------------------
+# FastAGI behaviour the gateway relies on
+# ---------------------------------------------------------------------------
+
+
+async def test_agi_protocol_details(pbx, gw):
+    """Unknown command, usage reply, quoting; decision still works afterwards."""
+
+    async def handler(req: AgiRequest, agi: AgiSession) -> None:
+        if req.script != "outbound":
+            return
+        assert (await agi.command("FOO BAR")).startswith("510 ")
+        usage = await agi.command("GET VARIABLE")
+        assert usage.startswith("520-") and usage.endswith("520 End of proper usage."), usage
+        req.env["_set_unquoted"] = await agi.command("SET VARIABLE GW_REASON value with spaces")
+        unquoted = await agi.command("GET VARIABLE GW_REASON")
+        await agi.command('SET VARIABLE GW_REASON "value with spaces"')
+        quoted = await agi.command("GET VARIABLE GW_REASON")
+        req.env["_unquoted"], req.env["_quoted"] = unquoted, quoted
+        await agi.set(GW_DECISION="REJECT", GW_CAUSE=17)
+
+    gw.handler = handler
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    assert phone.final_code == 486, explain(phone)
+    req = gw.of("outbound")[0]
+    assert req.env["_quoted"] == "200 result=1 (value with spaces)"
+    # Unquoted spaces are a syntax error (multi-line 520) and set nothing.
+    assert req.env["_set_unquoted"].startswith("520-Invalid command syntax"), req.dialogue
+    assert req.env["_unquoted"] == "200 result=1 ()"
+
+
+async def test_agi_waits_for_a_slow_gateway_and_reports_a_hangup(pbx, gw, ami):
+    """Asterisk does not time the gateway out; a hangup meanwhile arrives as 'HANGUP'."""
+    release = asyncio.Event()
+
+    async def slow(req: AgiRequest, agi: AgiSession) -> None:
+        if req.script == "outbound":
+            await asyncio.wait_for(release.wait(), 30)
+            reply = await agi.command("GET VARIABLE CHANNEL(state)")
+            req.env["_after_hangup"] = reply
+            await agi.set(GW_DECISION="ALLOW", GW_ROUTE="pstn", GW_NUMBER=NUMBER)
+        elif req.script == "hangup":
+            req.env["_dead"] = await agi.command("ANSWER")
+
+    gw.handler = slow
+    call = asyncio.create_task(pbx.call("alice", NUMBER, scenario="expect_error", max_wait=30))
+    req = await gw.wait_for("outbound")
+    await asyncio.sleep(4)  # longer than any connect/read timeout would be
+    assert not call.done()
+    chan = req.env["agi_channel"]
+    assert (await ami.action("Hangup", Channel=chan, Cause="21"))["Response"] == "Success"
+    # The hung-up channel lives on (the phone hears nothing) until the gateway
+    # ends its AGI session: a gateway must close promptly on "HANGUP".
+    await asyncio.sleep(1.5)
+    assert not call.done()
+    assert not any(e.get("Event") == "Hangup" and e.get("Channel") == chan for e in ami.events)
+    release.set()
+    phone = await call
+    assert phone.final_code == 403, explain(phone)
+    await ami.wait_event(lambda e: e.get("Event") == "Hangup" and e.get("Channel") == chan)
+    assert req.unsolicited == ["HANGUP"], req.dialogue
+    assert req.env["_after_hangup"].startswith("200 result=1"), req.dialogue
+    # No GW_CALL_ID was set, so no hangup report.
+    assert gw.of("hangup") == []
+
+
+async def test_dead_channel_commands_are_refused_in_the_hangup_handler(pbx, gw):
+    async def handler(req: AgiRequest, agi: AgiSession) -> None:
+        if req.script == "outbound":
+            await agi.set(GW_DECISION="REJECT", GW_CAUSE=21, GW_CALL_ID="call-dead")
+        elif req.script == "hangup":
+            req.env["_answer"] = await agi.command("ANSWER")
+
+    gw.handler = handler
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    assert phone.final_code == 403
+    report = await gw.wait_for("hangup")
+    await asyncio.sleep(0.3)
+    assert report.env["_answer"].startswith("511 "), report.env["_answer"]
+    assert report.args[:3] == ["call-dead", "0", ""]
+
+
+# ---------------------------------------------------------------------------
+# The shipped files load as they are
+# ---------------------------------------------------------------------------
+
+
+def test_shipped_dialplan_loads_without_warnings(shared_pbx):
+    log = shared_pbx.log_text().splitlines()
+    complaints = [ln for ln in log if "pbx_config" in ln and ("WARNING" in ln or "ERROR" in ln)]
+    assert complaints == []
+    out = shared_pbx.cli("dialplan show gateway-decide")
+    assert "Hangup(34)" in out and "L(${GW_FUNDED_MS})" in out
+
+
+async def test_shipped_examples_load(make_pbx):  # noqa: F811
+    sip_port, ami_port = free_port("both"), free_port()
+    pjsip = (DIALPLAN_DIR / "pjsip.conf.example").read_text()
+    manager = (DIALPLAN_DIR / "manager.conf.example").read_text()
+    pbx = make_pbx(
+        extra_config={
+            "pjsip.conf": pjsip.replace("bind=0.0.0.0:5060", f"bind=127.0.0.1:{sip_port}"),
+            "manager.conf": manager.replace("port = 5038", f"port = {ami_port}"),
+            "cdr_manager.conf": (DIALPLAN_DIR / "cdr_manager.conf.example").read_text(),
+        }
+    )
+    endpoints = pbx.cli("pjsip show endpoints")
+    for name in ("alice", "carrier", "partner", "emergency"):
+        assert re.search(rf"Endpoint:\s+{name}\b", endpoints), endpoints
+    assert "gateway-outbound" in pbx.cli("pjsip show endpoint alice")
+    assert "gateway-inbound" in pbx.cli("pjsip show endpoint carrier")
+    status = pbx.cli("cdr show status")
+    assert re.search(r"Logging:\s+Enabled", status) and "cdr_manager" in status, status
+    # The example AMI account logs in and sees what the gateway needs.
+    pbx.ami_port, pbx.ami_secret = ami_port, "change-me-to-a-long-random-secret"
+    ami = await Ami().connect(pbx)
+    try:
+        await ami.wait_event(lambda e: e.get("Event") == "FullyBooted", seconds=5)
+        assert (await ami.action("Ping"))["Response"] == "Success"
+        assert await ami.action_list("CoreShowChannels", "CoreShowChannelsComplete") == []
+    finally:
+        await ami.close()
