@@ -915,3 +915,17 @@ async def test_shipped_examples_load(make_pbx):  # noqa: F811
         assert await ami.action_list("CoreShowChannels", "CoreShowChannelsComplete") == []
     finally:
         await ami.close()
+
+
+async def test_pjsiphangup_could_send_402(make_pbx):  # noqa: F811
+    """No Q.850 cause maps to 402; PJSIPHangup (Asterisk >= 20.6) can send it.
+
+    Not used by the shipped dialplan (the contract is Hangup(GW_CAUSE)); this
+    records the option for NO_BALANCE in docs/dialplan.md.
+    """
+    pbx = make_pbx(
+        contexts={"dave": "test-pjsip-hangup"},
+        extra_dialplan="[test-pjsip-hangup]\nexten => _X.,1,PJSIPHangup(${EXTEN})\n",
+    )
+    phone = await pbx.call("dave", "402", scenario="expect_error", max_wait=10)
+    assert phone.final_response.first_line == "SIP/2.0 402 Payment Required", explain(phone)
