@@ -85,7 +85,7 @@ async def test_outbound_reject_carries_the_cause(admin, service):
     s = Session("outbound", "2125550100", "carol")
     await service.agi_outbound(s)
     assert (s.vars["GW_DECISION"], s.vars["GW_REASON"], s.vars["GW_CAUSE"]) == (
-        "REJECT", "NO_LICENSE", "21")
+        "REJECT", "NO_LICENSE", "50")
     assert service.live == {}
 
 

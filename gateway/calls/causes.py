@@ -1,22 +1,27 @@
-"""Reason code -> Q.850 hangup cause the dialplan uses to reject a call, and so the SIP
-response the caller hears (chan_pjsip's mapping, measured on Asterisk 22: see
-docs/dialplan.md). One table, used by the AGI reply and by the docs."""
+"""Reason code -> Q.850 hangup cause the dialplan rejects a call with, and the SIP
+final response the caller then hears. Measured end to end on Asterisk 22 chan_pjsip
+(tests/test_pbx_dialplan.py; the full table and the reasons are in docs/dialplan.md).
+One table, used by the AGI reply and by the docs."""
 
 from __future__ import annotations
 
-# Provisional until measured on the PBX; docs/dialplan.md holds the measured table.
-REASON_CAUSES: dict[str, int] = {
-    "UNKNOWN_CALLER": 21,  # call rejected -> 403
-    "NO_LICENSE": 21,  # -> 403
-    "INVALID_NUMBER": 28,  # invalid number format -> 484
-    "BLOCKED_DESTINATION": 21,  # -> 403
-    "NO_BALANCE": 21,  # -> 403
-    "NO_RATE": 3,  # no route to destination -> 404
-    "UNKNOWN_NUMBER": 1,  # unallocated number -> 404
-    "GATEWAY_ERROR": 34,  # no circuit available -> 503
+# reason -> (Q.850 cause sent as GW_CAUSE, SIP response the phone hears)
+REJECT_CAUSES: dict[str, tuple[int, int]] = {
+    "UNKNOWN_CALLER": (21, 403),
+    "NO_LICENSE": (50, 603),
+    "INVALID_NUMBER": (28, 484),
+    "BLOCKED_DESTINATION": (21, 403),
+    "NO_BALANCE": (31, 480),
+    "NO_RATE": (3, 404),
+    "UNKNOWN_NUMBER": (1, 404),
+    "GATEWAY_ERROR": (34, 503),  # the gateway failed while deciding: fail closed
 }
 DEFAULT_CAUSE = 21
 
 
 def cause_for(reason: str) -> int:
-    return REASON_CAUSES.get(reason, DEFAULT_CAUSE)
+    return REJECT_CAUSES.get(reason, (DEFAULT_CAUSE, 403))[0]
+
+
+def sip_response_for(reason: str) -> int:
+    return REJECT_CAUSES.get(reason, (DEFAULT_CAUSE, 403))[1]
