@@ -491,6 +491,24 @@ async def test_hangup_handler_for_a_call_cancelled_while_ringing(pbx, gw):
     assert report.args == ["call-hh-3", "0", "CANCEL", "0"]
 
 
+@pytest.mark.parametrize(
+    ("callee_code", "phone_code", "dial_status"),
+    [(486, 486, "BUSY"), (404, 404, "CHANUNAVAIL"), (603, 403, "CHANUNAVAIL"), (503, 503, "CONGESTION")],
+)  # fmt: skip
+async def test_callee_refusal_reaches_the_phone_and_the_report(
+    pbx, gw, callee_code, phone_code, dial_status
+):
+    gw.handler = allow("pstn", call_id="call-refused", GW_FUNDED=30)
+    uas = await callee(pbx, reject=callee_code, ring_ms=300)
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    trunk = await uas.result()
+    assert trunk.final_code == callee_code, explain(phone, trunk)
+    # Asterisk maps the callee's response to a cause and back (603 -> 21 -> 403).
+    assert phone.final_code == phone_code, explain(phone, trunk)
+    report = await gw.wait_for("hangup")
+    assert report.args == ["call-refused", "0", dial_status, "0"]
+
+
 async def test_no_hangup_report_without_a_call_id(pbx, gw):
     gw.handler = decide(GW_DECISION="ALLOW", GW_ROUTE="pstn", GW_NUMBER=NUMBER)
     uas = await callee(pbx)

@@ -304,6 +304,8 @@ class Pbx:
             raise PbxError("already started")
         if not root_ready(self.root):
             raise PbxError(f"no Asterisk/SIPp root folder at {self.root} (run .ci/pbx-root.sh)")
+        if not os.environ.get("PBX_KEEP_RUNS"):
+            _sweep_stale_runs(self.root / "run")
         name = "gwpbx-" + secrets.token_hex(4)
         self.run_dir = self.root / "run" / name
         self.guest_dir = f"/run/{name}"
@@ -318,21 +320,23 @@ class Pbx:
         self._out = open(self.run_dir / "log" / "console.out", "wb")  # noqa: SIM115
         # A private mount namespace: proc is mounted for Asterisk only and
         # vanishes with it, so a crash or a kill -9 leaves no mount behind.
-        cmd = [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            'mount -t proc proc "$1/proc" && exec chroot "$1" asterisk -C "$2" -f',
-            "sh",
-            str(self.root),
-            f"{self.guest_dir}/etc/asterisk.conf",
-        ]
+        # The shell also watches a pipe from this process: if the test run
+        # dies without stop() (kill -9, a CI job killed), the pipe closes and
+        # the shell takes Asterisk down with it.
+        script = (
+            'mount -t proc proc "$1/proc" || exit 1\n'
+            "exec 3<&0\n"
+            'chroot "$1" asterisk -C "$2" -f </dev/null &\n'
+            "pid=$!\n"
+            '( while read -r _; do :; done; kill -KILL "$pid" 2>/dev/null ) <&3 &\n'
+            "exec 3<&-\n"
+            'wait "$pid"\n'
+        )
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+        cmd += [str(self.root), f"{self.guest_dir}/etc/asterisk.conf"]
         self._proc = subprocess.Popen(
             cmd,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=self._out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -388,6 +392,8 @@ class Pbx:
                         with contextlib.suppress(ProcessLookupError):
                             os.killpg(proc.pid, signal.SIGKILL)
                         proc.wait(timeout=5)
+            with contextlib.suppress(Exception):
+                proc.stdin.close()  # releases the watchdog
             _LIVE_PROCS.discard(proc)
             self._proc = None
         if self._out is not None:
@@ -489,18 +495,27 @@ class Pbx:
         ring_ms: int = 0,
         max_wait: float = 60.0,
         answer: bool = True,
+        reject: int | None = None,
     ) -> Sipp:
         """A callee (trunk or phone) that rings ``ring_ms`` then answers and waits for BYE.
 
-        With ``answer=False`` it rings until the caller cancels. Call
-        ``await uas.started()`` before placing the call, ``await uas.result()``
-        after.
+        With ``answer=False`` it rings until the caller cancels; with
+        ``reject=486`` (any 4xx-6xx) it refuses the call with that code after
+        ringing. Call ``await uas.started()`` before placing the call,
+        ``await uas.result()`` after.
         """
-        scenario = "uas_answer" if answer else "uas_ring"
+        if reject is not None:
+            scenario = "uas_reject"
+        else:
+            scenario = "uas_answer" if answer else "uas_ring"
         return self.sipp(
             endpoint,
             scenario,
-            params={"RING_MS": max(1, int(ring_ms)), "MAX_MS": int(max_wait * 1000)},
+            params={
+                "RING_MS": max(1, int(ring_ms)),
+                "MAX_MS": int(max_wait * 1000),
+                "CODE": int(reject or 0),
+            },
             timeout=max_wait + ring_ms / 1000 + 15,
         )
 
@@ -646,6 +661,28 @@ write = {write}
             out.append(f"[{name}]\ntype=aor\ncontact=sip:{name}@127.0.0.1:{port}\n")
             out.append(f"[{name}-id]\ntype=identify\nendpoint={name}\nmatch=127.0.0.1:{port}\n")
         return "\n".join(out)
+
+
+def _sweep_stale_runs(run_root: Path, min_age: float = 600.0) -> None:
+    """Remove run folders left by test processes that died without ``stop()``.
+
+    A folder is stale when its Asterisk (``run/asterisk.pid``) is gone and the
+    folder is older than ``min_age`` seconds (so a PBX that is just starting
+    in another process is left alone).
+    """
+    now = time.time()
+    for folder in run_root.glob("gwpbx-*"):
+        try:
+            if now - folder.stat().st_mtime < min_age:
+                continue
+            pid_file = folder / "run" / "asterisk.pid"
+            if pid_file.exists():
+                pid = int(pid_file.read_text().strip() or 0)
+                if pid > 0 and Path(f"/proc/{pid}").exists():
+                    continue
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
 
 
 def _manager_perms() -> tuple[str, str]:
@@ -854,7 +891,6 @@ class Sipp:
         self.host_dir = pbx.run_dir / "sipp" / tag
         self.guest_dir = f"{pbx.guest_dir}/sipp/{tag}"
         self._result: CallResult | None = None
-        self._ready = asyncio.Event() if _has_loop() else None
 
     def _write_scenario(self) -> str:
         text = (SCENARIO_DIR / f"{self.scenario}.xml").read_text()
@@ -1001,15 +1037,16 @@ class Sipp:
         await self.result()
 
 
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
-
-
 def _udp_port_bound(port: int) -> bool:
+    """Whether something listens on UDP 127.0.0.1:port, read from /proc/net/udp
+    (binding a test socket instead could steal the port from a starting SIPp)."""
+    try:
+        table = Path("/proc/net/udp").read_text()
+    except OSError:
+        table = ""
+    if table:
+        wanted = f"0100007F:{port:04X}"
+        return any(line.split()[1] == wanted for line in table.splitlines()[1:] if line.strip())
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:
             s.bind(("127.0.0.1", port))
