@@ -1,0 +1,379 @@
+"""End to end through the real Asterisk 22 with SIPp phones: the gateway (in this
+process, or as a separate process where it must die) decides, the PBX enforces, and
+each case checks what the phone saw and what the rater recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from decimal import Decimal
+
+import pytest
+import pytest_asyncio
+
+from gateway.app import Gateway
+from gateway.calls.causes import sip_response_for
+from gateway.config import Config
+from gateway.rating import rules
+from tests.pbx.fixtures import pbx_root  # noqa: F401
+from tests.pbx.harness import CallResult, Pbx, free_port
+
+from .scenario import TENANT, standard_tenant
+from .test_rater import ledger_agrees, pool_row
+
+pytestmark = [pytest.mark.pbx, pytest.mark.db]
+
+DOMESTIC = "2125550100"  # New York, domestic for a Canadian user
+UK = "+442079460000"  # London, 0.05 / min in the scenario's rates
+FRANCE = "+33142685300"  # no rate
+
+
+def explain(*results: CallResult) -> str:
+    return "\n".join(r.summary() for r in results)
+
+
+def cdr_pgsql_conf(database_url: str) -> str:
+    name = database_url.rpartition("/")[2]
+    return (f"[global]\nhostname=127.0.0.1\nport=5432\ndbname={name}\nuser=postgres\n"
+            "password=\ntable=cdr\n")
+
+
+@pytest.fixture(scope="module")
+def agi_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def e2e_pbx(pbx_root, agi_port, database_url):  # noqa: F811
+    pbx = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{agi_port}",
+              extra_config={"cdr_pgsql.conf": cdr_pgsql_conf(database_url)},
+              load=("cdr_pgsql.so",))
+    pbx.start()
+    yield pbx
+    pbx.stop()
+
+
+@pytest_asyncio.fixture
+async def pbx(e2e_pbx: Pbx):
+    yield e2e_pbx
+    e2e_pbx.kill_sipps()
+    await e2e_pbx.acli("channel request hangup all")
+    await asyncio.to_thread(e2e_pbx.wait_no_channels, 10)
+
+
+def gateway_config(pbx: Pbx, database_url: str, agi_port: int, **overrides) -> Config:
+    values = dict(database_url=database_url, agi_port=agi_port, http_port=0,
+                  ami_host=pbx.ami_host, ami_port=pbx.ami_port, ami_username=pbx.ami_user,
+                  ami_secret=pbx.ami_secret, reconcile_interval_seconds=3600,
+                  log_format="console", log_level="warning")
+    values.update(overrides)
+    return Config(**values)
+
+
+@pytest_asyncio.fixture
+async def start_gateway(pbx, database_url, agi_port, repo):
+    started: list[Gateway] = []
+
+    async def start(**overrides) -> Gateway:
+        gw = Gateway(gateway_config(pbx, database_url, agi_port, **overrides),
+                     configure_logs=False)
+        await gw.start()
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        await gw.stop()
+
+
+async def settled(repo, *, timeout: float = 10.0, count: int = 1):
+    """Wait until `count` calls are settled or released; return all calls."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        rows = await repo.pool.fetch("SELECT * FROM calls ORDER BY authorised_at")
+        done = [r for r in rows if r["state"] in ("settled", "released")]
+        if len(done) >= count or asyncio.get_running_loop().time() > deadline:
+            return rows
+        await asyncio.sleep(0.1)
+
+
+async def callee(pbx: Pbx, endpoint: str = "carrier", **kw):
+    return await pbx.uas(endpoint, **kw).started()
+
+
+# 1 ----------------------------------------------------------------------------------------
+
+async def test_domestic_call_billed_in_whole_minutes_from_the_pool(pbx, start_gateway, admin,
+                                                                    repo):
+    await standard_tenant(admin)
+    await start_gateway()
+    trunk = await callee(pbx)
+    phone = await pbx.call("alice", DOMESTIC, hold=2.5)
+    trunk_seen = await trunk.result()
+    assert phone.final_code == 200 and phone.bye_from == "phone", explain(phone, trunk_seen)
+    assert trunk_seen.invite.first_line.startswith("INVITE sip:12125550100@")
+    [call] = await settled(repo)
+    assert (call["decision"], call["state"], call["route"]) == ("ALLOW", "settled", "pstn")
+    assert 2 <= call["billable_seconds"] <= 4
+    assert call["billed_seconds"] == 60
+    assert await pool_row(repo) == (60, 0)
+    await ledger_agrees(repo)
+
+
+# 2 ----------------------------------------------------------------------------------------
+
+async def test_unlicensed_user_rejected_with_its_sip_response(pbx, start_gateway, admin, repo):
+    await standard_tenant(admin)
+    await start_gateway()
+    phone = await pbx.call("carol", DOMESTIC, scenario="expect_error")
+    assert phone.final_code == sip_response_for("NO_LICENSE") == 603, explain(phone)
+    assert "cause=50" in (phone.final_response.header("Reason") or "")
+    [call] = await repo.pool.fetch("SELECT * FROM calls")
+    assert (call["decision"], call["reason"], call["state"]) == ("REJECT", "NO_LICENSE",
+                                                                 "rejected")
+    assert await pool_row(repo) == (0, 0)
+
+
+# 3 ----------------------------------------------------------------------------------------
+
+async def test_internal_call_without_licence_connects_unbilled(pbx, start_gateway, admin, repo):
+    await standard_tenant(admin)
+    await start_gateway()
+    bob = await callee(pbx, "bob")
+    phone = await pbx.call("carol", "102", hold=2)
+    bob_seen = await bob.result()
+    assert phone.final_code == 200 and bob_seen.final_code == 200, explain(phone, bob_seen)
+    [call] = await settled(repo)
+    assert (call["route"], call["reason"], call["charged_amount"]) == ("internal", "INTERNAL",
+                                                                      0)
+    assert await pool_row(repo) == (0, 0)
+
+
+# 4 ----------------------------------------------------------------------------------------
+
+async def test_emergency_without_licence_pool_or_credit_connects(pbx, start_gateway, admin,
+                                                                 repo):
+    await standard_tenant(admin)
+    await admin.set_allotment("CA", "domestic", 0)
+    await start_gateway()
+    psap = await callee(pbx, "emergency")
+    phone = await pbx.call("carol", "911", hold=2)
+    psap_seen = await psap.result()
+    assert phone.final_code == 200 and psap_seen.invite is not None, explain(phone, psap_seen)
+    assert await pool_row(repo) == (0, 0)
+    assert (await repo.get_wallet(TENANT))["balance"] == 0
+
+
+# 5 ----------------------------------------------------------------------------------------
+
+async def test_two_minutes_left_and_no_wallet_the_pbx_cuts_at_the_funded_end(
+        pbx, start_gateway, admin, repo):
+    await standard_tenant(admin)
+    await admin.set_allotment("CA", "domestic", 1)  # alice + bob: 2 minutes in the pool
+    await start_gateway()
+    trunk = await callee(pbx, ring_ms=1000)
+    phone = await pbx.call("alice", DOMESTIC, scenario="until_bye", max_wait=180)
+    trunk_seen = await trunk.result()
+    assert phone.bye_from == "pbx", explain(phone, trunk_seen)
+    assert abs(phone.talk - 120) <= 2, explain(phone, trunk_seen)
+    [call] = await settled(repo)
+    assert call["funded_seconds"] == 120 and call["billed_seconds"] == 120
+    assert await pool_row(repo) == (120, 0)
+    await ledger_agrees(repo)
+
+
+# 6 ----------------------------------------------------------------------------------------
+
+async def per_second_overage(admin):
+    """Per-second increments, so that short slices are really short."""
+    await admin.set_rates([{"kind": "domestic_overage", "prefix": "1",
+                            "price_per_minute": "0.02", "first_increment": 1,
+                            "increment": 1}])
+
+
+async def test_short_slices_are_renewed_and_never_cut_while_funded(pbx, start_gateway, admin,
+                                                                   repo):
+    await standard_tenant(admin)
+    await per_second_overage(admin)
+    gw = await start_gateway(slice_seconds=10)
+    trunk = await callee(pbx)
+    phone = await pbx.call("alice", DOMESTIC, hold=35, max_wait=60)
+    trunk_seen = await trunk.result()
+    assert phone.bye_from == "phone", explain(phone, trunk_seen)  # the caller hung up
+    assert phone.talk >= 34.5
+    [call] = await settled(repo)
+    reserves = await repo.pool.fetchval(
+        "SELECT count(*) FROM ledger WHERE entry = 'reserve' AND call_id = $1", call["id"])
+    assert reserves >= 4  # 10 s first, then renewed at least three times
+    assert 35 <= call["billed_seconds"] <= 37
+    assert gw.metrics.deadline_moves.labels("ok")._value.get() >= 3
+    await ledger_agrees(repo)
+
+
+# 7 ----------------------------------------------------------------------------------------
+
+async def test_pool_runs_dry_mid_call_and_the_wallet_takes_over(pbx, start_gateway, admin,
+                                                                repo, rater):
+    await standard_tenant(admin, wallet="1.00")
+    await per_second_overage(admin)
+    await admin.set_allotment("CA", "domestic", 1)  # 120 s
+    used = await rater.authorise_outbound("bob", DOMESTIC)  # burn 105 s of it
+    await rater.settle(used.call_id, 105)
+    await start_gateway(slice_seconds=10)
+    trunk = await callee(pbx)
+    phone = await pbx.call("alice", DOMESTIC, hold=25, max_wait=60)
+    trunk_seen = await trunk.result()
+    assert phone.bye_from == "phone" and phone.talk >= 24.5, explain(phone, trunk_seen)
+    rows = await settled(repo, count=2)
+    call = rows[-1]
+    funding = {r["source"]: (r["charged_seconds"], r["charged_amount"])
+               for r in await repo.call_funding(call["id"])}
+    assert funding["pool"][0] == 15  # the pool's last 15 s
+    assert 10 <= funding["wallet"][0] <= 12
+    assert funding["wallet"][1] == rules.cost(Decimal("0.02"), funding["wallet"][0])
+    assert await pool_row(repo) == (120, 0)
+    await ledger_agrees(repo)
+
+
+# 8 ----------------------------------------------------------------------------------------
+
+async def test_inbound_toll_free_charges_the_wallet_or_is_rejected(pbx, start_gateway, admin,
+                                                                   repo):
+    await standard_tenant(admin)
+    await start_gateway()
+    phone = await pbx.call("carrier", "18005550199", scenario="expect_error",
+                           caller_id="14165550123")
+    assert phone.final_code == sip_response_for("NO_BALANCE") == 480, explain(phone)
+
+    await admin.topup(TENANT, "1.00")
+    alice = await callee(pbx, "alice")
+    phone = await pbx.call("carrier", "18005550199", hold=2, caller_id="14165550123")
+    alice_seen = await alice.result()
+    assert phone.final_code == 200 and alice_seen.final_code == 200, explain(phone, alice_seen)
+    rows = await settled(repo, count=1)
+    call = [r for r in rows if r["decision"] == "ALLOW"][0]
+    assert (call["direction"], call["billed_seconds"], call["charged_amount"]) == (
+        "inbound", 60, Decimal("0.03"))
+    assert (await repo.get_wallet(TENANT))["balance"] == Decimal("0.97")
+    await ledger_agrees(repo)
+
+
+# 9 ----------------------------------------------------------------------------------------
+
+async def test_international_without_addon_at_the_rate_and_no_rate_rejected(
+        pbx, start_gateway, admin, repo):
+    await standard_tenant(admin, wallet="2.00")
+    await start_gateway()
+    trunk = await callee(pbx)
+    phone = await pbx.call("alice", UK, hold=2)
+    await trunk.result()
+    assert phone.final_code == 200, explain(phone)
+    await settled(repo)
+    assert (await repo.get_wallet(TENANT))["balance"] == Decimal("1.95")
+
+    phone = await pbx.call("alice", FRANCE, scenario="expect_error")
+    assert phone.final_code == sip_response_for("NO_RATE") == 404, explain(phone)
+    assert (await repo.get_wallet(TENANT))["balance"] == Decimal("1.95")
+    await ledger_agrees(repo)
+
+
+# 10 ---------------------------------------------------------------------------------------
+
+async def test_caller_hangs_up_before_answer_nothing_billed(pbx, start_gateway, admin, repo):
+    await standard_tenant(admin, wallet="1.00")
+    await start_gateway()
+    trunk = await callee(pbx, answer=False)
+    phone = await pbx.call("alice", UK, scenario="cancel", cancel_after=1.5)
+    await trunk.result()
+    assert phone.cancelled and phone.final_code == 487, explain(phone)
+    [call] = await settled(repo)
+    assert (call["state"], call["billed_seconds"]) == ("released", 0)
+    w = await repo.get_wallet(TENANT)
+    assert (w["balance"], w["reserved"]) == (Decimal("1.00"), 0)
+    await ledger_agrees(repo)
+
+
+# 11 ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy, expected", [("closed", 503), ("open", 200)])
+async def test_gateway_down_follows_the_fail_policy_and_emergency_still_works(
+        pbx, admin, repo, policy, expected):
+    # no gateway is listening on the AGI port in this test
+    before = pbx.get_global("GW_FAIL_POLICY")
+    await asyncio.to_thread(pbx.set_global, "GW_FAIL_POLICY", policy)
+    try:
+        trunk = await callee(pbx)
+        phone = await pbx.call("alice", DOMESTIC, hold=1,
+                               scenario="hold" if expected == 200 else "expect_error")
+        assert phone.final_code == expected, explain(phone)
+        pbx.kill_sipps()
+        psap = await callee(pbx, "emergency")
+        phone = await pbx.call("carol", "112", hold=1)
+        await psap.result()
+        assert phone.final_code == 200, explain(phone)
+    finally:
+        await asyncio.to_thread(pbx.set_global, "GW_FAIL_POLICY", before)
+    assert trunk is not None
+
+
+# 12 ---------------------------------------------------------------------------------------
+
+async def spawn_gateway(pbx: Pbx, database_url: str, agi_port: int, slice_seconds: int):
+    env = {**os.environ, "GATEWAY_DATABASE_URL": database_url,
+           "GATEWAY_AGI_PORT": str(agi_port), "GATEWAY_HTTP_PORT": "0",
+           "GATEWAY_AMI_HOST": pbx.ami_host, "GATEWAY_AMI_PORT": str(pbx.ami_port),
+           "GATEWAY_AMI_USERNAME": pbx.ami_user, "GATEWAY_AMI_SECRET": pbx.ami_secret,
+           "GATEWAY_SLICE_SECONDS": str(slice_seconds), "GATEWAY_LOG_FORMAT": "json"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    # ready when the AGI port accepts connections
+    for _ in range(100):
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", agi_port)
+            w.close()
+            return proc
+        except OSError:
+            await asyncio.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the gateway process did not start")
+
+
+async def test_gateway_killed_mid_call_pbx_still_cuts_and_restart_settles_once(
+        pbx, admin, repo, database_url, agi_port, start_gateway):
+    await standard_tenant(admin)
+    await per_second_overage(admin)
+    proc = await spawn_gateway(pbx, database_url, agi_port, slice_seconds=12)
+    try:
+        trunk = await callee(pbx)
+        call_task = asyncio.create_task(
+            pbx.call("alice", DOMESTIC, scenario="until_bye", max_wait=60))
+        for _ in range(100):  # until the call is answered
+            row = await repo.pool.fetchrow("SELECT * FROM calls")
+            if row is not None and row["state"] == "answered":
+                break
+            await asyncio.sleep(0.1)
+        assert row is not None and row["state"] == "answered"
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        phone = await call_task
+        trunk_seen = await trunk.result()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert phone.bye_from == "pbx", explain(phone, trunk_seen)
+    # funded 12 s; the renewal would have come at 8 s, but the gateway was dead by then
+    assert abs(phone.talk - 12) <= 2, explain(phone, trunk_seen)
+    row = await repo.pool.fetchrow("SELECT * FROM calls")
+    assert row["state"] == "answered"  # nobody settled it while the gateway was dead
+    await start_gateway()  # the restart reconciles from the PBX's CDR table
+    [call] = await settled(repo)
+    assert (call["state"], call["settled_by"]) == ("settled", "reconcile-cdr")
+    assert 11 <= call["billed_seconds"] <= 12
+    assert await pool_row(repo) == (call["billed_seconds"], 0)
+    ledger_settles = await repo.pool.fetchval(
+        "SELECT count(*) FROM ledger WHERE entry = 'charge' AND call_id = $1", call["id"])
+    assert ledger_settles == 1
+    await ledger_agrees(repo)
