@@ -88,9 +88,9 @@ async def start_gateway(pbx, database_url, agi_port, repo):
         await gw.stop()
 
 
-async def settled(repo, *, timeout: float = 10.0, count: int = 1):
+async def settled(repo, *, wait: float = 10.0, count: int = 1):
     """Wait until `count` calls are settled or released; return all calls."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + wait
     while True:
         rows = await repo.pool.fetch("SELECT * FROM calls ORDER BY authorised_at")
         done = [r for r in rows if r["state"] in ("settled", "released")]
