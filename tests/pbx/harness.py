@@ -134,8 +134,26 @@ _LIVE_PROCS: set[subprocess.Popen | asyncio.subprocess.Process] = set()
 def _kill_leftovers() -> None:
     for proc in list(_LIVE_PROCS):
         with contextlib.suppress(Exception):
-            if proc.returncode is None:
-                proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # each runs in its own session
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields: state ppid pgrp ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 atexit.register(_kill_leftovers)
@@ -381,19 +399,23 @@ class Pbx:
             if proc.poll() is None:
                 with contextlib.suppress(Exception):
                     self.cli("core stop now", timeout=5)
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait(timeout=5)
             with contextlib.suppress(Exception):
                 proc.stdin.close()  # releases the watchdog
+            # Whatever is left of the process group (a hung Asterisk, the
+            # watchdog): TERM, then KILL.
+            for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                if not _group_alive(proc.pid):
+                    break
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                deadline = time.monotonic() + grace
+                while _group_alive(proc.pid) and time.monotonic() < deadline:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=0.1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
             _LIVE_PROCS.discard(proc)
             self._proc = None
         if self._out is not None:
