@@ -25,8 +25,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 async def open_pool(dsn: str, *, min_size: int = 2, max_size: int = 10,
-                    run_migrations: bool = True) -> asyncpg.Pool:
-    """Connect, bring the schema up to date, and return a pool."""
+                    run_migrations: bool = True, command_timeout: float = 5.0
+                    ) -> asyncpg.Pool:
+    """Connect, bring the schema up to date, and return a pool. Every statement is
+    bounded by ``command_timeout``: a stuck database fails the call closed instead of
+    holding the PBX's channel (Asterisk waits for the AGI answer without a limit)."""
     if run_migrations:
         conn = await asyncpg.connect(dsn)
         try:
@@ -34,7 +37,8 @@ async def open_pool(dsn: str, *, min_size: int = 2, max_size: int = 10,
         finally:
             await conn.close()
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     init=_init_connection, reset=_keep_session)
+                                     init=_init_connection, reset=_keep_session,
+                                     command_timeout=command_timeout)
 
 
 def start_embedded(data_dir: pathlib.Path) -> tuple[str, object]:

@@ -120,7 +120,7 @@ class Rater:
         """Billing rules §6, inbound: a call from the carrier to ``called``."""
         e164 = numbers.inbound_e164(called)
         number = await self.repo.find_inbound_number(e164) if e164 else None
-        if number is None:
+        if number is None or not number.target:
             plan = rules.decide_inbound(e164, None, None)
             return self._log(Decision(False, plan.reason, None, destination=called), caller)
         plan = rules.decide_inbound(number.e164, number.kind, number.target)

@@ -107,7 +107,8 @@ def decide_inbound(
     e164: str | None, number_kind: NumberKind | None, target: str | None
 ) -> Plan:
     """Billing rules §6, inbound: toll-free numbers are paid from the owner's wallet."""
-    if e164 is None or number_kind is None:
+    if e164 is None or number_kind is None or not target:
+        # nobody owns it, or it rings nobody (its user was deleted): unallocated
         return Plan(False, Reason.UNKNOWN_NUMBER, NumberClass.INVALID, destination=e164 or "")
     if number_kind is NumberKind.TOLL_FREE:
         return Plan(
