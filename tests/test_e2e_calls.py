@@ -377,3 +377,44 @@ async def test_gateway_killed_mid_call_pbx_still_cuts_and_restart_settles_once(
         "SELECT count(*) FROM ledger WHERE entry = 'charge' AND call_id = $1", call["id"])
     assert ledger_settles == 1
     await ledger_agrees(repo)
+
+
+# the operator surface reflects a real call ----------------------------------------------
+
+async def test_status_and_metrics_follow_a_real_call(pbx, start_gateway, admin, repo):
+    import aiohttp
+
+    await standard_tenant(admin)
+    gw = await start_gateway()
+    base = f"http://127.0.0.1:{gw.http_port}"
+    trunk = await callee(pbx)
+    call_task = asyncio.create_task(pbx.call("alice", DOMESTIC, hold=4))
+    async with aiohttp.ClientSession() as http:
+        live = []
+        for _ in range(50):  # while the call is up
+            async with http.get(f"{base}/status") as r:
+                status = await r.json()
+            live = [c for c in status["live_calls"] if c.get("state") == "answered"]
+            if live:
+                break
+            await asyncio.sleep(0.1)
+        assert live and live[0]["caller"] == "alice" and live[0]["route"] == "pstn", status
+        assert live[0]["funded_seconds"] == 300 and live[0]["funded_until"]
+        await call_task
+        await trunk.result()
+        await settled(repo)
+        async with http.get(f"{base}/status") as r:
+            status = await r.json()
+        async with http.get(f"{base}/metrics") as r:
+            metrics = await r.text()
+    assert status["live_calls"] == []
+    assert status["components"]["ami"]["state"] == "up"
+    text = str(status)
+    assert "FUNDED" in text
+    tenant = next(t for t in status["tenants"] if t["tenant_id"] == TENANT)
+    pool = tenant["pools"][0]
+    assert (pool["country"], pool["used_seconds"], pool["reserved_seconds"]) == ("CA", 60, 0)
+    assert 'gateway_authorisations_total{decision="ALLOW",direction="outbound",' \
+           'reason="FUNDED"} 1.0' in metrics
+    assert 'gateway_settlements_total{by="agi",outcome="settled"} 1.0' in metrics \
+        or 'gateway_settlements_total{by="cdr",outcome="settled"} 1.0' in metrics
