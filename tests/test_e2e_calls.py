@@ -418,3 +418,58 @@ async def test_status_and_metrics_follow_a_real_call(pbx, start_gateway, admin, 
            'reason="FUNDED"} 1.0' in metrics
     assert 'gateway_settlements_total{by="agi",outcome="settled"} 1.0' in metrics \
         or 'gateway_settlements_total{by="cdr",outcome="settled"} 1.0' in metrics
+
+
+# 13 ---------------------------------------------------------------------------------------
+
+async def test_fifty_concurrent_calls_on_a_pool_that_funds_only_some(
+        pbx_root, database_url, admin, repo, rater):  # noqa: F811
+    from gateway.rater import Rater
+
+    phones = [f"p{i:02d}" for i in range(50)]
+    await standard_tenant(admin, calling_plan_licences=60)
+    await per_second_overage(admin)
+    await admin.set_allotment("CA", "domestic", 1)
+    for name in phones:
+        await admin.create_user(name, TENANT, name, "CA")
+        await admin.assign_licence(name, "business_voice_calling_plan")
+    # 52 licences x 60 s = 3120 s; burn all but 120 s
+    burner = Rater(repo, clock=rater.clock, slice_seconds=3000)
+    d = await burner.authorise_outbound("alice", DOMESTIC)
+    await burner.settle(d.call_id, 3000)
+    assert await pool_row(repo) == (3000, 0)
+
+    port = free_port()
+    big = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{port}", phones=("alice", *phones))
+    big.start()
+    gw = None
+    try:
+        gw = Gateway(gateway_config(big, database_url, port, slice_seconds=8),
+                     configure_logs=False)
+        await gw.start()
+        trunk = await big.uas("carrier", calls=50, max_wait=60).started()
+        results = await asyncio.gather(
+            *(big.call(name, DOMESTIC, scenario="until_bye", max_wait=40) for name in phones))
+        big.kill_sipps()
+        assert trunk is not None
+        rows = await settled(repo, count=len(phones) + 1, wait=30)
+    finally:
+        if gw is not None:
+            await gw.stop()
+        big.stop()
+    by_caller = {r["caller"]: r for r in rows}
+    answered = [(name, res) for name, res in zip(phones, results, strict=True)
+                if res.final_code == 200]
+    refused = [res for res in results if res.final_code == 480]
+    assert answered and refused, [r.final_code for r in results]
+    assert len(answered) + len(refused) == 50, [r.final_code for r in results]
+    for name, res in answered:
+        row = by_caller[name]
+        assert res.bye_from == "pbx", explain(res)
+        # nobody talks past the funding the rater granted
+        assert res.talk <= row["funded_seconds"] + 1.5, (name, res.talk, row["funded_seconds"])
+    billed = sum(by_caller[name]["billed_seconds"] for name, _ in answered)
+    assert billed <= 120
+    used, reserved = await pool_row(repo)
+    assert used == 3000 + billed and used <= 3120 and reserved == 0
+    await ledger_agrees(repo)

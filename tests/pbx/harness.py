@@ -518,6 +518,7 @@ class Pbx:
         max_wait: float = 60.0,
         answer: bool = True,
         reject: int | None = None,
+        calls: int = 1,
     ) -> Sipp:
         """A callee (trunk or phone) that rings ``ring_ms`` then answers and waits for BYE.
 
@@ -539,6 +540,7 @@ class Pbx:
                 "CODE": int(reject or 0),
             },
             timeout=max_wait + ring_ms / 1000 + 15,
+            calls=calls,
         )
 
     async def call(
@@ -899,8 +901,10 @@ class Sipp:
         service: str = "s",
         caller_id: str | None = None,
         timeout: float = 60.0,
+        calls: int = 1,
     ) -> None:
         self.pbx = pbx
+        self.calls = calls  # a UAS can take several calls at once (one port, -m/-l)
         self.endpoint = endpoint
         self.scenario = scenario
         self.params = dict(params or {})
@@ -953,9 +957,9 @@ class Sipp:
             "-t",
             "u1",
             "-m",
-            "1",
+            str(self.calls),
             "-l",
-            "1",
+            str(self.calls),
             "-s",
             self.service,
             "-key",
