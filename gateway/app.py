@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
+import socket
 import pathlib
 import signal
 from typing import Any
@@ -50,6 +53,8 @@ class Gateway:
         self.http_port: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
+        # names this process in calls.owner and in the heartbeat table
+        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
     # ---- start and stop ------------------------------------------------------------------
 
@@ -71,7 +76,8 @@ class Gateway:
                      url=cfg.public()["database_url"])
         try:
             self.pool = await asyncio.wait_for(
-                open_pool(url, min_size=2, max_size=cfg.db_pool_size), timeout=15)
+                open_pool(url, min_size=2, max_size=cfg.db_pool_size,
+                          instance_id=self.instance_id), timeout=15)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
                 TimeoutError) as exc:
             raise StartupError(f"database: cannot connect to "
@@ -80,7 +86,9 @@ class Gateway:
         self.rater = Rater(self.repo, clock=self.clock, slice_seconds=cfg.slice_seconds)
         self.admin = Admin(self.repo, clock=self.clock)
         self.calls = CallService(self.rater, metrics=self.metrics,
-                                 renew_before_seconds=cfg.renew_before_seconds)
+                                 renew_before_seconds=cfg.renew_before_seconds,
+                                 instance_id=self.instance_id)
+        await self.repo.heartbeat(self.instance_id)
         self.agi = AgiServer(self.calls.routes(), host=cfg.agi_host, port=cfg.agi_port,
                              allowed_peers=cfg.agi_allowed_peers or None,
                              max_sessions=cfg.agi_max_sessions)
@@ -100,6 +108,7 @@ class Gateway:
             await self.calls.reconcile()  # CDR-only: settles what the PBX recorded
         self._tasks.append(asyncio.create_task(
             self.calls.run_reconciler(cfg.reconcile_interval_seconds), name="reconciler"))
+        self._tasks.append(asyncio.create_task(self.calls.run_heartbeat(), name="heartbeat"))
         await self._start_http()
         log.info("gateway_started", agi=f"{cfg.agi_host}:{self.agi.port}",
                  http=f"{cfg.http_host}:{self.http_port}",
@@ -139,6 +148,10 @@ class Gateway:
             await self.calls.stop()
         if self.ami is not None:
             await self.ami.stop()
+        if self.repo is not None:
+            # our calls still up become adoptable by the next process at once
+            with contextlib.suppress(Exception):
+                await self.repo.forget_instance(self.instance_id)
         if self.pool is not None:
             await self.pool.close()
         if self.embedded is not None:

@@ -13,9 +13,15 @@ from .store.migrate import migrate
 log = structlog.get_logger("gateway.db")
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    # The rater computes months in the tenant's timezone itself; keep sessions in UTC.
-    await conn.execute("SET TIME ZONE 'UTC'")
+def _init_connection(instance_id: str | None):
+    async def init(conn: asyncpg.Connection) -> None:
+        # The rater computes months in the tenant's timezone itself; keep sessions in UTC.
+        await conn.execute("SET TIME ZONE 'UTC'")
+        if instance_id:
+            # calls.owner defaults to this: which process authorised the call
+            await conn.execute("SELECT set_config('gateway.instance', $1, false)",
+                               instance_id)
+    return init
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -25,8 +31,8 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 async def open_pool(dsn: str, *, min_size: int = 2, max_size: int = 10,
-                    run_migrations: bool = True, command_timeout: float = 5.0
-                    ) -> asyncpg.Pool:
+                    run_migrations: bool = True, command_timeout: float = 5.0,
+                    instance_id: str | None = None) -> asyncpg.Pool:
     """Connect, bring the schema up to date, and return a pool. Every statement is
     bounded by ``command_timeout``: a stuck database fails the call closed instead of
     holding the PBX's channel (Asterisk waits for the AGI answer without a limit)."""
@@ -37,7 +43,8 @@ async def open_pool(dsn: str, *, min_size: int = 2, max_size: int = 10,
         finally:
             await conn.close()
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     init=_init_connection, reset=_keep_session,
+                                     init=_init_connection(instance_id),
+                                     reset=_keep_session,
                                      command_timeout=command_timeout)
 
 

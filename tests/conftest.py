@@ -19,7 +19,7 @@ from gateway.store.repository import Repository
 ADMIN_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
-TABLES = ("cdr", "ledger", "call_funding", "calls", "addon_usage", "pools", "wallets", "rates",
+TABLES = ("gateway_instances", "cdr", "ledger", "call_funding", "calls", "addon_usage", "pools", "wallets", "rates",
           "phone_numbers", "licence_assignments", "users", "subscriptions", "tenants")
 
 

@@ -236,3 +236,39 @@ async def test_reconcile_settles_from_cdr_adopts_live_and_estimates(admin, servi
     await fresh.stop()
     await service.stop()
     await ledger_agrees(repo)
+
+
+async def test_reconcile_leaves_calls_of_live_gateways_alone(admin, service, repo):
+    await standard_tenant(admin)
+    for uid in ("theirs", "orphan"):
+        await service.agi_outbound(Session("outbound", "2125550100", "alice", uniqueid=uid))
+    await repo.pool.execute("UPDATE calls SET owner = 'gw-live' WHERE pbx_uniqueid = 'theirs'")
+    await repo.pool.execute("UPDATE calls SET owner = 'gw-dead' WHERE pbx_uniqueid = 'orphan'")
+    await repo.heartbeat("gw-live")
+    await repo.heartbeat("gw-dead")
+    await repo.pool.execute("UPDATE gateway_instances SET last_seen = now() - interval '1 hour'"
+                            " WHERE id = 'gw-dead'")
+    me = CallService(service.rater, instance_id="gw-me")
+    ami = FakeAmi()
+    me.attach_ami(ami)
+    ami.channels = [{"Channel": "PJSIP/alice-1", "Uniqueid": "theirs", "Linkedid": "theirs"},
+                    {"Channel": "PJSIP/alice-2", "Uniqueid": "orphan", "Linkedid": "orphan"}]
+    counts = await me.reconcile()
+    assert (counts["adopted"], counts["kept"]) == (1, 1)
+    assert [c.uniqueid for c in me.live.values()] == ["orphan"]
+    await me.stop()
+    await service.stop()
+
+
+async def test_calls_remember_the_process_that_authorised_them(database_url, admin):
+    from gateway.db import open_pool
+    from gateway.store.repository import Repository
+
+    await standard_tenant(admin)
+    pool = await open_pool(database_url, min_size=1, max_size=2, run_migrations=False,
+                           instance_id="gw-42")
+    try:
+        d = await Rater(Repository(pool)).authorise_outbound("alice", "2125550100")
+        assert await pool.fetchval("SELECT owner FROM calls WHERE id = $1", d.call_id) == "gw-42"
+    finally:
+        await pool.close()

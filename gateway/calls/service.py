@@ -88,6 +88,8 @@ class CallService:
         renew_before_seconds: int = 30,
         monotonic: Callable[[], float] = time.monotonic,
         stale_after_seconds: int = 15,
+        instance_id: str | None = None,
+        heartbeat_seconds: float = 5.0,
     ):
         self.rater = rater
         self.repo = rater.repo
@@ -95,6 +97,8 @@ class CallService:
         self.renew_before = renew_before_seconds
         self.monotonic = monotonic
         self.stale_after = stale_after_seconds
+        self.instance_id = instance_id
+        self.heartbeat_seconds = heartbeat_seconds
         self.ami: Any = None
         self.live: dict[uuid.UUID, LiveCall] = {}
         self._by_uniqueid: dict[str, uuid.UUID] = {}
@@ -334,12 +338,15 @@ class CallService:
             except Exception as exc:  # noqa: BLE001 - try again at the next round
                 log.warning("reconcile_no_channels", error=str(exc))
         up = {c.get("Uniqueid"): c for c in channels or []}
+        # calls of other gateway processes that are still alive stay theirs
+        others = await self.repo.live_instances(self.heartbeat_seconds * 4)
+        others.discard(self.instance_id or "")
         now = self.rater.clock()
         for row in await self.repo.open_calls():
             uniqueid = row["pbx_uniqueid"]
             age = (now - row["authorised_at"]).total_seconds()
             if channels is not None and uniqueid in up:
-                if row["id"] not in self.live:
+                if row["id"] not in self.live and row["owner"] not in others:
                     await self._adopt(row, channels)
                     counts["adopted"] += 1
                 else:
@@ -393,6 +400,15 @@ class CallService:
         if call.rated and call.answered_mono is not None and call.dest_channel:
             call.renew_task = asyncio.create_task(self._renew_loop(call),
                                                   name=f"renew-{call.call_id}")
+
+    async def run_heartbeat(self) -> None:
+        """Tell other gateway processes sharing the database that this one is alive."""
+        while True:
+            try:
+                await self.repo.heartbeat(self.instance_id or "")
+            except Exception as exc:  # noqa: BLE001 - try again at the next beat
+                log.warning("heartbeat_failed", error=str(exc))
+            await asyncio.sleep(self.heartbeat_seconds)
 
     async def run_reconciler(self, interval: float) -> None:
         while True:

@@ -552,3 +552,21 @@ class Repository:
             " ORDER BY (disposition = 'ANSWERED') DESC, id DESC LIMIT 1",
             pbx_uniqueid,
         )
+
+    # ---- gateway processes -----------------------------------------------------------
+
+    async def heartbeat(self, instance_id: str) -> None:
+        await self._execute(
+            "INSERT INTO gateway_instances (id) VALUES ($1)"
+            " ON CONFLICT (id) DO UPDATE SET last_seen = now()", instance_id,
+        )
+
+    async def live_instances(self, within_seconds: float) -> set[str]:
+        rows = await self._fetch(
+            "SELECT id FROM gateway_instances"
+            " WHERE last_seen > now() - make_interval(secs => $1)", within_seconds,
+        )
+        return {r["id"] for r in rows}
+
+    async def forget_instance(self, instance_id: str) -> None:
+        await self._execute("DELETE FROM gateway_instances WHERE id = $1", instance_id)
