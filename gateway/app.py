@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
-import socket
 import pathlib
+import secrets
 import signal
+import socket
 from typing import Any
 
 import asyncpg
