@@ -259,7 +259,13 @@ class AgiServer:
             raise RuntimeError("AGI server already started")
         self._stopping = False
         self._server = await asyncio.start_server(
-            self._handle_client, self._host, self._port, limit=self._max_line_bytes
+            self._handle_client,
+            self._host,
+            self._port,
+            limit=self._max_line_bytes,
+            # A burst of calls must not wait in the kernel: Asterisk gives up on a
+            # FastAGI connect after about 2 s and applies its fail policy.
+            backlog=max(128, self._max_sessions),
         )
         self._log.info("agi.listening", host=self._host, port=self.port)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import math
 import time
 import uuid
 from collections.abc import Callable
@@ -285,7 +284,9 @@ class CallService:
         answered_ms = _int(_arg(args, 1))
         billsec = _int(_arg(args, 3))
         if answered_ms is not None:
-            billable = math.ceil(answered_ms / 1000)
+            # whole seconds, truncated as the PBX's CDR counts them, so that the AGI
+            # report and the Cdr event bill the same call the same way
+            billable = answered_ms // 1000
         else:
             billable = billsec or 0
         await self.finish(call_id, billable, by="agi")
