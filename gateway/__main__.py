@@ -31,7 +31,10 @@ async def _migrate(config_path: str | None) -> int:
 
     from .store.migrate import migrate
 
+    from . import logs
+
     cfg = load(config_path)
+    logs.configure(cfg.log_format, cfg.log_level)
     if not cfg.database_url:
         print("gateway: migrate needs GATEWAY_DATABASE_URL (serve migrates the embedded "
               "database itself)", file=sys.stderr)

@@ -1,0 +1,67 @@
+"""Migrations: applied in order, recorded, safe to run twice and from two processes at
+once, and `python -m gateway migrate` does it from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+
+import asyncpg
+import pytest
+
+from gateway.store.migrate import migrate, migration_files
+
+from .conftest import ADMIN_URL, need, with_database
+
+pytestmark = pytest.mark.db
+
+
+@pytest.fixture
+async def empty_database():
+    name = f"gw_mig_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = await asyncpg.connect(ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        need(f"PostgreSQL at {ADMIN_URL}: {exc}")
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(ADMIN_URL, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_migrations_apply_once_in_order(empty_database):
+    conn = await asyncpg.connect(empty_database)
+    try:
+        first = await migrate(conn)
+        second = await migrate(conn)
+        versions = [r["version"] for r in await conn.fetch(
+            "SELECT version FROM schema_migrations ORDER BY applied_at, version")]
+    finally:
+        await conn.close()
+    expected = [v for v, _ in migration_files()]
+    assert first == expected and expected == sorted(expected)
+    assert second == []
+    assert versions == expected
+
+
+async def test_two_processes_migrating_at_once(empty_database):
+    env = {**os.environ, "GATEWAY_DATABASE_URL": empty_database}
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "migrate", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE) for _ in range(2)]
+    outs = [await asyncio.wait_for(p.communicate(), 60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    printed = sorted(o[0].decode().strip() for o in outs)
+    # exactly one of them applied the migrations; the other found them done
+    assert printed[0].startswith("applied: 001_schema")
+    assert printed[1] == "applied: nothing (up to date)"
+    conn = await asyncpg.connect(empty_database)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(
+            migration_files())
+    finally:
+        await conn.close()
