@@ -473,3 +473,19 @@ async def test_fifty_concurrent_calls_on_a_pool_that_funds_only_some(
     used, reserved = await pool_row(repo)
     assert used == 3000 + billed and used <= 3120 and reserved == 0
     await ledger_agrees(repo)
+
+
+# start-up against the real PBX -------------------------------------------------------------
+
+async def test_wrong_ami_secret_is_a_clear_error_at_start(pbx, database_url, agi_port):
+    from gateway.app import StartupError
+
+    gw = Gateway(gateway_config(pbx, database_url, agi_port, ami_secret="wrong-secret"),
+                 configure_logs=False)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(StartupError) as e:
+        await gw.start()
+    await gw.stop()
+    assert str(e.value).startswith("ami: AMI_LOGIN_FAILED")
+    assert "wrong-secret" not in str(e.value)
+    assert asyncio.get_running_loop().time() - started < 10  # no silent hang
