@@ -37,7 +37,7 @@ def explain(*results: CallResult) -> str:
 def cdr_pgsql_conf(database_url: str) -> str:
     name = database_url.rpartition("/")[2]
     return (f"[global]\nhostname=127.0.0.1\nport=5432\ndbname={name}\nuser=postgres\n"
-            "password=\ntable=cdr\n")
+            "password=\ntable=cdr\nencoding=UTF8\n")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,9 @@ def agi_port():
 
 
 @pytest.fixture(scope="module")
-def e2e_pbx(pbx_root, agi_port, database_url):  # noqa: F811
+def e2e_pbx(pbx_root, agi_port, database_url, db_pool):  # noqa: F811
+    # db_pool has run the migrations: cdr_pgsql must find its table when it loads
+    # (Asterisk 22.10 aborts with a double free when the table is missing)
     pbx = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{agi_port}",
               extra_config={"cdr_pgsql.conf": cdr_pgsql_conf(database_url)},
               load=("cdr_pgsql.so",))
