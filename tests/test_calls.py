@@ -272,3 +272,22 @@ async def test_calls_remember_the_process_that_authorised_them(database_url, adm
         assert await pool.fetchval("SELECT owner FROM calls WHERE id = $1", d.call_id) == "gw-42"
     finally:
         await pool.close()
+
+
+async def test_one_canonical_line_per_decision_and_settlement_with_the_call_ids(admin,
+                                                                                service):
+    from structlog.contextvars import merge_contextvars
+    from structlog.testing import capture_logs
+
+    await standard_tenant(admin)
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        s = Session("outbound", "2125550100", "alice", uniqueid="u-log")
+        await service.agi_outbound(s)
+        await service.agi_hangup(Session("hangup", s.vars["GW_CALL_ID"], "30500", "ANSWER",
+                                         "30", uniqueid="u-log"))
+    decisions = [e for e in logs if e["event"] == "decision"]
+    settlements = [e for e in logs if e["event"] == "settlement"]
+    assert len(decisions) == 1 and len(settlements) == 1
+    assert decisions[0]["uniqueid"] == "u-log" and decisions[0]["agi"] == "outbound"
+    assert decisions[0]["call_id"] == s.vars["GW_CALL_ID"]
+    assert (settlements[0]["uniqueid"], settlements[0]["billed_seconds"]) == ("u-log", 60)

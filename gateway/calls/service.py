@@ -137,6 +137,10 @@ class CallService:
 
     async def agi_outbound(self, session: AgiSession) -> None:
         """args: dialled, caller's PJSIP endpoint, linkedid."""
+        with _bound(session):
+            await self._outbound(session)
+
+    async def _outbound(self, session: AgiSession) -> None:
         req = session.request
         dialled = _arg(req.args, 0) or req.extension or ""
         endpoint = _arg(req.args, 1) or _endpoint_of(req.channel)
@@ -151,6 +155,10 @@ class CallService:
 
     async def agi_inbound(self, session: AgiSession) -> None:
         """args: called number (DNIS), caller id number, linkedid."""
+        with _bound(session):
+            await self._inbound(session)
+
+    async def _inbound(self, session: AgiSession) -> None:
         req = session.request
         called = _arg(req.args, 0) or req.extension or ""
         caller = _arg(req.args, 1) or req.callerid or ""
@@ -216,6 +224,11 @@ class CallService:
         call = self._find(event.get("Uniqueid"))
         if call is None or call.answered_mono is not None:
             return
+        with structlog.contextvars.bound_contextvars(call_id=str(call.call_id),
+                                                     uniqueid=call.uniqueid):
+            await self._answered(call, event)
+
+    async def _answered(self, call: LiveCall, event: dict[str, str]) -> None:
         call.answered_mono = self.monotonic()
         call.answered_at = self.rater.clock()
         call.dest_channel = event.get("DestChannel")
@@ -275,6 +288,10 @@ class CallService:
 
     async def agi_hangup(self, session: AgiSession) -> None:
         """args: call id, answered talk time in ms, DIALSTATUS, CDR(billsec)."""
+        with _bound(session):
+            await self._hangup_report(session)
+
+    async def _hangup_report(self, session: AgiSession) -> None:
         args = session.request.args
         try:
             call_id = uuid.UUID(_arg(args, 0) or "")
@@ -301,7 +318,9 @@ class CallService:
         billable = _int(event.get("BillableSeconds")) or 0
         if event.get("Disposition") != "ANSWERED":
             billable = 0
-        await self.finish(call_id, billable, by="cdr")
+        with structlog.contextvars.bound_contextvars(call_id=str(call_id),
+                                                     uniqueid=event.get("UniqueID")):
+            await self.finish(call_id, billable, by="cdr")
 
     async def on_hangup(self, event: dict[str, str]) -> None:
         call = self._find(event.get("Uniqueid"))
@@ -438,6 +457,14 @@ class CallService:
     def _find(self, uniqueid: str | None) -> LiveCall | None:
         call_id = self._by_uniqueid.get(uniqueid or "")
         return self.live.get(call_id) if call_id else None
+
+
+def _bound(session: AgiSession) -> Any:
+    """Every log line while serving this AGI session names the PBX channel."""
+    req = session.request
+    return structlog.contextvars.bound_contextvars(uniqueid=req.uniqueid or None,
+                                                   channel=req.channel or None,
+                                                   agi=req.script)
 
 
 def _arg(args: tuple[str, ...], i: int) -> str | None:
