@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from gateway.calls.causes import REJECT_CAUSES
 from tests.pbx.fixtures import make_pbx, pbx_root  # noqa: F401  (fixtures)
 from tests.pbx.harness import DIALPLAN_DIR, CallResult, Pbx, free_port
 
@@ -28,17 +29,9 @@ pytestmark = [pytest.mark.pbx, pytest.mark.timeout(180)]
 
 NUMBER = "15551234567"  # what the phones dial (the gateway would normalise it)
 
-#: The recommended reason -> Q.850 cause table (docs/dialplan.md), with the SIP
-#: final response each cause produced on the real PBX.
-REASON_CAUSE_SIP = {
-    "UNKNOWN_CALLER": (21, 403),
-    "NO_LICENSE": (50, 603),
-    "INVALID_NUMBER": (28, 484),
-    "BLOCKED_DESTINATION": (21, 403),
-    "NO_BALANCE": (31, 480),
-    "NO_RATE": (3, 404),
-    "UNKNOWN_NUMBER": (1, 404),
-}
+#: The gateway's reason -> (Q.850 cause, SIP final response) table: the real PBX must
+#: turn each cause into exactly that response.
+REASON_CAUSE_SIP = REJECT_CAUSES
 
 
 # ---------------------------------------------------------------------------
