@@ -33,10 +33,6 @@ from .causes import cause_for
 
 log = structlog.get_logger("gateway.calls")
 
-#: AGI routes this module serves; the dialplan calls agi://host:port/<route>,args
-ROUTES = ("outbound", "inbound", "hangup")
-
-
 @dataclass
 class LiveCall:
     call_id: uuid.UUID
@@ -101,12 +97,12 @@ class CallService:
         self.ami: Any = None
         self.live: dict[uuid.UUID, LiveCall] = {}
         self._by_uniqueid: dict[str, uuid.UUID] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
         self.last_reconcile: dict[str, Any] = {}
 
     # ---- wiring ------------------------------------------------------------------------
 
     def routes(self) -> dict[str, Callable[[AgiSession], Any]]:
+        """The AGI routes the dialplan calls: agi://host:port/<route>,args"""
         return {"outbound": self.agi_outbound, "inbound": self.agi_inbound,
                 "hangup": self.agi_hangup}
 
@@ -119,13 +115,10 @@ class CallService:
 
     async def stop(self) -> None:
         """Stop renewing; reservations stay in the database for the next start."""
-        for call in self.live.values():
-            if call.renew_task:
-                call.renew_task.cancel()
-        for task in list(self._tasks):
+        tasks = [c.renew_task for c in self.live.values() if c.renew_task]
+        for task in tasks:
             task.cancel()
-        for task in [c.renew_task for c in self.live.values() if c.renew_task] + list(
-                self._tasks):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
