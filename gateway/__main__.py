@@ -29,9 +29,8 @@ async def _serve(config_path: str | None) -> int:
 async def _migrate(config_path: str | None) -> int:
     import asyncpg
 
-    from .store.migrate import migrate
-
     from . import logs
+    from .store.migrate import migrate
 
     cfg = load(config_path)
     logs.configure(cfg.log_format, cfg.log_level)
