@@ -18,7 +18,7 @@ import contextlib
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,39 +130,33 @@ class CallService:
 
     async def agi_outbound(self, session: AgiSession) -> None:
         """args: dialled, caller's PJSIP endpoint, linkedid."""
-        with _bound(session):
-            await self._outbound(session)
-
-    async def _outbound(self, session: AgiSession) -> None:
         req = session.request
         dialled = _arg(req.args, 0) or req.extension or ""
         endpoint = _arg(req.args, 1) or _endpoint_of(req.channel)
-        linkedid = _arg(req.args, 2)
-        started = time.perf_counter()
-        try:
-            decision = await self.rater.authorise_outbound(
-                endpoint, dialled, pbx_uniqueid=req.uniqueid or None, linkedid=linkedid)
-        except Exception as exc:  # noqa: BLE001 - one deny path for every failure
-            decision = self._failed("outbound", exc, dialled, endpoint)
-        await self._answer(session, "outbound", decision, endpoint, started)
+        await self._decide(session, "outbound", endpoint, dialled,
+                           lambda: self.rater.authorise_outbound(
+                               endpoint, dialled, pbx_uniqueid=req.uniqueid or None,
+                               linkedid=_arg(req.args, 2)))
 
     async def agi_inbound(self, session: AgiSession) -> None:
         """args: called number (DNIS), caller id number, linkedid."""
-        with _bound(session):
-            await self._inbound(session)
-
-    async def _inbound(self, session: AgiSession) -> None:
         req = session.request
         called = _arg(req.args, 0) or req.extension or ""
         caller = _arg(req.args, 1) or req.callerid or ""
-        linkedid = _arg(req.args, 2)
-        started = time.perf_counter()
-        try:
-            decision = await self.rater.authorise_inbound(
-                called, caller, pbx_uniqueid=req.uniqueid or None, linkedid=linkedid)
-        except Exception as exc:  # noqa: BLE001
-            decision = self._failed("inbound", exc, called, caller)
-        await self._answer(session, "inbound", decision, caller, started)
+        await self._decide(session, "inbound", caller, called,
+                           lambda: self.rater.authorise_inbound(
+                               called, caller, pbx_uniqueid=req.uniqueid or None,
+                               linkedid=_arg(req.args, 2)))
+
+    async def _decide(self, session: AgiSession, direction: str, caller: str, dialled: str,
+                      authorise: Callable[[], Awaitable[Decision]]) -> None:
+        with _bound(session):
+            started = time.perf_counter()
+            try:
+                decision = await authorise()
+            except Exception as exc:  # noqa: BLE001 - one deny path for every failure
+                decision = self._failed(direction, exc, dialled, caller)
+            await self._answer(session, direction, decision, caller, started)
 
     def _failed(self, direction: str, exc: Exception, dialled: str, caller: str) -> Decision:
         if isinstance(exc, GatewayError):
