@@ -128,11 +128,11 @@ class _Db:
     """The database of the configuration, opened for one command."""
 
     def __init__(self, cfg: Config):
-        if not cfg.database_url:
-            raise CliError("operator commands need database_url (GATEWAY_DATABASE_URL); "
-                           "with the embedded database, use the admin API of the running "
-                           "gateway", code="NO_DATABASE_URL")
+        # no URL: the same embedded database `gateway serve` uses (shared, not stopped
+        # while the gateway holds it)
         self.url = cfg.database_url
+        self.data_path = pathlib.Path(cfg.data_dir).resolve() / "pgdata"
+        self.embedded: Any = None
         self.pool: Any = None
 
     async def __aenter__(self) -> Any:
@@ -142,6 +142,14 @@ class _Db:
         from .db import open_pool
         from .store.repository import Repository
 
+        from .db import start_embedded_async
+
+        if not self.url:
+            try:
+                self.url, self.embedded = await start_embedded_async(self.data_path)
+            except Exception as exc:  # noqa: BLE001 - pgserver raises its own kinds
+                raise CliError(f"cannot start the embedded database in {self.data_path}: "
+                               f"{exc}", code="DATABASE_UNAVAILABLE") from exc
         try:
             self.pool = await asyncio.wait_for(
                 open_pool(self.url, min_size=1, max_size=4), timeout=15)
@@ -153,6 +161,8 @@ class _Db:
     async def __aexit__(self, *exc: object) -> None:
         if self.pool is not None:
             await self.pool.close()
+        if self.embedded is not None:
+            self.embedded.cleanup()
 
 
 def _read(path: str, what: str) -> str:

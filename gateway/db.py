@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import warnings
 
 import asyncpg
 import structlog
@@ -57,7 +58,10 @@ def start_embedded(data_dir: pathlib.Path) -> tuple[str, object]:
     import pgserver  # imported here: only the embedded mode needs it
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, containers)
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
     return server.get_uri(), server
 
 

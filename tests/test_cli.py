@@ -344,9 +344,11 @@ async def test_command_line_mistakes_and_help(run, tmp_path):
     assert rc == 0 and err == ""
     for command in ("provision", "topup", "import-rates", "usage", "calls", "live"):
         assert f"gateway {command}" in out
-    no_db = Cli(config_file(tmp_path / "empty.toml"))
-    rc, out, err = await no_db("usage", TENANT)
-    assert rc == 1 and err.startswith("gateway: NO_DATABASE_URL: ")
+    # no database URL: the commands open the embedded database of data_dir
+    embedded = Cli(config_file(tmp_path / "empty.toml", data_dir=str(tmp_path / "var")))
+    rc, out, err = await embedded("usage", TENANT)
+    assert rc == 1 and err.startswith("gateway: UNKNOWN_TENANT: "), err
+    assert (tmp_path / "var" / "pgdata" / "PG_VERSION").exists()
     broken = tmp_path / "broken.toml"
     broken.write_text("agi_port = 'many'\n")
     rc, out, err = await Cli(broken)("usage", TENANT)
