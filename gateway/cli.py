@@ -139,10 +139,8 @@ class _Db:
         import asyncpg
 
         from .admin import Admin
-        from .db import open_pool
+        from .db import open_pool, start_embedded_async
         from .store.repository import Repository
-
-        from .db import start_embedded_async
 
         if not self.url:
             try:

@@ -55,12 +55,12 @@ def start_embedded(data_dir: pathlib.Path) -> tuple[str, object]:
     pgserver ships the server binaries in its wheel and keeps the server running while
     a handle is held.
     """
-    import pgserver  # imported here: only the embedded mode needs it
-
     data_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, containers)
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        import pgserver  # imported here: only the embedded mode needs it
+
         server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
     return server.get_uri(), server
 
