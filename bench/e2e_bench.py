@@ -1,0 +1,1122 @@
+"""End to end through Asterisk: what the gateway adds to post-dial delay, and how far
+the call rate can rise before something fails.
+
+One script, one scratch PostgreSQL database (dropped at the end), one Asterisk 22
+(the test harness's ``Pbx``, run from the sid root folder) and the real ``Gateway``
+in this process. Two phones on that one PBX:
+
+  gateway  endpoint ``alice`` in ``gateway-outbound``: the shipped dialplan asks the
+           gateway over FastAGI, then dials ``PJSIP/<number>@carrier,,L(...)``;
+  direct   endpoint ``direct`` in a bench-only context that dials the same number on
+           the same carrier trunk at once, without AGI (and without L()).
+
+A SIPp carrier (``bench/scenarios/uas_answer.xml``) answers every call at once
+(180 then 200). A SIPp phone (``bench/scenarios/uac_pdd.xml``) places N calls at a
+fixed rate, each held ``--hold-ms`` then hung up; SIPp's own response-time
+measurement (``start_rtd``/``rtd``, written by ``-trace_rtt``) gives the post-dial
+delay, INVITE sent -> first 180/183/200 received, and ``-trace_stat`` /
+``-trace_counts`` give the successful and failed calls and the responses seen.
+
+Part 1 runs ``--calls`` calls at ``--rate`` in each mode and prints p50/p90/p99/max of
+both, the ratio and the difference of the medians. Part 2 ramps the rate
+(``--ramp``, ``--step-seconds`` per step) in both modes, alternating, and stops a
+mode at the first step where any call fails, its median PDD exceeds
+``--max-median-ms`` or SIPp places under 90 % of the rate; it prints the highest rate
+at which every call completed and, for every step, what each part did: SIPp's
+failure counts, response codes and INVITE retransmissions, the gateway's AGI stats,
+decision-latency histogram (``gateway.metrics``) and per-call handler timings, its
+database pool and AMI backlog, PostgreSQL wait events, Asterisk's task queues and
+log warnings, and the CPU used by each process.
+
+    .venv/bin/python bench/e2e_bench.py [--rate 10] [--calls 200] \\
+        [--ramp 20,40,60,80,100,120,140,160,200,240] [--step-seconds 8]
+
+What-if knobs for the PBX (both off by default, i.e. Asterisk's defaults):
+``--overload-trigger pjsip_only`` and ``--stasis-decline TYPE,...``.
+
+Needs the PBX root folder (``.ci/pbx-root.sh``; ``$PBX_ROOT``) and PostgreSQL
+(``$GATEWAY_TEST_DATABASE_URL``, default the test suite's). Loopback only; every
+process is bounded in time and killed on exit or error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import datetime as dt
+import io
+import os
+import re
+import secrets
+import signal
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gateway import logs  # noqa: E402
+from gateway.admin import Admin  # noqa: E402
+from gateway.app import Gateway  # noqa: E402
+from gateway.config import Config  # noqa: E402
+from gateway.db import open_pool  # noqa: E402
+from gateway.store.repository import Repository  # noqa: E402
+from tests.pbx import harness  # noqa: E402
+from tests.pbx.harness import Pbx, free_port, pbx_root_path, root_ready  # noqa: E402
+from tests.scenario import standard_tenant  # noqa: E402
+
+ADMIN_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL",
+                           "postgresql://postgres@127.0.0.1:5432/test")
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+NUMBER = "2125550100"  # New York: domestic for alice (Canada), billed from the pool
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# The direct mode: same trunk, same number as the gateway's pstn route (which
+# sends E.164 without '+', i.e. 1 + the ten NANP digits), same Dial() with no
+# options; nothing before it.
+DIRECT_DIALPLAN = """
+[bench-direct]
+; bench/e2e_bench.py only: dial the carrier at once, no AGI, no L()
+exten => _X.,1,Dial(PJSIP/1${EXTEN}@${GW_PSTN_TRUNK})
+ same => n,Hangup()
+"""
+
+# Asterisk logs notices, warnings and errors (no verbose lines: writing every
+# dialplan step to a file is not what a production PBX does, and it would
+# charge the gateway's longer dialplan for the bench's logging).
+LOGGER_CONF = "[general]\ndateformat = %F %T.%3q\n\n[logfiles]\nfull => notice,warning,error\n"
+
+MODES = ("gateway", "direct")
+PHONE = {"gateway": "alice", "direct": "direct"}
+
+
+class BenchPbx(Pbx):
+    """The harness's PBX, optionally with PJSIP's ``taskprocessor_overload_trigger``
+    set (``global`` when unset: any overloaded Asterisk task queue makes PJSIP drop
+    new requests until it drains)."""
+
+    overload_trigger = ""
+
+    def _pjsip_conf(self) -> str:
+        text = super()._pjsip_conf()
+        if self.overload_trigger:
+            text = text.replace("type=global\n", "type=global\ntaskprocessor_overload_trigger="
+                                f"{self.overload_trigger}\n", 1)
+        return text
+
+
+def taskprocessors(text: str) -> dict[str, tuple[int, int, int]]:
+    """``core show taskprocessors``: name (without its serial number) -> (processed, max
+    depth, high water), summed/maxed over the queues that share a name."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 8 or not parts[1].isdigit():
+            continue
+        name = re.sub(r"-[0-9a-f]{8}$", "", parts[0])
+        processed, depth, high = int(parts[1]), int(parts[3]), int(parts[5])
+        p0, d0, h0 = out.get(name, (0, 0, 0))
+        out[name] = (p0 + processed, max(d0, depth), max(h0, high))
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(p / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0, "p50": float("nan"), "p90": float("nan"), "p99": float("nan"),
+                "max": float("nan")}
+    return {"n": len(values), "p50": statistics.median(values), "p90": pct(values, 90),
+            "p99": pct(values, 99), "max": max(values)}
+
+
+def fmt_ms(v: float) -> str:
+    return "-" if v != v else f"{v:.1f}"  # NaN -> "-"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------
+# SIPp, many calls per process
+# ----------------------------------------------------------------------------------
+
+
+class SippLoad:
+    """One SIPp process (``chroot ROOT sh -c 'cd DIR; exec sipp ...'``) placing or taking
+    many calls; its statistics files land in its own folder under the PBX run folder."""
+
+    def __init__(self, pbx: Pbx, endpoint: str, scenario: str, params: dict[str, Any], *,
+                 calls: int, limit: int, timeout: float, rate: float | None = None,
+                 service: str = "s", recv_timeout_ms: int = 10_000) -> None:
+        self.pbx = pbx
+        self.endpoint = endpoint
+        self.scenario = scenario
+        self.calls = calls
+        self.timeout = timeout
+        tag = f"{scenario}-{endpoint}-{secrets.token_hex(3)}"
+        self.host_dir = pbx.run_dir / "sipp" / tag
+        self.guest_dir = f"{pbx.guest_dir}/sipp/{tag}"
+        self.host_dir.mkdir(parents=True, exist_ok=True)
+        text = (SCENARIOS / f"{scenario}.xml").read_text()
+        for key, value in params.items():
+            text = text.replace(f"@@{key}@@", str(value))
+        if "@@" in text:
+            left = re.findall(r"@@(\w+)@@", text)
+            raise RuntimeError(f"scenario {scenario}: no value for {left}")
+        (self.host_dir / f"{scenario}.xml").write_text(text)
+        args = [
+            f"127.0.0.1:{pbx.sip_port}", "-sf", f"{scenario}.xml",
+            "-i", "127.0.0.1", "-mi", "127.0.0.1", "-p", str(pbx.ports[endpoint]),
+            "-cp", str(free_port("udp")), "-mp", str(free_port("both")),
+            "-t", "u1", "-m", str(calls), "-l", str(limit), "-s", service,
+            "-key", "caller", endpoint, "-nostdin", "-timeout", f"{int(timeout)}s",
+            "-recv_timeout", str(recv_timeout_ms),
+            "-trace_stat", "-stf", "stat.csv", "-fd", "1",
+            "-trace_counts", "-trace_rtt", "-rtt_freq", "1",
+            "-trace_err", "-error_file", "errors.log",
+        ]
+        if rate is not None:
+            args += ["-r", f"{rate:g}", "-rp", "1000"]
+        self.cmd = ["chroot", str(pbx.root), "sh", "-c", 'cd "$1" && shift && exec sipp "$@"',
+                    "sh", self.guest_dir, *args]
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_at = 0.0
+        self.ended_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def start(self, *, wait_bound: bool = False) -> SippLoad:
+        self._out = (self.host_dir / "stdout.log").open("wb")  # noqa: SIM115
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.cmd, stdin=asyncio.subprocess.DEVNULL, stdout=self._out,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        harness._LIVE_PROCS.add(self.proc)  # killed by the harness's atexit too
+        self.started_at = time.monotonic()
+        if wait_bound:
+            deadline = time.monotonic() + 10
+            while not harness._udp_port_bound(self.pbx.ports[self.endpoint]):
+                if self.proc.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"sipp {self.scenario} did not start:\n{self.output()}")
+                await asyncio.sleep(0.02)
+        return self
+
+    async def wait(self, within: float) -> int | None:
+        """Wait for SIPp to end by itself, at most ``within`` s; then kill it."""
+        try:
+            await asyncio.wait_for(self.proc.wait(), within)
+        except TimeoutError:
+            self.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 5)
+        self.ended_at = time.monotonic()
+        harness._LIVE_PROCS.discard(self.proc)
+        with contextlib.suppress(Exception):
+            self._out.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def output(self) -> str:
+        p = self.host_dir / "stdout.log"
+        return p.read_text(errors="replace")[-2000:] if p.exists() else ""
+
+    # -- results ---------------------------------------------------------------------
+
+    def _one(self, pattern: str) -> Path | None:
+        found = sorted(self.host_dir.glob(pattern))
+        return found[-1] if found else None
+
+    def stats(self) -> dict[str, str]:
+        """The last line of ``-trace_stat`` (cumulative counters), by column."""
+        p = self.host_dir / "stat.csv"
+        if not p.exists():
+            return {}
+        rows = list(csv.reader(io.StringIO(p.read_text(errors="replace")), delimiter=";"))
+        rows = [r for r in rows if r]
+        if len(rows) < 2:
+            return {}
+        return dict(zip(rows[0], rows[-1], strict=False))
+
+    def counts(self) -> dict[str, int]:
+        """``-trace_counts``: how often each scenario step happened (e.g. ``12_503_Recv``)."""
+        p = self._one("*_counts.csv")
+        if p is None:
+            return {}
+        rows = [r for r in csv.reader(io.StringIO(p.read_text(errors="replace")),
+                                      delimiter=";") if r]
+        if len(rows) < 2:
+            return {}
+        out: dict[str, int] = {}
+        for k, v in zip(rows[0], rows[-1], strict=False):
+            with contextlib.suppress(ValueError):
+                out[k] = int(v)
+        return out
+
+    def rtds(self, name: str = "pdd") -> list[float]:
+        """Every response-time sample (ms) of the measurement ``name``."""
+        p = self._one("*_rtt.csv")
+        if p is None:
+            return []
+        out: list[float] = []
+        for row in csv.reader(io.StringIO(p.read_text(errors="replace")), delimiter=";"):
+            if len(row) >= 3 and row[2].strip() in (name, "1"):
+                with contextlib.suppress(ValueError):
+                    out.append(float(row[1]))
+        return out
+
+    def errors(self, limit: int = 5) -> list[str]:
+        """SIPp's error log, one line per event (a received message shown by its
+        first line), the most frequent first."""
+        p = self.host_dir / "errors.log"
+        if not p.exists():
+            return []
+        events = re.split(r"^\d{4}-\d\d-\d\d\s+[\d:.]+\s+[\d.]+: ", p.read_text(
+            errors="replace"), flags=re.M)[1:]
+        lines = [re.sub(r"(received '[^\r\n]*).*", r"\1'", e.strip(), flags=re.S)
+                 .splitlines()[0] for e in events if e.strip()]
+        return _top(lines, limit)
+
+    def achieved_rate(self) -> float:
+        """Calls/s actually placed, from when the answers to the first and the last
+        INVITE arrived (the ``-trace_rtt`` dates); 0 with fewer than two samples."""
+        p = self._one("*_rtt.csv")
+        if p is None:
+            return 0.0
+        dates = []
+        for row in csv.reader(io.StringIO(p.read_text(errors="replace")), delimiter=";"):
+            with contextlib.suppress(ValueError, IndexError):
+                dates.append(float(row[0]))
+        if len(dates) < 2 or max(dates) <= min(dates):
+            return 0.0
+        return (len(dates) - 1) / (max(dates) - min(dates)) * 1000
+
+
+def _top(lines: list[str], limit: int) -> list[str]:
+    """The most frequent lines, numbers masked, with their counts."""
+    counted: dict[str, int] = {}
+    for ln in lines:
+        key = re.sub(r"\d+", "N", ln)[:160]
+        counted[key] = counted.get(key, 0) + 1
+    return [f"{n}x {k}" for k, n in sorted(counted.items(), key=lambda kv: -kv[1])[:limit]]
+
+
+# ----------------------------------------------------------------------------------
+# what each part did during a step
+# ----------------------------------------------------------------------------------
+
+
+def _ticks(pid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _postgres_backends(dbname: str) -> list[int]:
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text.startswith("postgres: ") and f" {dbname} " in text:
+            out.append(int(cmdline.parent.name))
+    return out
+
+
+def _machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    return sum(parts) - idle, sum(parts)
+
+
+class CpuMeter:
+    """CPU seconds of each part (sampled from /proc every 0.5 s in a thread)."""
+
+    def __init__(self, dbname: str, asterisk_pid: int | None) -> None:
+        self.dbname = dbname
+        self.asterisk_pid = asterisk_pid
+        self.sipps: dict[str, int] = {}
+        self.exclude: set[int] = set()
+        self.first: dict[tuple[str, int], int] = {}
+        self.last: dict[tuple[str, int], int] = {}
+        self.t0 = time.monotonic()
+        self.m0 = _machine_busy()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def _sample(self) -> None:
+        pids: list[tuple[str, int]] = [("gateway+bench (python)", os.getpid())]
+        if self.asterisk_pid:
+            pids.append(("asterisk", self.asterisk_pid))
+        pids += [("postgres", p) for p in _postgres_backends(self.dbname)
+                 if p not in self.exclude]
+        pids += [(label, p) for label, p in self.sipps.items()]
+        for key in pids:
+            t = _ticks(key[1])
+            if t is None:
+                continue
+            self.first.setdefault(key, t)
+            self.last[key] = t
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.to_thread(self._sample)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.5)
+
+    def start(self) -> CpuMeter:
+        self._sample()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> dict[str, float]:
+        """Share of one core used by each part, and the machine's busy share (0..1 of
+        all cores), over the time since start."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        self._sample()
+        elapsed = max(time.monotonic() - self.t0, 1e-3)
+        out: dict[str, float] = {}
+        for key, last in self.last.items():
+            out[key[0]] = out.get(key[0], 0.0) + (last - self.first[key]) / CLK_TCK / elapsed
+        m1 = _machine_busy()
+        busy = (m1[0] - self.m0[0]) / max(m1[1] - self.m0[1], 1)
+        mine = sum(out.values())
+        out["machine busy (all cores)"] = busy
+        # everything else on the machine (the bench's probes, other people's work)
+        out["other processes"] = max(0.0, busy * (os.cpu_count() or 1) - mine)
+        return out
+
+
+class LoopLag:
+    """How late the gateway's event loop (this process's) runs a 5 ms timer."""
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.005)
+            self.lags.append((time.perf_counter() - t - 0.005) * 1000)
+
+    def start(self) -> LoopLag:
+        self.lags.clear()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> dict[str, float]:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        return summary(self.lags)
+
+
+class DbProbe:
+    """What the gateway's database side was doing: every 100 ms, the backends of the
+    bench database that are running a statement, by wait event (``Lock:tuple`` and
+    ``Lock:transactionid`` are row-lock waits, ``CPU`` means working), and every
+    10 ms how many of the gateway's pooled connections are in use and how many AMI
+    events wait for the gateway's (sequential) event handlers."""
+
+    def __init__(self, conn: asyncpg.Connection, dbname: str, gw: Gateway) -> None:
+        pool, pool_max = gw.pool, gw.config.db_pool_size
+        events = getattr(gw.ami, "_events", None)  # the AMI client's event queue
+        self.ami_backlog = events.qsize if events is not None else (lambda: 0)
+        self.backlog: list[int] = []
+        self.conn = conn
+        self.dbname = dbname
+        self.pool = pool
+        self.pool_max = pool_max
+        self.waits: dict[str, int] = {}
+        self.samples = 0
+        self.in_use: list[int] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _pg(self) -> None:
+        q = ("SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w, count(*)"
+             " FROM pg_stat_activity WHERE datname = $1 AND state = 'active'"
+             " AND pid <> pg_backend_pid() GROUP BY 1")
+        while True:
+            with contextlib.suppress(asyncpg.PostgresError, OSError):
+                for r in await self.conn.fetch(q, self.dbname, timeout=2):
+                    self.waits[r["w"]] = self.waits.get(r["w"], 0) + r["count"]
+                self.samples += 1
+            await asyncio.sleep(0.1)
+
+    async def _pool(self) -> None:
+        while True:
+            self.in_use.append(self.pool.get_size() - self.pool.get_idle_size())
+            self.backlog.append(self.ami_backlog())
+            await asyncio.sleep(0.01)
+
+    def start(self) -> DbProbe:
+        self.waits.clear()
+        self.samples = 0
+        self.in_use.clear()
+        self.backlog.clear()
+        self._tasks = [asyncio.create_task(self._pg()), asyncio.create_task(self._pool())]
+        return self
+
+    async def stop(self) -> dict[str, Any]:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        n = max(self.samples, 1)
+        full = sum(1 for u in self.in_use if u >= self.pool_max)
+        return {
+            "active_backends": {k: round(v / n, 2) for k, v in sorted(
+                self.waits.items(), key=lambda kv: -kv[1])},
+            "pool_in_use_avg": statistics.mean(self.in_use) if self.in_use else 0.0,
+            "pool_full_share": full / len(self.in_use) if self.in_use else 0.0,
+            "pool_max": self.pool_max,
+            "ami_backlog_max": max(self.backlog, default=0),
+            "ami_backlog_end": self.backlog[-1] if self.backlog else 0,
+        }
+
+
+class GatewayProbe:
+    """Per-call timings inside the gateway, taken by wrapping (not changing) two
+    methods of the running instance: the whole AGI ``outbound`` handler (decide +
+    answer with SET VARIABLEs) and the rater's ``authorise_outbound`` (the decision
+    and reservation in PostgreSQL)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.handler_ms: list[float] = []
+        self.authorise_ms: list[float] = []
+        routes = gw.agi._routes  # the handlers the AGI server dispatches to
+        handler = routes["outbound"]
+        rater = gw.calls.rater
+        authorise = rater.authorise_outbound
+
+        async def timed_handler(session):
+            t0 = time.perf_counter()
+            try:
+                await handler(session)
+            finally:
+                self.handler_ms.append((time.perf_counter() - t0) * 1000)
+
+        async def timed_authorise(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return await authorise(*a, **kw)
+            finally:
+                self.authorise_ms.append((time.perf_counter() - t0) * 1000)
+
+        routes["outbound"] = timed_handler
+        rater.authorise_outbound = timed_authorise
+
+    def reset(self) -> None:
+        self.handler_ms.clear()
+        self.authorise_ms.clear()
+
+    def agi_stats(self) -> dict[str, int]:
+        return dict(self.gw.agi.stats)
+
+    def histogram(self) -> dict[float, float]:
+        """Cumulative bucket counts of gateway_authorisation_seconds{direction=outbound}."""
+        out: dict[float, float] = {}
+        for metric in self.gw.metrics.registry.collect():
+            for s in metric.samples:
+                if s.name == "gateway_authorisation_seconds_bucket" and \
+                        s.labels.get("direction") == "outbound":
+                    out[float(s.labels["le"])] = s.value
+        return out
+
+    def decisions(self) -> dict[str, int]:
+        return {f"{d}/{r}": n for (direction, d, r), n in
+                self.gw.metrics.reason_counts.items() if direction == "outbound"}
+
+
+def histogram_quantile(before: dict[float, float], after: dict[float, float],
+                       q: float) -> str:
+    """The bucket bound holding quantile q of the observations between two snapshots."""
+    bounds = sorted(after)
+    total = after.get(float("inf"), 0) - before.get(float("inf"), 0)
+    if total <= 0:
+        return "-"
+    for b in bounds:
+        if after[b] - before.get(b, 0) >= q * total:
+            return "> 2.5 s" if b == float("inf") else f"<= {b * 1000:g} ms"
+    return "-"
+
+
+# ----------------------------------------------------------------------------------
+# one step: N calls at a fixed rate in one mode
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    mode: str
+    rate: float
+    calls: int
+    ok: int = 0
+    failed: int = 0
+    achieved_rate: float = 0.0
+    pdd: list[float] = field(default_factory=list)
+    failure_kinds: dict[str, int] = field(default_factory=dict)
+    responses: dict[str, int] = field(default_factory=dict)
+    sipp_errors: list[str] = field(default_factory=list)
+    uas_failed: int = 0
+    uas_received: int = 0
+    asterisk_warnings: list[str] = field(default_factory=list)
+    asterisk_warning_count: int = 0
+    agi: dict[str, int] = field(default_factory=dict)
+    decisions: dict[str, int] = field(default_factory=dict)
+    decision_p50: str = "-"
+    decision_p99: str = "-"
+    handler: dict[str, float] = field(default_factory=dict)
+    authorise: dict[str, float] = field(default_factory=dict)
+    loop_lag: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+    db: dict[str, Any] = field(default_factory=dict)
+    invite_retrans: int = 0
+    call_states: dict[str, int] = field(default_factory=dict)
+    tasks: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    uac_rc: int | None = None
+    note: str = ""
+
+    @property
+    def pdd_summary(self) -> dict[str, float]:
+        return summary(self.pdd)
+
+    @property
+    def all_completed(self) -> bool:
+        return self.failed == 0 and self.ok == self.calls
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dbname = f"gw_e2e_bench_{uuid.uuid4().hex[:8]}"
+        self.url = ADMIN_URL.rpartition("/")[0] + "/" + self.dbname
+        self.pbx: Pbx | None = None
+        self.gw: Gateway | None = None
+        self.probe: GatewayProbe | None = None
+        self.asterisk_pid: int | None = None
+        self._log_offset = 0
+        self.db_conn: asyncpg.Connection | None = None
+
+    # -- set-up --------------------------------------------------------------------
+
+    async def provision(self) -> None:
+        pool = await open_pool(self.url, min_size=1, max_size=2)  # runs the migrations
+        try:
+            admin = Admin(Repository(pool))
+            await standard_tenant(admin)  # alice: Calling Plan, usage location CA
+            # enough pool for every call: 1,000,000 minutes per Calling Plan licence
+            await admin.set_allotment("CA", "domestic", 1_000_000)
+        finally:
+            await pool.close()
+
+    def start_pbx(self, agi_port: int) -> Pbx:
+        extra = {"logger.conf": LOGGER_CONF}
+        if self.args.stasis_decline:
+            # what-if: Stasis message types Asterisk must not create at all
+            extra["stasis.conf"] = "[declined_message_types]\n" + "".join(
+                f"decline={t.strip()}\n" for t in self.args.stasis_decline.split(",") if t.strip())
+        pbx = BenchPbx(root=self.args.pbx_root or None, gw_agi=f"127.0.0.1:{agi_port}",
+                  phones=("alice", "direct"), trunks=("carrier",),
+                  contexts={"direct": "bench-direct"}, extra_dialplan=DIRECT_DIALPLAN,
+                  extra_config=extra)
+        pbx.overload_trigger = self.args.overload_trigger
+        self.pbx = pbx  # stop() in the finally even if start() fails half-way
+        pbx.start()
+        pid_file = pbx.run_dir / "run" / "asterisk.pid"
+        with contextlib.suppress(OSError, ValueError):
+            self.asterisk_pid = int(pid_file.read_text().strip())
+        return pbx
+
+    async def start_gateway(self, pbx: Pbx, agi_port: int) -> Gateway:
+        cfg = Config(database_url=self.url, agi_port=agi_port, http_port=0,
+                     ami_host=pbx.ami_host, ami_port=pbx.ami_port, ami_username=pbx.ami_user,
+                     ami_secret=pbx.ami_secret, reconcile_interval_seconds=3600,
+                     log_format="console", log_level="warning")
+        gw = Gateway(cfg)
+        self.gw = gw
+        await gw.start()
+        self.probe = GatewayProbe(gw)
+        self.db_conn = await asyncpg.connect(self.url, timeout=10)
+        return gw
+
+    # -- Asterisk log ----------------------------------------------------------------
+
+    def _log_path(self) -> Path:
+        return self.pbx.run_dir / "log" / "full"
+
+    def mark_log(self) -> None:
+        p = self._log_path()
+        self._log_offset = p.stat().st_size if p.exists() else 0
+
+    def new_log_warnings(self) -> list[str]:
+        p = self._log_path()
+        if not p.exists():
+            return []
+        with open(p, "rb") as f:
+            f.seek(self._log_offset)
+            text = f.read().decode(errors="replace")
+        out = []
+        for ln in text.splitlines():
+            m = re.search(r"(WARNING|ERROR)\[\d+\](?:\[[^\]]*\])?:? (.*)", ln)
+            if m:
+                out.append(f"{m.group(1)} {m.group(2)}")
+        return out
+
+    async def call_states(self) -> dict[str, int]:
+        """How many calls the gateway's database holds in each state."""
+        rows = await self.db_conn.fetch("SELECT state, count(*) AS n FROM calls GROUP BY 1")
+        return {r["state"]: r["n"] for r in rows}
+
+    # -- one step ----------------------------------------------------------------------
+
+    async def settle_pbx(self, seconds: float = 15.0) -> None:
+        """Wait until the PBX has no channel left and the gateway no live call."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                chans = await asyncio.to_thread(self.pbx.channels)
+            except harness.PbxError:
+                chans = ["?"]
+            if not chans and not self.gw.calls.live:
+                return
+            await asyncio.sleep(0.25)
+        with contextlib.suppress(harness.PbxError):
+            await self.pbx.acli("channel request hangup all")
+        await asyncio.sleep(1)
+
+    async def step(self, mode: str, rate: float, calls: int) -> Step:
+        a = self.args
+        pbx = self.pbx
+        hold_s = a.hold_ms / 1000
+        duration = calls / rate
+        limit = max(20, int(rate * (hold_s + 3)))
+        uas = SippLoad(pbx, "carrier", "uas_answer", {"MAX_MS": 30_000}, calls=calls,
+                       limit=max(limit, calls), timeout=duration + hold_s + 60)
+        uac = SippLoad(pbx, PHONE[mode], "uac_pdd", {"HOLD_MS": a.hold_ms}, calls=calls,
+                       limit=limit, rate=rate, service=NUMBER,
+                       timeout=duration + hold_s + 40)
+        st = Step(mode=mode, rate=rate, calls=calls)
+        await uas.start(wait_bound=True)
+        probe = self.probe
+        probe.reset()
+        agi0, hist0, dec0 = probe.agi_stats(), probe.histogram(), probe.decisions()
+        states0 = await self.call_states()
+        self.mark_log()
+        with contextlib.suppress(harness.PbxError):
+            await pbx.acli("core reset taskprocessors")
+        cpu = CpuMeter(self.dbname, self.asterisk_pid)
+        lag = LoopLag()
+        db = DbProbe(self.db_conn, self.dbname, self.gw)
+        cpu.exclude = {self.db_conn.get_server_pid()}
+        try:
+            await uac.start()
+            cpu.sipps = {"sipp phone (UAC)": uac.pid, "sipp carrier (UAS)": uas.pid}
+            cpu.start()
+            lag.start()
+            db.start()
+            st.uac_rc = await uac.wait(duration + hold_s + 45)
+            st.cpu = await cpu.stop()
+            st.loop_lag = await lag.stop()
+            st.db = await db.stop()
+            with contextlib.suppress(harness.PbxError):
+                st.tasks = taskprocessors(await pbx.acli("core show taskprocessors"))
+            await uas.wait(5)
+        finally:
+            uac.kill()
+            uas.kill()
+            if cpu._task is not None and not cpu._task.done():
+                await cpu.stop()
+            await lag.stop()
+            await db.stop()
+        await self.settle_pbx()
+        states1 = await self.call_states()
+        st.call_states = {k: v - states0.get(k, 0) for k, v in states1.items()
+                          if v - states0.get(k, 0)}
+
+        stats = uac.stats()
+        st.ok = int(stats.get("SuccessfulCall(C)", 0) or 0)
+        st.failed = int(stats.get("FailedCall(C)", 0) or 0)
+        created = int(stats.get("TotalCallCreated", 0) or 0)
+        if created < calls:
+            st.note = f"SIPp created only {created} of {calls} calls"
+        st.achieved_rate = uac.achieved_rate()
+        for k, v in stats.items():
+            if k.startswith("Failed") and k.endswith("(C)") and k != "FailedCall(C)":
+                with contextlib.suppress(ValueError):
+                    if int(v):
+                        st.failure_kinds[k[6:-3]] = int(v)
+        st.responses = {k: v for k, v in uac.counts().items()
+                        if re.match(r"\d+_\d{3}_(Recv|Unexp)", k) and v}
+        st.pdd = uac.rtds()
+        st.invite_retrans = uac.counts().get("0_INVITE_Retrans", 0)
+        st.sipp_errors = uac.errors()
+        ustats = uas.stats()
+        st.uas_received = int(ustats.get("IncomingCall(C)", 0) or 0)
+        st.uas_failed = int(ustats.get("FailedCall(C)", 0) or 0)
+        warnings = self.new_log_warnings()
+        st.asterisk_warning_count = len(warnings)
+        st.asterisk_warnings = _top(warnings, 4)
+        agi1 = probe.agi_stats()
+        st.agi = {k: agi1[k] - agi0.get(k, 0) for k in agi1 if k != "sessions_active"}
+        st.agi["sessions_active_after"] = agi1.get("sessions_active", 0)
+        dec1 = probe.decisions()
+        st.decisions = {k: v - dec0.get(k, 0) for k, v in dec1.items() if v - dec0.get(k, 0)}
+        hist1 = probe.histogram()
+        st.decision_p50 = histogram_quantile(hist0, hist1, 0.5)
+        st.decision_p99 = histogram_quantile(hist0, hist1, 0.99)
+        st.handler = summary(probe.handler_ms)
+        st.authorise = summary(probe.authorise_ms)
+        return st
+
+    # -- reporting -----------------------------------------------------------------------
+
+    @staticmethod
+    def describe(st: Step) -> list[str]:
+        s = st.pdd_summary
+        out = [f"  {st.mode:7s} {st.rate:g} calls/s x {st.calls}: ok {st.ok}, failed "
+               f"{st.failed}, achieved {st.achieved_rate:.1f} calls/s; PDD ms p50 "
+               f"{fmt_ms(s['p50'])} p90 {fmt_ms(s['p90'])} p99 {fmt_ms(s['p99'])} max "
+               f"{fmt_ms(s['max'])} (n={s['n']})"]
+        if st.note:
+            out.append(f"    note: {st.note}")
+        if st.failure_kinds:
+            out.append(f"    SIPp failures: {st.failure_kinds}")
+        errs = {k: v for k, v in st.responses.items() if not re.match(r"\d+_(1\d\d|200)_", k)}
+        if errs:
+            out.append(f"    error responses: {errs}")
+        if st.sipp_errors:
+            out += [f"    sipp error log: {e}" for e in st.sipp_errors[:3]]
+        out.append(f"    carrier saw {st.uas_received} calls ({st.uas_failed} failed there)")
+        if st.mode == "gateway":
+            h, au = st.handler, st.authorise
+            out.append(
+                f"    gateway: AGI outbound handler ms p50 {fmt_ms(h['p50'])} p99 "
+                f"{fmt_ms(h['p99'])} max {fmt_ms(h['max'])} (authorise p50 "
+                f"{fmt_ms(au['p50'])} p99 {fmt_ms(au['p99'])}; metrics histogram p50 "
+                f"{st.decision_p50}, p99 {st.decision_p99})")
+            bad = {k: v for k, v in st.agi.items() if v and k not in (
+                "sessions_total", "sessions_active_after")}
+            out.append(f"    gateway AGI: sessions {st.agi.get('sessions_total', 0)}"
+                       f"{', problems ' + str(bad) if bad else ', no timeouts/errors/busy'};"
+                       f" decisions {st.decisions}; calls in the database after the step: "
+                       f"{st.call_states}")
+        if st.db:
+            out.append(f"    gateway AMI events waiting for handlers: max "
+                       f"{st.db['ami_backlog_max']}, at the end {st.db['ami_backlog_end']}")
+        if st.mode == "gateway" and st.db:
+            act = ", ".join(f"{k} {v:g}" for k, v in st.db["active_backends"].items()) \
+                or "none"
+            out.append(f"    database: gateway pool in use avg {st.db['pool_in_use_avg']:.1f}"
+                       f"/{st.db['pool_max']}, full {st.db['pool_full_share'] * 100:.0f}% of "
+                       f"the time; backends running a statement (avg): {act}")
+        lag = st.loop_lag
+        out.append(f"    gateway event-loop lag ms p50 {fmt_ms(lag.get('p50', float('nan')))}"
+                   f" p99 {fmt_ms(lag.get('p99', float('nan')))} max "
+                   f"{fmt_ms(lag.get('max', float('nan')))}")
+        cpu = ", ".join(f"{k} {v * 100:.0f}%" for k, v in sorted(
+            st.cpu.items(), key=lambda kv: -kv[1]))
+        out.append(f"    CPU (share of one core; machine = all cores): {cpu}")
+        if st.tasks:
+            mgr = st.tasks.get("stasis/m:manager:core", (0, 0, 0))
+            busiest = sorted(st.tasks.items(), key=lambda kv: -kv[1][1] / max(kv[1][2], 1))[:3]
+            out.append(
+                f"    Asterisk: AMI manager queue (stasis/m:manager:core) {mgr[0] / st.calls:.0f}"
+                f" messages a call, max depth {mgr[1]} (high water {mgr[2]}); fullest queues: "
+                + ", ".join(f"{k} {d}/{h}" for k, (_, d, h) in busiest)
+                + f"; INVITE retransmissions {st.invite_retrans}")
+        if st.asterisk_warning_count:
+            out.append(f"    Asterisk log: {st.asterisk_warning_count} warnings/errors, e.g.")
+            out += [f"      {w}" for w in st.asterisk_warnings[:3]]
+        return out
+
+    def step_failed(self, st: Step) -> str:
+        """Why a ramp step counts as failed ('' when it did not)."""
+        why = []
+        if not st.all_completed:
+            why.append(f"{st.calls - st.ok} of {st.calls} calls did not complete")
+        med = st.pdd_summary["p50"]
+        if med == med and med > self.args.max_median_ms:
+            why.append(f"median PDD {med:.0f} ms > {self.args.max_median_ms:g} ms")
+        if st.achieved_rate < 0.9 * st.rate:
+            why.append(f"SIPp reached only {st.achieved_rate:.1f} of {st.rate:g} calls/s")
+        return "; ".join(why)
+
+    @staticmethod
+    def culprit(st: Step) -> str:
+        """A first reading of which part gave way (the evidence is printed above it)."""
+        hints = []
+        if st.mode == "gateway":
+            bad = {k: v for k, v in st.agi.items() if v and k in (
+                "timeouts", "rejected_busy", "handler_errors", "protocol_errors")}
+            if bad:
+                hints.append(f"gateway AGI problems {bad}")
+            gw_err = {k: v for k, v in st.decisions.items() if "GATEWAY_ERROR" in k}
+            if gw_err:
+                hints.append(f"gateway decided GATEWAY_ERROR {gw_err}")
+            if any("no usable decision" in w or "unreachable" in w
+                   for w in st.asterisk_warnings):
+                hints.append("Asterisk logged gateway no-decision/unreachable")
+            h = st.handler.get("p50", float("nan"))
+            med = st.pdd_summary["p50"]
+            if h == h and med == med and h > 0.5 * med:
+                hints.append(f"gateway handler p50 {h:.0f} ms is most of the PDD p50 "
+                             f"{med:.0f} ms")
+        over = [k for k, (_, d, h) in st.tasks.items() if h and d >= h]
+        if over:
+            hints.append(f"Asterisk task queue(s) over their high water mark: {', '.join(over)}"
+                         " (with taskprocessor_overload_trigger=global PJSIP then ignores new "
+                         f"INVITEs; INVITE retransmissions {st.invite_retrans})")
+        if st.uas_failed:
+            hints.append(f"carrier SIPp failed {st.uas_failed} calls")
+        if st.failure_kinds:
+            hints.append(f"phone SIPp: {st.failure_kinds}")
+        busy = st.cpu.get("machine busy (all cores)", 0)
+        if busy > 0.9:
+            top = max((kv for kv in st.cpu.items() if not kv[0].startswith("machine")),
+                      key=lambda kv: kv[1], default=("?", 0))
+            hints.append(f"machine CPU {busy * 100:.0f}% busy (top: {top[0]} "
+                         f"{top[1] * 100:.0f}% of a core)")
+        if st.asterisk_warning_count and not any("gateway" in h for h in hints):
+            hints.append(f"Asterisk logged {st.asterisk_warning_count} warnings/errors")
+        return "; ".join(hints) or "nothing stood out"
+
+    # -- the run ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        a = self.args
+        # SIGTERM cancels the run like Ctrl-C: the finally blocks clean up
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM,
+                                                      asyncio.current_task().cancel)
+        t_start = time.monotonic()
+        budget_end = t_start + a.budget
+        admin = await asyncpg.connect(ADMIN_URL, timeout=10)
+        try:
+            await admin.execute(f'CREATE DATABASE "{self.dbname}"')
+            try:
+                return await self._run_inner(t_start, budget_end)
+            finally:
+                if self.db_conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self.db_conn.close()
+                if self.gw is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self.gw.stop(), 20)
+                if self.pbx is not None:
+                    await asyncio.to_thread(self.pbx.stop)
+                await admin.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    async def _run_inner(self, t_start: float, budget_end: float) -> int:
+        a = self.args
+        logs.configure("console", "warning")  # the gateway's own set-up does the same
+        await self.provision()
+        agi_port = free_port()
+        log("starting Asterisk")
+        pbx = await asyncio.to_thread(self.start_pbx, agi_port)
+        await self.start_gateway(pbx, agi_port)
+        ver = (await pbx.acli("core show version")).strip().split("\n")[0]
+        log(f"{ver.split(' built ')[0]}; gateway on 127.0.0.1:{agi_port}; "
+            f"database {self.dbname}")
+
+        # warm-up: connections, caches, first-call costs out of the figures
+        for mode in MODES:
+            await self.step(mode, a.rate, max(5, int(a.rate)))
+
+        # part 1: fixed rate -------------------------------------------------------------
+        log(f"part 1: {a.calls} calls at {a.rate:g} calls/s in each mode, "
+            f"held {a.hold_ms} ms")
+        fixed: dict[str, Step] = {}
+        for mode in MODES:
+            fixed[mode] = await self.step(mode, a.rate, a.calls)
+            for line in self.describe(fixed[mode]):
+                print(line, flush=True)
+        g, d = fixed["gateway"].pdd_summary, fixed["direct"].pdd_summary
+        print()
+        print(f"Post-dial delay, INVITE -> first 180/200, {a.calls} calls at {a.rate:g}/s "
+              f"(ms):")
+        print(f"  {'':10s}{'p50':>9s}{'p90':>9s}{'p99':>9s}{'max':>9s}{'calls ok':>10s}")
+        for mode in MODES:
+            s = fixed[mode].pdd_summary
+            print(f"  {mode:10s}{fmt_ms(s['p50']):>9s}{fmt_ms(s['p90']):>9s}"
+                  f"{fmt_ms(s['p99']):>9s}{fmt_ms(s['max']):>9s}"
+                  f"{fixed[mode].ok:>6d}/{fixed[mode].calls}")
+        ratio = {k: g[k] / d[k] if d[k] else float("nan") for k in ("p50", "p90", "p99", "max")}
+        print(f"  {'ratio':10s}" + "".join(f"{ratio[k]:>9.2f}" for k in
+                                           ("p50", "p90", "p99", "max")))
+        diff = g["p50"] - d["p50"]
+        print(f"  gateway adds {diff:.1f} ms at the median (target < 10 ms: "
+              f"{'met' if diff < 10 else 'NOT met'})")
+        fg = fixed["gateway"]
+        h, au = fg.handler["p50"], fg.authorise["p50"]
+        print(f"  of which the gateway's AGI handler (p50) {h:.1f} ms: authorise {au:.1f} ms "
+              f"+ answering with SET VARIABLEs {h - au:.1f} ms; the rest, ~{diff - h:.1f} ms, "
+              "is Asterisk running the longer dialplan and the FastAGI connection")
+        mg = fg.tasks.get("stasis/m:manager:core", (0, 0, 0))[0] / fg.calls
+        md = fixed["direct"].tasks.get("stasis/m:manager:core", (0, 0, 0))[0] / fixed[
+            "direct"].calls
+        print(f"  Asterisk AMI manager queue: {mg:.0f} messages a call through the gateway, "
+              f"{md:.0f} direct")
+        print(flush=True)
+
+        # part 2: ramp -----------------------------------------------------------------------
+        log(f"part 2: ramp {','.join(f'{r:g}' for r in a.ramp)} calls/s, "
+            f"{a.step_seconds:g} s a step, both modes")
+        best: dict[str, float | None] = dict.fromkeys(MODES)
+        failed_at: dict[str, Step | None] = dict.fromkeys(MODES)
+        reasons: dict[str, str] = {}
+        steps: list[Step] = []
+        stopped_by_budget = None
+        for rate in a.ramp:
+            calls = max(1, min(int(rate * a.step_seconds), a.max_step_calls))
+            need = calls / rate + a.hold_ms / 1000 + 8
+            for mode in MODES:
+                if failed_at[mode] is not None:
+                    continue
+                if time.monotonic() + need > budget_end:
+                    stopped_by_budget = rate
+                    break
+                st = await self.step(mode, rate, calls)
+                steps.append(st)
+                for line in self.describe(st):
+                    print(line, flush=True)
+                why = self.step_failed(st)
+                if why:
+                    failed_at[mode] = st
+                    reasons[mode] = why
+                    print(f"    -> {mode} FAILS at {rate:g} calls/s: {why}", flush=True)
+                    print(f"    -> first reading: {self.culprit(st)}", flush=True)
+                else:
+                    best[mode] = rate
+            if stopped_by_budget is not None or all(failed_at[m] for m in MODES):
+                break
+
+        print()
+        print("Ramp (PDD p50/p99 ms, calls ok/total):")
+        rates = sorted({st.rate for st in steps})
+        print(f"  {'calls/s':>8s}  " + "".join(f"{m:>30s}" for m in MODES))
+        for r in rates:
+            cells = []
+            for m in MODES:
+                st = next((s for s in steps if s.rate == r and s.mode == m), None)
+                if st is None:
+                    cells.append(f"{'-':>30s}")
+                    continue
+                s = st.pdd_summary
+                mark = "*" if st.invite_retrans else ""
+                mark += " FAIL" if self.step_failed(st) else ""
+                cells.append(f"{fmt_ms(s['p50']) + '/' + fmt_ms(s['p99']):>13s} "
+                             f"{st.ok:>5d}/{st.calls:<5d}{mark:<6s}".rjust(30))
+            print(f"  {r:>8g}  " + "".join(cells))
+        if any(st.invite_retrans for st in steps):
+            print("  * = SIPp had to retransmit INVITEs: the PBX ignored some (overload)")
+        for m in MODES:
+            top = f"{best[m]:g} calls/s" if best[m] is not None else "none of the rates"
+            if failed_at[m] is not None:
+                tail = f"; failed at {failed_at[m].rate:g}: {reasons[m]}"
+            elif stopped_by_budget is not None:
+                tail = f"; not failed (ramp stopped by the time budget before {stopped_by_budget:g})"
+            else:
+                tail = f"; never failed up to {a.ramp[-1]:g} calls/s"
+            print(f"  {m}: every call completed up to {top}{tail}")
+        gf, df = failed_at["gateway"], failed_at["direct"]
+        if gf is None:
+            verdict = "the gateway mode never failed first"
+        elif df is None or gf.rate < df.rate:
+            verdict = (f"the gateway mode failed FIRST (at {gf.rate:g} calls/s; direct "
+                       f"{'did not fail' if df is None else f'at {df.rate:g}'})")
+        else:
+            verdict = f"both modes failed at the same step ({gf.rate:g} calls/s)"
+        print(f"  {verdict}")
+        for m in MODES:
+            if failed_at[m] is not None:
+                print(f"  {m} failure, first reading: {self.culprit(failed_at[m])}")
+        print(f"\ntotal {time.monotonic() - t_start:.0f} s", flush=True)
+        return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rate", type=float, default=10.0, help="calls/s of part 1 (10)")
+    p.add_argument("--calls", type=int, default=200, help="calls per mode in part 1 (200)")
+    p.add_argument("--ramp", default="20,40,60,80,100,120,140,160,200,240",
+                   help="calls/s of the ramp steps, ascending (20,40,...,160,200,240)")
+    p.add_argument("--step-seconds", type=float, default=8.0,
+                   help="seconds of calls per ramp step (8)")
+    p.add_argument("--max-step-calls", type=int, default=2000,
+                   help="at most this many calls in one ramp step (2000)")
+    p.add_argument("--hold-ms", type=int, default=1000, help="talk time of each call (1000)")
+    p.add_argument("--max-median-ms", type=float, default=500.0,
+                   help="a ramp step fails when its median PDD is above this (500)")
+    p.add_argument("--budget", type=float, default=285.0,
+                   help="seconds for the whole run; later ramp steps are skipped (285)")
+    p.add_argument("--overload-trigger", default="", choices=("", "global", "pjsip_only", "none"),
+                   help="PJSIP taskprocessor_overload_trigger (Asterisk's default, global)")
+    p.add_argument("--stasis-decline", default="",
+                   help="what-if: comma list of Stasis message types for Asterisk's stasis.conf "
+                        "[declined_message_types] (e.g. ast_channel_varset_type)")
+    p.add_argument("--pbx-root", default="", help="the sid root folder ($PBX_ROOT)")
+    args = p.parse_args(argv)
+    args.ramp = [float(x) for x in args.ramp.split(",") if x.strip()]
+    if not args.ramp or any(r <= 0 for r in args.ramp) or args.rate <= 0 or args.calls < 1:
+        p.error("rates and calls must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path(args.pbx_root) if args.pbx_root else pbx_root_path()
+    if not root_ready(root):
+        print(f"no Asterisk/SIPp root folder at {root} (run .ci/pbx-root.sh)", file=sys.stderr)
+        return 2
+    print(f"e2e bench {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
+          f"{os.cpu_count()} cores, {' '.join(sys.argv)}", flush=True)
+    bench = Bench(args)
+    try:
+        return asyncio.run(bench.run())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; cleaned up", file=sys.stderr)
+        return 130
+    finally:
+        harness._kill_leftovers()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
