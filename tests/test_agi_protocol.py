@@ -655,3 +655,20 @@ async def test_stop_cancels_sessions_after_grace(serve):
     assert server.stats["sessions_active"] == 0
     assert server.stats["handler_errors"] == 0
     assert not server.listening
+
+
+async def test_set_variables_is_one_mset_command_or_a_clear_refusal(serve):
+    seen: list = []
+
+    async def handler(session: AgiSession) -> None:
+        reply = await session.set_variables([("GW_A", "x-1"), ("GW_B", ""), ("GW_C", "+15")])
+        seen.append(reply.code)
+        with pytest.raises(ValueError):
+            await session.set_variables([("GW_D", "a,b")])  # MSet would split it
+        with pytest.raises(ValueError):
+            await session.set_variables([("GW_E", 'say "hi"')])
+
+    server = await serve({"outbound": handler})
+    fake = await call(server.port, replies=["200 result=0\n"])
+    assert fake.commands == ['EXEC MSet "GW_A=x-1,GW_B=,GW_C=+15"']
+    assert seen == [200]

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.agi import parse_environment
+from gateway.agi import AgiReply, parse_environment
 from gateway.calls.service import CallService
 from gateway.rater import Rater
 
@@ -34,6 +34,12 @@ class Session:
         if self.fail_after is not None and len(self.variables) >= self.fail_after:
             raise ConnectionResetError("channel gone")
         self.variables.append((name, value))
+
+    async def set_variables(self, variables):
+        if self.fail_after is not None:  # one command: all of them or none
+            raise ConnectionResetError("channel gone")
+        self.variables.extend(variables)
+        return AgiReply(200, "0", None, "200 result=0")
 
     @property
     def vars(self):

@@ -1,3 +1,4 @@
+# ruff: noqa: ASYNC220, ASYNC221, ASYNC230 - set-up steps of a test may block the loop
 """A new user's first run: a fresh clone, the README's run command, no database URL.
 The gateway must come up on its embedded PostgreSQL, say so first, answer /healthz,
 and report the database up and AMI not configured on /status."""

@@ -132,11 +132,17 @@ class AgiTranscript:
         return out
 
     def set_variables(self) -> dict[str, str]:
+        """The variables the gateway set: one ``EXEC MSet "A=1,B=2"`` (or, in older
+        recordings, one ``SET VARIABLE`` per variable)."""
         found = {}
         for command in self.commands:
-            m = re.fullmatch(r'SET VARIABLE (\S+) "((?:[^"\\]|\\.)*)"', command)
+            m = re.fullmatch(r'(SET VARIABLE (\S+)|EXEC MSet) "((?:[^"\\]|\\.)*)"', command)
             assert m, command
-            found[m.group(1)] = re.sub(r"\\(.)", r"\1", m.group(2))
+            value = re.sub(r"\\(.)", r"\1", m.group(3))
+            if m.group(2):
+                found[m.group(2)] = value
+            else:
+                found.update(pair.split("=", 1) for pair in value.split(","))
         return found
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -43,6 +44,7 @@ PING_ROUTE = "ping"
 # Asterisk reads each command with fgets() into a 2048-byte buffer (AGI_BUF_LEN in
 # res_agi.c): a longer line would be split into two commands and two replies.
 MAX_COMMAND_BYTES = 2046
+_PLAIN_VALUE = re.compile(r"^[A-Za-z0-9_.+@:-]*$")
 # Upper bound on lines read for one reply (interim 100s, HANGUP, 520 usage text).
 MAX_REPLY_LINES = 256
 _CLOSE_TIMEOUT = 1.0
@@ -173,6 +175,17 @@ class AgiSession:
         """``SET VARIABLE name "value"``; returns Asterisk's reply."""
         _check_name(name)
         return await self.command(f"SET VARIABLE {name} {quote(value)}")
+
+    async def set_variables(self, variables: Sequence[tuple[str, str]]) -> AgiReply:
+        """Set several channel variables in one command (``EXEC MSet``): one round trip
+        instead of one per variable, and all of them or none. Values must be plain
+        (letters, digits and ``_.+@:-``), since MSet splits on commas."""
+        for name, value in variables:
+            _check_name(name)
+            if not _PLAIN_VALUE.match(value):
+                raise ValueError(f"{name}: value {value!r} cannot go through MSet")
+        data = ",".join(f"{name}={value}" for name, value in variables)
+        return await self.command(f"EXEC MSet {quote(data)}")
 
     async def get_variable(self, name: str) -> str | None:
         """``GET VARIABLE name``: the value, or ``None`` when the variable is not set.

@@ -192,12 +192,19 @@ class CallService:
             ("GW_TARGET", d.target or ""),
             ("GW_FUNDED", str(d.funded_seconds) if d.funded_seconds is not None else ""),
             ("GW_CAUSE", "" if d.allow else str(cause_for(reason))),
-            # last: a session cut short never leaves an ALLOW behind
+            # last: were they ever set one by one, a session cut short would never
+            # leave an ALLOW behind
             ("GW_DECISION", d.decision),
         ]
         try:
-            for name, value in variables:
-                await session.set_variable(name, value)
+            try:
+                reply = await session.set_variables(variables)  # one round trip
+            except ValueError:  # a value MSet cannot carry: one command per variable
+                reply = None
+                for name, value in variables:
+                    await session.set_variable(name, value)
+            if reply is not None and not reply.ok:
+                log.warning("agi_reply_refused", call_id=str(d.call_id), reply=reply.raw)
         except (AgiError, OSError) as exc:
             # The channel went away while we answered: its reservation is released by
             # the hangup report, the CDR, or the next reconciliation.
