@@ -3,6 +3,7 @@ the session; in CI (CI=true) a missing database is a failure, never a skip."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import uuid
@@ -35,20 +36,26 @@ def with_database(url: str, name: str) -> str:
     return f"{base}/{name}"
 
 
-@pytest_asyncio.fixture(scope="session")
-async def database_url():
-    name = f"gw_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+@contextlib.asynccontextmanager
+async def scratch_database(prefix: str):
+    """A new, empty database on the test server, dropped afterwards; yields its URL."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     try:
         admin = await asyncpg.connect(ADMIN_URL, timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
         need(f"PostgreSQL at {ADMIN_URL}: {exc}")
     await admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(ADMIN_URL, name)
     try:
-        yield url
+        yield with_database(ADMIN_URL, name)
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def database_url():
+    async with scratch_database("gw_test") as url:
+        yield url
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -6,31 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
 
 import asyncpg
 import pytest
 
 from gateway.store.migrate import migrate, migration_files
 
-from .conftest import ADMIN_URL, need, with_database
+from .conftest import scratch_database
 
 pytestmark = pytest.mark.db
 
 
 @pytest.fixture
 async def empty_database():
-    name = f"gw_mig_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = await asyncpg.connect(ADMIN_URL, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        need(f"PostgreSQL at {ADMIN_URL}: {exc}")
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(ADMIN_URL, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database("gw_mig") as url:
+        yield url
 
 
 async def test_migrations_apply_once_in_order(empty_database):
