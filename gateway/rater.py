@@ -26,7 +26,6 @@ from .rating.model import (
     Plan,
     Reason,
     Route,
-    Source,
 )
 from .store.repository import Repository
 
@@ -228,4 +227,4 @@ class Rater:
         return s
 
 
-__all__ = ["Rater", "Renewal", "Settlement", "Source", "utcnow"]
+__all__ = ["Clock", "Rater", "Renewal", "Settlement", "utcnow"]
