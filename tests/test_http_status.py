@@ -43,6 +43,8 @@ async def agi_outbound(port: int, endpoint: str, dialled: str) -> dict[str, str]
             words = shlex.split(line.decode())
             if words[:2] == ["SET", "VARIABLE"]:
                 variables[words[2]] = words[3]
+            elif words[:2] == ["EXEC", "MSet"]:  # the gateway answers in one command
+                variables.update(pair.split("=", 1) for pair in words[2].split(","))
             writer.write(b"200 result=1\n")
     writer.close()
     return variables
