@@ -104,8 +104,9 @@ class Gateway:
                 await self.ami.start()
             except AmiError as exc:
                 raise StartupError(f"ami: {exc}") from exc
-        else:
-            await self.calls.reconcile()  # CDR-only: settles what the PBX recorded
+        # before taking calls: adopt calls still up, settle those that ended meanwhile
+        # (without AMI, from the PBX's CDR table only)
+        await self.calls.reconcile()
         self._tasks.append(asyncio.create_task(
             self.calls.run_reconciler(cfg.reconcile_interval_seconds), name="reconciler"))
         self._tasks.append(asyncio.create_task(self.calls.run_heartbeat(), name="heartbeat"))

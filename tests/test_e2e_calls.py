@@ -491,3 +491,32 @@ async def test_wrong_ami_secret_is_a_clear_error_at_start(pbx, database_url, agi
     assert str(e.value).startswith("ami: AMI_LOGIN_FAILED")
     assert "wrong-secret" not in str(e.value)
     assert asyncio.get_running_loop().time() - started < 10  # no silent hang
+
+
+# restart during a live call: the next gateway adopts and keeps funding it --------------------
+
+async def test_restarted_gateway_adopts_a_live_call_and_keeps_renewing(
+        pbx, start_gateway, admin, repo):
+    await standard_tenant(admin)
+    await per_second_overage(admin)
+    first = await start_gateway(slice_seconds=12)
+    trunk = await callee(pbx)
+    call_task = asyncio.create_task(pbx.call("alice", DOMESTIC, hold=30, max_wait=60))
+    for _ in range(100):  # until the call is answered
+        row = await repo.pool.fetchrow("SELECT * FROM calls")
+        if row is not None and row["state"] == "answered":
+            break
+        await asyncio.sleep(0.1)
+    assert row is not None and row["state"] == "answered"
+    await first.stop()  # SIGTERM-like: reservations stay, the call stays up on the PBX
+    second = await start_gateway(slice_seconds=12)  # adopts it on its AMI login
+    assert second.calls.last_reconcile["adopted"] == 1
+    phone = await call_task
+    trunk_seen = await trunk.result()
+    # funded 12 s at first; only the second gateway's renewals kept it up to 30 s
+    assert phone.bye_from == "phone" and phone.talk >= 29.5, explain(phone, trunk_seen)
+    [call] = await settled(repo)
+    assert 29 <= call["billed_seconds"] <= 31
+    assert call["funded_seconds"] >= 30
+    assert second.metrics.deadline_moves.labels("ok")._value.get() >= 2
+    await ledger_agrees(repo)

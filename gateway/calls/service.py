@@ -97,6 +97,7 @@ class CallService:
         self.ami: Any = None
         self.live: dict[uuid.UUID, LiveCall] = {}
         self._by_uniqueid: dict[str, uuid.UUID] = {}
+        self._reconciling = asyncio.Lock()
         self.last_reconcile: dict[str, Any] = {}
 
     # ---- wiring ------------------------------------------------------------------------
@@ -343,7 +344,12 @@ class CallService:
 
     async def reconcile(self) -> dict[str, int]:
         """Bring the database in line with the PBX: adopt calls still up, settle those that
-        ended while we were away from the PBX's CDR, release what never connected."""
+        ended while we were away from the PBX's CDR, release what never connected.
+        One run at a time (start, AMI reconnects and the timer may overlap)."""
+        async with self._reconciling:
+            return await self._reconcile()
+
+    async def _reconcile(self) -> dict[str, int]:
         counts = {"adopted": 0, "settled": 0, "released": 0, "estimated": 0, "kept": 0}
         channels: list[dict[str, str]] | None = None
         if self.ami is not None:
