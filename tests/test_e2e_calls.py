@@ -101,6 +101,16 @@ async def settled(repo, *, wait: float = 10.0, count: int = 1):
         await asyncio.sleep(0.1)
 
 
+async def until_answered(repo) -> None:
+    """Wait until the (only) call is marked answered in the database."""
+    for _ in range(100):
+        row = await repo.pool.fetchrow("SELECT * FROM calls")
+        if row is not None and row["state"] == "answered":
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the call was not answered: {row and dict(row)}")
+
+
 async def callee(pbx: Pbx, endpoint: str = "carrier", **kw):
     return await pbx.uas(endpoint, **kw).started()
 
@@ -352,12 +362,7 @@ async def test_gateway_killed_mid_call_pbx_still_cuts_and_restart_settles_once(
         trunk = await callee(pbx)
         call_task = asyncio.create_task(
             pbx.call("alice", DOMESTIC, scenario="until_bye", max_wait=60))
-        for _ in range(100):  # until the call is answered
-            row = await repo.pool.fetchrow("SELECT * FROM calls")
-            if row is not None and row["state"] == "answered":
-                break
-            await asyncio.sleep(0.1)
-        assert row is not None and row["state"] == "answered"
+        await until_answered(repo)
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         phone = await call_task
@@ -502,12 +507,7 @@ async def test_restarted_gateway_adopts_a_live_call_and_keeps_renewing(
     first = await start_gateway(slice_seconds=12)
     trunk = await callee(pbx)
     call_task = asyncio.create_task(pbx.call("alice", DOMESTIC, hold=30, max_wait=60))
-    for _ in range(100):  # until the call is answered
-        row = await repo.pool.fetchrow("SELECT * FROM calls")
-        if row is not None and row["state"] == "answered":
-            break
-        await asyncio.sleep(0.1)
-    assert row is not None and row["state"] == "answered"
+    await until_answered(repo)
     await first.stop()  # SIGTERM-like: reservations stay, the call stays up on the PBX
     second = await start_gateway(slice_seconds=12)  # adopts it on its AMI login
     assert second.calls.last_reconcile["adopted"] == 1
