@@ -40,7 +40,7 @@ def _unavailable(reason: str) -> None:
         _root_failure.append(reason)
     if in_ci():
         pytest.fail(f"real PBX unavailable under CI: {reason}", pytrace=False)
-    pytest.skip(f"real PBX unavailable: {reason}")
+    pytest.skip(f"real PBX unavailable: {reason}")  # outside CI only: CI failed above
 
 
 @pytest.fixture(scope="session")
