@@ -107,6 +107,9 @@ class Gateway:
         # before taking calls: adopt calls still up, settle those that ended meanwhile
         # (without AMI, from the PBX's CDR table only)
         await self.calls.reconcile()
+        if self.ami is not None:
+            # after each AMI reconnect the PBX may have changed while we were blind
+            self.ami.on_connect(self.calls.reconcile)
         self._tasks.append(asyncio.create_task(
             self.calls.run_reconciler(cfg.reconcile_interval_seconds), name="reconciler"))
         self._tasks.append(asyncio.create_task(self.calls.run_heartbeat(), name="heartbeat"))

@@ -55,9 +55,6 @@ class FakeAmi:
     def on_event(self, name, cb):
         self.handlers[name] = cb
 
-    def on_connect(self, cb):
-        self.on_connect_cb = cb
-
     async def setvar(self, channel, variable, value):
         self.setvars.append((channel, variable, value, asyncio.get_running_loop().time()))
 

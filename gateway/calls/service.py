@@ -112,7 +112,6 @@ class CallService:
         ami.on_event("DialEnd", self.on_dial_end)
         ami.on_event("Cdr", self.on_cdr)
         ami.on_event("Hangup", self.on_hangup)
-        ami.on_connect(self.reconcile)
 
     async def stop(self) -> None:
         """Stop renewing; reservations stay in the database for the next start."""
