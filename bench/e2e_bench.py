@@ -65,10 +65,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gateway import logs  # noqa: E402
-from gateway.admin import Admin  # noqa: E402
+from gateway.billing.provisioning import Provisioning  # noqa: E402
 from gateway.app import Gateway  # noqa: E402
 from gateway.config import Config  # noqa: E402
-from gateway.db import open_pool  # noqa: E402
+from gateway.store.pool import open_pool  # noqa: E402
 from gateway.store.repository import Repository  # noqa: E402
 from tests.pbx import harness  # noqa: E402
 from tests.pbx.harness import Pbx, free_port, pbx_root_path, root_ready  # noqa: E402
@@ -638,7 +638,7 @@ class Bench:
     async def provision(self) -> None:
         pool = await open_pool(self.url, min_size=1, max_size=2)  # runs the migrations
         try:
-            admin = Admin(Repository(pool))
+            admin = Provisioning(Repository(pool))
             await standard_tenant(admin)  # alice: Calling Plan, usage location CA
             # enough pool for every call: 1,000,000 minutes per Calling Plan licence
             await admin.set_allotment("CA", "domestic", 1_000_000)

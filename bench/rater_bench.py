@@ -24,9 +24,9 @@ import structlog
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gateway.admin import Admin  # noqa: E402
-from gateway.db import open_pool  # noqa: E402
-from gateway.rater import Rater  # noqa: E402
+from gateway.billing.provisioning import Provisioning  # noqa: E402
+from gateway.store.pool import open_pool  # noqa: E402
+from gateway.billing.rater import Rater  # noqa: E402
 from gateway.store.repository import Repository  # noqa: E402
 
 ADMIN_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL",
@@ -67,7 +67,7 @@ async def main(cycles: int, concurrency: int, tenants: int) -> None:
     pool = await open_pool(url, min_size=concurrency, max_size=concurrency)
     try:
         repo = Repository(pool)
-        admin = Admin(repo)
+        admin = Provisioning(repo)
         rater = Rater(repo)
         for t in range(tenants):
             tid = f"t{t}"

@@ -16,14 +16,14 @@ import asyncpg
 import structlog
 
 from . import logs
-from .admin import Admin
+from .billing.provisioning import Provisioning
 from .agi import AgiServer
 from .ami import AmiClient, AmiError
 from .calls.service import CallService
 from .config import Config
-from .db import open_pool, start_embedded_async
+from .store.pool import open_pool, start_embedded_async
 from .metrics import Metrics
-from .rater import Clock, Rater, utcnow
+from .billing.rater import Clock, Rater, utcnow
 from .store.repository import Repository
 
 log = structlog.get_logger("gateway.app")
@@ -45,7 +45,7 @@ class Gateway:
         self.metrics = Metrics()
         self.repo: Repository | None = None
         self.rater: Rater | None = None
-        self.admin: Admin | None = None
+        self.provisioning: Provisioning | None = None
         self.calls: CallService | None = None
         self.agi: AgiServer | None = None
         self.ami: AmiClient | None = None
@@ -84,7 +84,7 @@ class Gateway:
                                f"{cfg.public()['database_url'] or 'embedded'}: {exc}") from exc
         self.repo = Repository(self.pool)
         self.rater = Rater(self.repo, clock=self.clock, slice_seconds=cfg.slice_seconds)
-        self.admin = Admin(self.repo, clock=self.clock)
+        self.provisioning = Provisioning(self.repo, clock=self.clock)
         self.calls = CallService(self.rater, metrics=self.metrics,
                                  renew_before_seconds=cfg.renew_before_seconds,
                                  instance_id=self.instance_id)

@@ -10,7 +10,7 @@
     gateway help
 
 Errors print ``gateway: CODE: message`` on stderr and exit 1 (2 for a wrong command
-line). Every write goes through Admin, which checks it before writing.
+line). Every write goes through Provisioning, which checks it before writing.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ class _Db:
     async def __aenter__(self) -> Any:
         import asyncpg
 
-        from .admin import Admin
-        from .db import open_pool, start_embedded_async
+        from .billing.provisioning import Provisioning
+        from .store.pool import open_pool, start_embedded_async
         from .store.repository import Repository
 
         if not self.url:
@@ -154,7 +154,7 @@ class _Db:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise CliError(f"cannot connect to the database: {exc}",
                            code="DATABASE_UNAVAILABLE") from exc
-        return Admin(Repository(self.pool))
+        return Provisioning(Repository(self.pool))
 
     async def __aexit__(self, *exc: object) -> None:
         if self.pool is not None:
@@ -482,7 +482,7 @@ def check_provision_file(data: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Where:
-    """Prefixes the location in the file to an Admin error: 'tenants[0] acme: ...'."""
+    """Prefixes the location in the file to a Provisioning error: 'tenants[0] acme: ...'."""
 
     def __init__(self, where: str):
         self.where = where

@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from gateway.admin import Admin
-from gateway.db import open_pool
-from gateway.rater import Rater
+from gateway.billing.provisioning import Provisioning
+from gateway.store.pool import open_pool
+from gateway.billing.rater import Rater
 from gateway.store.repository import Repository
 
 ADMIN_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -101,4 +101,4 @@ def rater(repo, clock):
 
 @pytest.fixture
 def admin(repo, clock):
-    return Admin(repo, clock=clock)
+    return Provisioning(repo, clock=clock)

@@ -513,7 +513,7 @@ async def record(out: Path, only: set[str] | None = None) -> list[Path]:
                         log_level="warning")
         gateway = Gateway(config, configure_logs=False)
         await gateway.start()
-        await standard_tenant(gateway.admin, wallet="1.00")
+        await standard_tenant(gateway.provisioning, wallet="1.00")
         (out / "agi").mkdir(parents=True, exist_ok=True)
         (out / "ami").mkdir(parents=True, exist_ok=True)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from gateway.admin import Admin
+from gateway.billing.provisioning import Provisioning
 
 TENANT = "acme"
 
 
-async def standard_tenant(admin: Admin, *, tenant: str = TENANT, wallet: str | None = None,
+async def standard_tenant(admin: Provisioning, *, tenant: str = TENANT, wallet: str | None = None,
                           calling_plan_licences: int = 10, timezone: str = "America/Toronto",
                           prefix: str = "") -> None:
     """Users: alice (Calling Plan), bob (Calling Plan + International), carol (no

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.agi import AgiReply, parse_environment
 from gateway.calls.service import CallService
-from gateway.rater import Rater
+from gateway.billing.rater import Rater
 
 from .scenario import TENANT, standard_tenant
 from .test_rater import ledger_agrees, pool_row
@@ -264,7 +264,7 @@ async def test_reconcile_leaves_calls_of_live_gateways_alone(admin, service, rep
 
 
 async def test_calls_remember_the_process_that_authorised_them(database_url, admin):
-    from gateway.db import open_pool
+    from gateway.store.pool import open_pool
     from gateway.store.repository import Repository
 
     await standard_tenant(admin)

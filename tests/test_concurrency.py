@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.rater import Rater
+from gateway.billing.rater import Rater
 
 from .scenario import TENANT, standard_tenant
 from .test_rater import ledger_agrees

@@ -431,7 +431,7 @@ async def test_status_and_metrics_follow_a_real_call(pbx, start_gateway, admin, 
 
 async def test_fifty_concurrent_calls_on_a_pool_that_funds_only_some(
         pbx_root, database_url, admin, repo, rater):  # noqa: F811
-    from gateway.rater import Rater
+    from gateway.billing.rater import Rater
 
     phones = [f"p{i:02d}" for i in range(50)]
     await standard_tenant(admin, calling_plan_licences=60)

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.admin import Admin
+from gateway.billing.provisioning import Provisioning
 from gateway.app import Gateway
 from gateway.config import Config
 from gateway.http import api
@@ -547,7 +547,7 @@ async def acme_kept(db_pool, built):
             " ('CA','domestic',3000), ('GB','domestic',1200), ('US','domestic',3000),"
             " ('CA','international',600), ('GB','international',600),"
             " ('US','international',600)")
-        await standard_tenant(Admin(Repository(db_pool), clock=lambda: NOW), wallet="20.00")
+        await standard_tenant(Provisioning(Repository(db_pool), clock=lambda: NOW), wallet="20.00")
         built["dump"] = await dump_tables(db_pool)
     return built["dump"]
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.admin import Admin
-from gateway.rater import Rater
+from gateway.billing.provisioning import Provisioning
+from gateway.billing.rater import Rater
 
 from .conftest import TABLES, Clock
 from .scenario import TENANT, standard_tenant
@@ -47,7 +47,7 @@ async def test_random_sequences_keep_the_invariants(db_pool, ops, slice_seconds,
     await db_pool.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
     repo = Repository(db_pool)
     clock = Clock(dt.datetime(2026, 11, 30, 23, 0, tzinfo=dt.UTC))  # near a month's end
-    admin = Admin(repo, clock=clock)
+    admin = Provisioning(repo, clock=clock)
     rater = Rater(repo, clock=clock, slice_seconds=slice_seconds)
     await standard_tenant(admin, wallet="0.50")
     await admin.set_allotment("CA", "domestic", domestic_minutes)

@@ -27,7 +27,7 @@ import structlog
 from ..agi import AgiError, AgiSession
 from ..errors import GatewayError
 from ..metrics import Metrics
-from ..rater import Rater
+from ..billing.rater import Rater
 from ..rating.model import Decision, Reason, Route
 from .causes import cause_for
 

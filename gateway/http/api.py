@@ -1,6 +1,6 @@
 """The admin REST API under /api/v1: provisioning and reading, JSON in and out.
 
-Handlers are thin: check the request's shape (bodies.shape), call Admin, which applies
+Handlers are thin: check the request's shape (bodies.shape), call Provisioning, which applies
 every rule before writing, and render what was written. Money travels as decimal
 strings both ways. Every route needs the admin bearer token (auth.require_admin);
 ``openapi.py`` describes each of them.
@@ -50,7 +50,7 @@ def _gateway(request: web.Request) -> Any:
 
 
 def _admin(request: web.Request) -> Any:
-    admin = _gateway(request).admin
+    admin = _gateway(request).provisioning
     if admin is None:
         raise Unavailable("the gateway is not started", code="NOT_STARTED")
     return admin

@@ -1,7 +1,7 @@
 """JSON in and out: one encoder (Decimal as strings, dates ISO), request bodies read
-strictly, and the shape of a body checked before anything reaches Admin.
+strictly, and the shape of a body checked before anything reaches Provisioning.
 
-Admin applies the rules (patterns, ranges, money); this module only makes sure that a
+Provisioning applies the rules (patterns, ranges, money); this module only makes sure that a
 body is an object with known fields of the right JSON type, so that a typo never
 passes silently and a wrong type never turns into a 500.
 """
@@ -66,7 +66,7 @@ def _reject_constant(name: str) -> Any:
 
 async def read_json(request: web.Request) -> Any:
     """The body parsed as JSON; NaN and Infinity refused. Numbers with a fraction become
-    floats, which Admin refuses for money: amounts travel as strings."""
+    floats, which Provisioning refuses for money: amounts travel as strings."""
     text = await request.text()
     if not text.strip():
         raise InvalidJson("the request needs a JSON body")
@@ -78,7 +78,7 @@ async def read_json(request: web.Request) -> Any:
 
 # JSON types, named the way the error messages and the OpenAPI document name them.
 STRING, INTEGER, BOOLEAN, ARRAY, OBJECT = "string", "integer", "boolean", "array", "object"
-MONEY = "money"  # a decimal string (an integer is accepted too; Admin refuses floats)
+MONEY = "money"  # a decimal string (an integer is accepted too; Provisioning refuses floats)
 NULLABLE_STRING = "string|null"
 
 
@@ -96,7 +96,7 @@ def _is(kind: str, value: Any) -> bool:
     if kind == OBJECT:
         return isinstance(value, dict)
     if kind == MONEY:
-        # floats pass here on purpose: Admin.check_amount refuses them with its own code
+        # floats pass here on purpose: Provisioning.check_amount refuses them with its own code
         return not isinstance(value, bool) and isinstance(value, str | int | float)
     raise AssertionError(kind)
 

@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 description of the admin API, written by hand.
 
 Kept in sync with ``api.ROUTES`` by a test that checks every registered route appears
-here with its method. Schemas say what Admin accepts; Admin stays the judge.
+here with its method. Schemas say what Provisioning accepts; Provisioning stays the judge.
 """
 
 from __future__ import annotations

@@ -46,14 +46,14 @@ def decision_counts(counts: Any) -> list[dict[str, Any]]:
 async def _tenants(gateway: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Each tenant's current month. A database failure leaves the rest of the page
     useful: the tenants part says what went wrong instead."""
-    if gateway.repo is None or gateway.admin is None:
+    if gateway.repo is None or gateway.provisioning is None:
         return [], {"code": "NOT_STARTED", "message": "the gateway is not started"}
     try:
         tenants = await gateway.repo.list_tenants()
         out = []
         for t in tenants:
             try:
-                usage = await gateway.admin.usage(t["id"])
+                usage = await gateway.provisioning.usage(t["id"])
             except NotFound:
                 continue  # deleted since the list was read
             out.append({**usage, "name": t["name"], "country": t["country"],

@@ -9,7 +9,7 @@ import warnings
 import asyncpg
 import structlog
 
-from .store.migrate import migrate
+from .migrate import migrate
 
 log = structlog.get_logger("gateway.db")
 

@@ -15,9 +15,9 @@ from decimal import Decimal
 
 import structlog
 
-from .errors import InvalidInput
-from .rating import numbers, rules
-from .rating.model import (
+from ..errors import InvalidInput
+from ..rating import numbers, rules
+from ..rating.model import (
     CallerContext,
     Classified,
     Decision,
@@ -27,7 +27,7 @@ from .rating.model import (
     Reason,
     Route,
 )
-from .store.repository import Repository
+from ..store.repository import Repository
 
 log = structlog.get_logger("gateway.rater")
 

@@ -18,11 +18,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 
-from .errors import Conflict, InvalidInput, NotFound
+from ..errors import Conflict, InvalidInput, NotFound
 from .rater import Clock, utcnow
-from .rating import rules
-from .rating.model import CALLING_PLAN_COUNTRIES, NumberKind, RateKind, Sku, Tenant, User
-from .store.repository import Repository
+from ..rating import rules
+from ..rating.model import CALLING_PLAN_COUNTRIES, NumberKind, RateKind, Sku, Tenant, User
+from ..store.repository import Repository
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
@@ -110,7 +110,7 @@ def check_sku(value: Any) -> Sku:
                            code="UNKNOWN_SKU", field="sku") from exc
 
 
-class Admin:
+class Provisioning:
     def __init__(self, repo: Repository, *, clock: Clock = utcnow):
         self.repo = repo
         self.clock = clock
