@@ -65,8 +65,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gateway import logs  # noqa: E402
-from gateway.billing.provisioning import Provisioning  # noqa: E402
 from gateway.app import Gateway  # noqa: E402
+from gateway.billing.provisioning import Provisioning  # noqa: E402
 from gateway.config import Config  # noqa: E402
 from gateway.store.pool import open_pool  # noqa: E402
 from gateway.store.repository import Repository  # noqa: E402

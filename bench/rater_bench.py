@@ -25,8 +25,8 @@ import structlog
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gateway.billing.provisioning import Provisioning  # noqa: E402
-from gateway.store.pool import open_pool  # noqa: E402
 from gateway.billing.rater import Rater  # noqa: E402
+from gateway.store.pool import open_pool  # noqa: E402
 from gateway.store.repository import Repository  # noqa: E402
 
 ADMIN_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL",

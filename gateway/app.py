@@ -16,14 +16,14 @@ import asyncpg
 import structlog
 
 from . import logs
-from .billing.provisioning import Provisioning
 from .agi import AgiServer
 from .ami import AmiClient, AmiError
+from .billing.provisioning import Provisioning
+from .billing.rater import Clock, Rater, utcnow
 from .calls.service import CallService
 from .config import Config
-from .store.pool import open_pool, start_embedded_async
 from .metrics import Metrics
-from .billing.rater import Clock, Rater, utcnow
+from .store.pool import open_pool, start_embedded_async
 from .store.repository import Repository
 
 log = structlog.get_logger("gateway.app")

@@ -7,8 +7,8 @@ import asyncio
 import json
 import sys
 
-from gateway.store.pool import open_pool
 from gateway.billing.rater import Rater
+from gateway.store.pool import open_pool
 from gateway.store.repository import Repository
 
 

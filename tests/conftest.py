@@ -13,8 +13,8 @@ import pytest
 import pytest_asyncio
 
 from gateway.billing.provisioning import Provisioning
-from gateway.store.pool import open_pool
 from gateway.billing.rater import Rater
+from gateway.store.pool import open_pool
 from gateway.store.repository import Repository
 
 ADMIN_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -9,8 +9,8 @@ from decimal import Decimal
 import pytest
 
 from gateway.agi import AgiReply, parse_environment
-from gateway.calls.service import CallService
 from gateway.billing.rater import Rater
+from gateway.calls.service import CallService
 
 from .scenario import TENANT, standard_tenant
 from .test_rater import ledger_agrees, pool_row

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.billing.provisioning import Provisioning
 from gateway.app import Gateway
+from gateway.billing.provisioning import Provisioning
 from gateway.config import Config
 from gateway.http import api
 from gateway.http.openapi import document

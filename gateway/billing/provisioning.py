@@ -19,10 +19,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 
 from ..errors import Conflict, InvalidInput, NotFound
-from .rater import Clock, utcnow
 from ..rating import rules
 from ..rating.model import CALLING_PLAN_COUNTRIES, NumberKind, RateKind, Sku, Tenant, User
 from ..store.repository import Repository
+from .rater import Clock, utcnow
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")

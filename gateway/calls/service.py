@@ -25,9 +25,9 @@ from typing import Any
 import structlog
 
 from ..agi import AgiError, AgiSession
+from ..billing.rater import Rater
 from ..errors import GatewayError
 from ..metrics import Metrics
-from ..billing.rater import Rater
 from ..rating.model import Decision, Reason, Route
 from .causes import cause_for
 
