@@ -33,7 +33,7 @@ async def _migrate(config_path: str | None) -> int:
     from .store.migrate import migrate
 
     cfg = load(config_path)
-    logs.configure(cfg.log_format, cfg.log_level)
+    logs.configure(cfg.log_format, cfg.log_level, secrets=cfg.secret_values())
     if not cfg.database_url:
         print("gateway: migrate needs GATEWAY_DATABASE_URL (serve migrates the embedded "
               "database itself)", file=sys.stderr)

@@ -61,7 +61,7 @@ class Gateway:
     async def start(self) -> None:
         cfg = self.config
         if self.configure_logs:
-            logs.configure(cfg.log_format, cfg.log_level)
+            logs.configure(cfg.log_format, cfg.log_level, secrets=cfg.secret_values())
         url = cfg.database_url
         if not url:
             data = self.data_path

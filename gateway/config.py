@@ -14,7 +14,7 @@ import pathlib
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 SECRETS = frozenset({"database_url", "ami_secret", "admin_token", "read_token"})
 
@@ -68,12 +68,49 @@ class Config:
         return out
 
 
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret string this configuration holds (tokens, the AMI secret, the
+        database URL and each password inside it), for the log redactor."""
+        found: set[str] = set()
+        for name in SECRETS:
+            value = getattr(self, name)
+            if value:
+                found.add(value)
+        if self.database_url:
+            found.update(_url_passwords(self.database_url))
+        return tuple(sorted(found, key=len, reverse=True))
+
+
+# query parameters of a PostgreSQL URL that carry a secret (libpq and asyncpg spellings)
+_SECRET_PARAMS = ("password", "sslpassword", "passfile", "sslkey")
+
+
+def _url_passwords(url: str) -> set[str]:
+    try:
+        parts = urlsplit(url)
+        found = {parts.password} if parts.password else set()
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return set()
+    found.update(v for k, v in query if k.lower() in _SECRET_PARAMS and v)
+    return found
+
+
 def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
+    """The URL with its password (in the user part or in ``?password=``) shown as ***."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return "***"  # not a URL we can take apart: show none of it
+    if password:
+        user, _, host = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}")
+    if any(k.lower() in _SECRET_PARAMS for k, _ in query):
+        masked = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in query]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    return parts.geturl()
 
 
 def _coerce(name: str, raw: Any, default: Any) -> Any:
@@ -98,6 +135,10 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
             raise ValueError(raw)
         return raw
     except (TypeError, ValueError) as exc:
+        if name in SECRETS:
+            # never echo a secret, not even a mistyped one (nor chain the error that holds it)
+            raise ConfigError(f"{name}: cannot read the value (a {type(raw).__name__}, not "
+                              f"shown: secret) as {type(default).__name__}") from None
         raise ConfigError(f"{name}: cannot read {raw!r} as {type(default).__name__}") from exc
 
 
@@ -150,9 +191,13 @@ def _flatten(data: dict[str, Any]) -> dict[str, Any]:
 
 def check(cfg: Config) -> None:
     if cfg.database_url:
-        parts = urlsplit(cfg.database_url)
-        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname and \
-                "host=" not in parts.query:
+        try:
+            parts = urlsplit(cfg.database_url)
+            hostname = parts.hostname
+        except ValueError:  # e.g. an unclosed [ or a port that is not a number
+            parts, hostname = None, None
+        if parts is None or parts.scheme not in ("postgresql", "postgres") or not hostname \
+                and "host=" not in parts.query:
             raise ConfigError("database_url must look like postgresql://user@host:5432/name")
     for name in ("agi_port", "ami_port", "http_port"):
         port = getattr(cfg, name)
