@@ -10,6 +10,8 @@ import pathlib
 import secrets
 import signal
 import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -20,13 +22,21 @@ from .agi import AgiServer
 from .ami import AmiClient, AmiError
 from .billing.provisioning import Provisioning
 from .billing.rater import Clock, Rater, utcnow
+from .billing.recovery import Recovery
+from .billing.views import Views
 from .calls.service import CallService
 from .config import Config
+from .errors import Unavailable
 from .metrics import Metrics
 from .store.pool import open_pool, start_embedded_async
 from .store.repository import Repository
 
 log = structlog.get_logger("gateway.app")
+
+
+def embedded_data_path(config: Config) -> pathlib.Path:
+    """Where the embedded PostgreSQL keeps its files when no database URL is given."""
+    return pathlib.Path(config.data_dir).resolve() / "pgdata"
 
 
 class StartupError(Exception):
@@ -41,11 +51,12 @@ class Gateway:
         self.pool: asyncpg.Pool | None = None
         self.embedded: Any = None
         self.database_mode = "url" if config.database_url else "embedded"
-        self.data_path = pathlib.Path(config.data_dir).resolve() / "pgdata"
+        self.data_path = embedded_data_path(config)
         self.metrics = Metrics()
         self.repo: Repository | None = None
         self.rater: Rater | None = None
         self.provisioning: Provisioning | None = None
+        self.views: Views | None = None
         self.calls: CallService | None = None
         self.agi: AgiServer | None = None
         self.ami: AmiClient | None = None
@@ -85,7 +96,8 @@ class Gateway:
         self.repo = Repository(self.pool)
         self.rater = Rater(self.repo, clock=self.clock, slice_seconds=cfg.slice_seconds)
         self.provisioning = Provisioning(self.repo, clock=self.clock)
-        self.calls = CallService(self.rater, metrics=self.metrics,
+        self.views = Views(self.repo, clock=self.clock)
+        self.calls = CallService(self.rater, Recovery(self.repo), metrics=self.metrics,
                                  renew_before_seconds=cfg.renew_before_seconds,
                                  instance_id=self.instance_id)
         await self.repo.heartbeat(self.instance_id)
@@ -207,3 +219,47 @@ class Gateway:
         ok = (comps["database"]["state"] == "up" and comps["agi"]["state"] == "up"
               and comps["ami"]["state"] in ("up", "not_configured"))
         return ok, comps
+
+
+# ---- the billing layer for one operator command ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Billing:
+    """What an operator command may use: the billing layer, no listeners, no calls."""
+
+    provisioning: Provisioning
+    views: Views
+
+
+@contextlib.asynccontextmanager
+async def open_billing(config: Config) -> AsyncIterator[Billing]:
+    """Open the configured database for one operator command and yield the billing
+    layer over it; close it afterwards. The database is chosen as ``Gateway.start``
+    chooses it: the URL, or without one the embedded database of ``data_dir``, shared
+    with a running ``gateway serve`` (not stopped while serve holds it)."""
+    url = config.database_url
+    embedded: Any = None
+    if not url:
+        data = embedded_data_path(config)
+        try:
+            url, embedded = await start_embedded_async(data)
+        except Exception as exc:  # noqa: BLE001 - pgserver raises its own kinds
+            raise Unavailable(f"cannot start the embedded database in {data}: {exc}",
+                              code="DATABASE_UNAVAILABLE") from exc
+    try:
+        try:
+            pool = await asyncio.wait_for(open_pool(url, min_size=1, max_size=4),
+                                          timeout=15)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                TimeoutError) as exc:
+            raise Unavailable(f"cannot connect to the database: {exc}",
+                              code="DATABASE_UNAVAILABLE") from exc
+        try:
+            repo = Repository(pool)
+            yield Billing(provisioning=Provisioning(repo), views=Views(repo))
+        finally:
+            await pool.close()
+    finally:
+        if embedded is not None:
+            embedded.cleanup()

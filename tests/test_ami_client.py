@@ -24,6 +24,7 @@ from gateway.ami import (
     AmiClient,
     AmiError,
 )
+from gateway.ami.events import Cdr, CoreShowChannel, DialEnd, Hangup
 
 USERNAME = "gateway"
 SECRET = "s3cret-Pw-77"
@@ -460,6 +461,93 @@ async def test_core_show_channels_collects_the_list(fake, make_client):
     assert all(c["Event"] == "CoreShowChannel" for c in channels)
     await eventually(lambda: "Newchannel" in seen)
     assert "CoreShowChannel" not in seen and "CoreShowChannelsComplete" not in seen
+
+
+async def test_live_channels_are_typed(fake, make_client):
+    async def core_show_channels(conn, action):
+        aid = action["ActionID"]
+        await conn.reply(action, EventList="start", Message="Channels will follow")
+        await conn.send({"Event": "CoreShowChannel", "ActionID": aid, "Channel": "PJSIP/a-1",
+                         "UniqueID": "1.1", "LinkedID": "1.1"})
+        await conn.send({"Event": "CoreShowChannel", "ActionID": aid, "Channel": "PJSIP/b-2",
+                         "Uniqueid": "1.2", "Linkedid": "1.1"})
+        await conn.send({"Event": "CoreShowChannelsComplete", "ActionID": aid,
+                         "EventList": "Complete", "ListItems": "2"})
+
+    fake.scripts["coreshowchannels"] = core_show_channels
+    client = make_client()
+    await client.start()
+
+    assert await client.live_channels() == [
+        CoreShowChannel(uniqueid="1.1", channel="PJSIP/a-1", linkedid="1.1"),
+        CoreShowChannel(uniqueid="1.2", channel="PJSIP/b-2", linkedid="1.1"),
+    ]
+
+
+async def test_typed_handlers_get_parsed_events_and_failures_are_logged(fake, make_client):
+    """``on(DialEnd, ...)`` delivers DialEnd events only, parsed; a failing typed handler
+    is logged under its own name and the next event still arrives."""
+    ends: list[DialEnd] = []
+
+    async def broken(event: Hangup) -> None:
+        raise RuntimeError("typed handler bug")
+
+    client = make_client()
+    client.on(DialEnd, ends.append)
+    client.on(Hangup, broken)
+    await client.start()
+
+    with capture_logs() as logs:
+        await fake.event({"Event": "Hangup", "Channel": "PJSIP/a-1", "Uniqueid": "1.1"})
+        await fake.event({"Event": "DialEnd", "DialStatus": "ANSWER", "UniqueID": "1.1",
+                          "DestChannel": "PJSIP/carrier-2", "Linkedid": "1.1"})
+        await eventually(lambda: len(ends) == 1)
+
+    assert ends == [DialEnd(uniqueid="1.1", dial_status="ANSWER",
+                            dest_channel="PJSIP/carrier-2", linkedid="1.1")]
+    [failed] = [e for e in logs if e["event"] == "ami.event_handler_failed"]
+    assert "broken" in failed["handler"]
+
+
+# --- the typed events, parsed at the edge ----------------------------------------------
+
+
+def test_dial_end_parses_whatever_the_header_case():
+    for uniqueid_header in ("Uniqueid", "UniqueID", "UNIQUEID", "uniqueid"):
+        event = DialEnd.parse({"Event": "DialEnd", uniqueid_header: "17.3",
+                               "dialstatus": "ANSWER", "DESTCHANNEL": "PJSIP/carrier-1",
+                               "LinkedID": "17.1"})
+        assert event == DialEnd(uniqueid="17.3", dial_status="ANSWER",
+                                dest_channel="PJSIP/carrier-1", linkedid="17.1")
+        assert event.answered
+
+
+def test_cdr_parses_whatever_the_header_case():
+    for uniqueid_header in ("UniqueID", "Uniqueid"):
+        cdr = Cdr.parse({"Event": "Cdr", uniqueid_header: "17.3", "Disposition": "ANSWERED",
+                         "billableseconds": "61"})
+        assert cdr == Cdr(uniqueid="17.3", disposition="ANSWERED", billable_seconds=61)
+        assert cdr.answered
+
+
+def test_missing_or_malformed_fields_are_none_or_zero():
+    assert DialEnd.parse({"Event": "DialEnd"}) == DialEnd(None, None, None, None)
+    assert not DialEnd.parse({"DialStatus": "CANCEL"}).answered
+    assert Hangup.parse({}) == Hangup(uniqueid=None, channel=None)
+    assert CoreShowChannel.parse({"Channel": ""}) == CoreShowChannel(None, None, None)
+    for billable in ("", "ten", "  ", "1.5"):
+        cdr = Cdr.parse({"UniqueID": "1", "Disposition": "ANSWERED",
+                         "BillableSeconds": billable})
+        assert cdr.billable_seconds == 0
+    assert Cdr.parse({"UniqueID": "1"}) == Cdr("1", None, 0)
+    assert not Cdr.parse({"Disposition": "NO ANSWER", "BillableSeconds": "9"}).answered
+    assert Cdr.parse({"BillableSeconds": " 7 "}).billable_seconds == 7
+
+
+def test_events_are_frozen():
+    event = Hangup.parse({"Uniqueid": "1"})
+    with pytest.raises(AttributeError):
+        event.uniqueid = "2"  # type: ignore[misc]
 
 
 async def test_list_without_completion_times_out(fake, make_client):

@@ -8,12 +8,14 @@ from decimal import Decimal
 
 import pytest
 
+from gateway import dialplan_variables as var
 from gateway.agi import AgiReply, parse_environment
+from gateway.ami.events import Cdr, CoreShowChannel, DialEnd
 from gateway.billing.rater import Rater
+from gateway.billing.recovery import Recovery
 from gateway.calls.service import CallService
-
-from .scenario import TENANT, standard_tenant
-from .test_rater import ledger_agrees, pool_row
+from tests.support.ledger import ledger_agrees, pool_row
+from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = pytest.mark.db
 
@@ -46,25 +48,31 @@ class Session:
         return dict(self.variables)
 
 
+def answer(uniqueid: str, dest_channel: str) -> DialEnd:
+    """The DialEnd event of the callee answering, as the AMI link parses it."""
+    return DialEnd.parse({"Event": "DialEnd", "DialStatus": "ANSWER", "Uniqueid": uniqueid,
+                          "DestChannel": dest_channel})
+
+
 class FakeAmi:
     def __init__(self):
         self.setvars: list[tuple[str, str, str, float]] = []
-        self.channels: list[dict[str, str]] = []
+        self.channels: list[CoreShowChannel] = []
         self.handlers = {}
 
-    def on_event(self, name, cb):
-        self.handlers[name] = cb
+    def on(self, event, cb):
+        self.handlers[event] = cb
 
     async def setvar(self, channel, variable, value):
         self.setvars.append((channel, variable, value, asyncio.get_running_loop().time()))
 
-    async def core_show_channels(self):
+    async def live_channels(self):
         return list(self.channels)
 
 
 @pytest.fixture
-def service(rater):
-    svc = CallService(rater, renew_before_seconds=30)
+def service(rater, repo):
+    svc = CallService(rater, Recovery(repo), renew_before_seconds=30)
     svc.attach_ami(FakeAmi())
     yield svc
 
@@ -74,12 +82,12 @@ async def test_outbound_allow_sets_variables_decision_last(admin, service, repo)
     s = Session("outbound", "2125550100", "alice", "1700000000.1")
     await service.agi_outbound(s)
     v = s.vars
-    assert s.variables[-1] == ("GW_DECISION", "ALLOW")
-    assert (v["GW_REASON"], v["GW_ROUTE"], v["GW_NUMBER"], v["GW_FUNDED"], v["GW_CAUSE"]) == (
+    assert s.variables[-1] == (var.DECISION, "ALLOW")
+    assert (v[var.REASON], v[var.ROUTE], v[var.NUMBER], v[var.FUNDED], v[var.CAUSE]) == (
         "FUNDED", "pstn", "12125550100", "300", "")
     assert len(service.live) == 1
     row = await repo.find_call_by_uniqueid("1700000000.1")
-    assert str(row["id"]) == v["GW_CALL_ID"]
+    assert str(row["id"]) == v[var.CALL_ID]
     assert service.metrics.reason_counts[("outbound", "ALLOW", "FUNDED")] == 1
 
 
@@ -87,7 +95,7 @@ async def test_outbound_reject_carries_the_cause(admin, service):
     await standard_tenant(admin)
     s = Session("outbound", "2125550100", "carol")
     await service.agi_outbound(s)
-    assert (s.vars["GW_DECISION"], s.vars["GW_REASON"], s.vars["GW_CAUSE"]) == (
+    assert (s.vars[var.DECISION], s.vars[var.REASON], s.vars[var.CAUSE]) == (
         "REJECT", "NO_LICENSE", "50")
     assert service.live == {}
 
@@ -96,8 +104,8 @@ async def test_internal_call_names_the_target(admin, service):
     await standard_tenant(admin)
     s = Session("outbound", "102", "carol")
     await service.agi_outbound(s)
-    assert (s.vars["GW_DECISION"], s.vars["GW_ROUTE"], s.vars["GW_TARGET"],
-            s.vars["GW_FUNDED"]) == ("ALLOW", "internal", "bob", "")
+    assert (s.vars[var.DECISION], s.vars[var.ROUTE], s.vars[var.TARGET],
+            s.vars[var.FUNDED]) == ("ALLOW", "internal", "bob", "")
 
 
 async def test_rater_failure_fails_closed_but_emergency_goes(admin, service):
@@ -108,18 +116,18 @@ async def test_rater_failure_fails_closed_but_emergency_goes(admin, service):
     service.rater.repo = Broken()
     s = Session("outbound", "2125550100", "alice")
     await service.agi_outbound(s)
-    assert (s.vars["GW_DECISION"], s.vars["GW_REASON"], s.vars["GW_CAUSE"]) == (
+    assert (s.vars[var.DECISION], s.vars[var.REASON], s.vars[var.CAUSE]) == (
         "REJECT", "GATEWAY_ERROR", "34")
     s = Session("outbound", "911", "alice", uniqueid="2")
     await service.agi_outbound(s)
-    assert (s.vars["GW_DECISION"], s.vars["GW_ROUTE"]) == ("ALLOW", "emergency")
+    assert (s.vars[var.DECISION], s.vars[var.ROUTE]) == ("ALLOW", "emergency")
 
 
 async def test_channel_gone_mid_reply_never_leaves_allow(admin, service, repo):
     await standard_tenant(admin)
     s = Session("outbound", "2125550100", "alice", fail_after=3)
     await service.agi_outbound(s)
-    assert "GW_DECISION" not in s.vars
+    assert var.DECISION not in s.vars
     # the reservation is still held, and reconcile releases it once it is stale
     service.stale_after = 0
     counts = await service.reconcile()
@@ -131,14 +139,12 @@ async def test_hangup_report_settles_and_cdr_after_changes_nothing(admin, servic
     await standard_tenant(admin)
     s = Session("outbound", "2125550100", "alice", uniqueid="u-1")
     await service.agi_outbound(s)
-    call_id = s.vars["GW_CALL_ID"]
-    await service.on_dial_end({"DialStatus": "ANSWER", "Uniqueid": "u-1",
-                               "DestChannel": "PJSIP/carrier-00000002"})
+    call_id = s.vars[var.CALL_ID]
+    await service.on_dial_end(answer("u-1", "PJSIP/carrier-00000002"))
     assert (await repo.find_call(service.live[next(iter(service.live))].call_id))["state"] \
         == "answered"
     await service.agi_hangup(Session("hangup", call_id, "61200", "ANSWER", "61"))
-    await service.on_cdr({"UniqueID": "u-1", "Disposition": "ANSWERED",
-                          "BillableSeconds": "75"})
+    await service.on_cdr(Cdr(uniqueid="u-1", disposition="ANSWERED", billable_seconds=75))
     assert await pool_row(repo) == (120, 0)  # 61.2 s -> 61 -> two minutes, once
     assert service.live == {}
     assert service.metrics.settlements.labels("agi", "settled")._value.get() == 1
@@ -149,8 +155,7 @@ async def test_cdr_alone_settles_and_unanswered_releases(admin, service, repo):
     await standard_tenant(admin, wallet="5")
     s = Session("outbound", "+442079460000", "alice", uniqueid="u-2")
     await service.agi_outbound(s)
-    await service.on_cdr({"UniqueID": "u-2", "Disposition": "NO ANSWER",
-                          "BillableSeconds": "0"})
+    await service.on_cdr(Cdr(uniqueid="u-2", disposition="NO ANSWER", billable_seconds=0))
     w = await repo.get_wallet(TENANT)
     assert (w["balance"], w["reserved"]) == (Decimal(5), 0)
     assert service.live == {}
@@ -162,14 +167,13 @@ async def test_renewal_moves_the_deadline_on_the_callee(admin, repo, clock):
                             "price_per_minute": "0.02", "first_increment": 1,
                             "increment": 1}])
     rater = Rater(repo, clock=clock, slice_seconds=2)
-    svc = CallService(rater, renew_before_seconds=30)
+    svc = CallService(rater, Recovery(repo), renew_before_seconds=30)
     ami = FakeAmi()
     svc.attach_ami(ami)
     s = Session("outbound", "2125550100", "alice", uniqueid="u-3")
     await svc.agi_outbound(s)
-    assert s.vars["GW_FUNDED"] == "2"
-    await svc.on_dial_end({"DialStatus": "ANSWER", "Uniqueid": "u-3",
-                           "DestChannel": "PJSIP/carrier-00000009"})
+    assert s.vars[var.FUNDED] == "2"
+    await svc.on_dial_end(answer("u-3", "PJSIP/carrier-00000009"))
     await asyncio.sleep(2.6)  # renewals at ~1 s and ~3 s... at least two by now
     assert len(ami.setvars) >= 1
     channel, variable, value, _ = ami.setvars[0]
@@ -177,7 +181,7 @@ async def test_renewal_moves_the_deadline_on_the_callee(admin, repo, clock):
     assert 2.5 <= float(value) <= 3.5  # 4 s funded, renewed ~1 s after answer
     call = next(iter(svc.live.values()))
     assert call.funded_seconds >= 4
-    await svc.agi_hangup(Session("hangup", s.vars["GW_CALL_ID"], "2600", "ANSWER", "2"))
+    await svc.agi_hangup(Session("hangup", s.vars[var.CALL_ID], "2600", "ANSWER", "2"))
     await asyncio.sleep(0)
     assert call.renew_task.done()
     used, reserved = await pool_row(repo)
@@ -193,14 +197,13 @@ async def test_no_more_funding_leaves_the_deadline_alone(admin, repo, clock):
                             "increment": 1}])
     await admin.topup(TENANT, "0.02")  # two seconds of overage
     rater = Rater(repo, clock=clock, slice_seconds=2)
-    svc = CallService(rater)
+    svc = CallService(rater, Recovery(repo))
     ami = FakeAmi()
     svc.attach_ami(ami)
     s = Session("outbound", "2125550100", "alice", uniqueid="u-4")
     await svc.agi_outbound(s)
-    assert s.vars["GW_FUNDED"] == "2"
-    await svc.on_dial_end({"DialStatus": "ANSWER", "Uniqueid": "u-4",
-                           "DestChannel": "PJSIP/carrier-0000000a"})
+    assert s.vars[var.FUNDED] == "2"
+    await svc.on_dial_end(answer("u-4", "PJSIP/carrier-0000000a"))
     await asyncio.sleep(1.5)
     assert ami.setvars == []  # nothing more could be reserved: the PBX keeps its deadline
     assert svc.metrics.reservations.labels("exhausted")._value.get() == 1
@@ -213,15 +216,14 @@ async def test_reconcile_settles_from_cdr_adopts_live_and_estimates(admin, servi
     for uid in ("gone-cdr", "still-up", "gone-no-record"):
         await service.agi_outbound(Session("outbound", "2125550100", "alice", uniqueid=uid))
     for uid in ("gone-cdr", "still-up", "gone-no-record"):
-        await service.on_dial_end({"DialStatus": "ANSWER", "Uniqueid": uid,
-                                   "DestChannel": f"PJSIP/carrier-{uid}"})
+        await service.on_dial_end(answer(uid, f"PJSIP/carrier-{uid}"))
     # a restart: a new service knows nothing of these calls
-    fresh = CallService(service.rater, stale_after_seconds=10)
+    fresh = CallService(service.rater, Recovery(repo), stale_after_seconds=10)
     ami = FakeAmi()
     fresh.attach_ami(ami)
     ami.channels = [
-        {"Channel": "PJSIP/alice-1", "Uniqueid": "still-up", "Linkedid": "still-up"},
-        {"Channel": "PJSIP/carrier-x", "Uniqueid": "peer", "Linkedid": "still-up"},
+        CoreShowChannel(channel="PJSIP/alice-1", uniqueid="still-up", linkedid="still-up"),
+        CoreShowChannel(channel="PJSIP/carrier-x", uniqueid="peer", linkedid="still-up"),
     ]
     await repo.pool.execute(
         "INSERT INTO cdr (uniqueid, billsec, disposition) VALUES ('gone-cdr', 100, 'ANSWERED')")
@@ -251,11 +253,13 @@ async def test_reconcile_leaves_calls_of_live_gateways_alone(admin, service, rep
     await repo.heartbeat("gw-dead")
     await repo.pool.execute("UPDATE gateway_instances SET last_seen = now() - interval '1 hour'"
                             " WHERE id = 'gw-dead'")
-    me = CallService(service.rater, instance_id="gw-me")
+    me = CallService(service.rater, Recovery(repo), instance_id="gw-me")
     ami = FakeAmi()
     me.attach_ami(ami)
-    ami.channels = [{"Channel": "PJSIP/alice-1", "Uniqueid": "theirs", "Linkedid": "theirs"},
-                    {"Channel": "PJSIP/alice-2", "Uniqueid": "orphan", "Linkedid": "orphan"}]
+    ami.channels = [
+        CoreShowChannel(channel="PJSIP/alice-1", uniqueid="theirs", linkedid="theirs"),
+        CoreShowChannel(channel="PJSIP/alice-2", uniqueid="orphan", linkedid="orphan"),
+    ]
     counts = await me.reconcile()
     assert (counts["adopted"], counts["kept"]) == (1, 1)
     assert [c.uniqueid for c in me.live.values()] == ["orphan"]
@@ -286,11 +290,11 @@ async def test_one_canonical_line_per_decision_and_settlement_with_the_call_ids(
     with capture_logs(processors=[merge_contextvars]) as logs:
         s = Session("outbound", "2125550100", "alice", uniqueid="u-log")
         await service.agi_outbound(s)
-        await service.agi_hangup(Session("hangup", s.vars["GW_CALL_ID"], "30500", "ANSWER",
+        await service.agi_hangup(Session("hangup", s.vars[var.CALL_ID], "30500", "ANSWER",
                                          "30", uniqueid="u-log"))
     decisions = [e for e in logs if e["event"] == "decision"]
     settlements = [e for e in logs if e["event"] == "settlement"]
     assert len(decisions) == 1 and len(settlements) == 1
     assert decisions[0]["uniqueid"] == "u-log" and decisions[0]["agi"] == "outbound"
-    assert decisions[0]["call_id"] == s.vars["GW_CALL_ID"]
+    assert decisions[0]["call_id"] == s.vars[var.CALL_ID]
     assert (settlements[0]["uniqueid"], settlements[0]["billed_seconds"]) == ("u-log", 60)

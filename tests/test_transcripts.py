@@ -26,8 +26,10 @@ from typing import Any
 
 import pytest
 
+from gateway import dialplan_variables as var
 from gateway.agi import AgiReply, AgiServer, AgiSession
 from gateway.ami import AmiClient
+from gateway.ami.events import Cdr, DialEnd, Hangup
 from gateway.calls.service import CallService
 from gateway.rating.model import Decision, Reason, Route, Source
 
@@ -344,8 +346,8 @@ async def assert_serves_normally(server: AgiServer, routes: ReplayRoutes, normal
 
 
 def test_recordings_hold_the_cases_the_tests_rely_on():
-    assert {t.env["network_script"] for t in AGI.values()} == {"outbound", "inbound", "hangup"}
-    decisions = {t.name: t.set_variables().get("GW_DECISION") for t in AGI.values()}
+    assert {t.env["network_script"] for t in AGI.values()} == set(var.ROUTES)
+    decisions = {t.name: t.set_variables().get(var.DECISION) for t in AGI.values()}
     assert decisions["no_license-outbound"] == "REJECT"
     assert decisions["domestic_answered-outbound"] == decisions["toll_free_inbound-inbound"] \
         == "ALLOW"
@@ -380,8 +382,6 @@ async def test_agi_session_replays_as_recorded(agi_server, name):
 class StubRater:
     """Answers as the real rater did in the recording; records what it was asked."""
 
-    repo = None
-
     def __init__(self, decision: Decision | None = None) -> None:
         self.decision = decision
         self.asked: list[tuple[Any, ...]] = []
@@ -410,6 +410,13 @@ class StubRater:
         return dt.datetime.now(dt.UTC)
 
 
+class StubRecovery:
+    """The store's side of reconciliation: no call is open there."""
+
+    async def open_call_id(self, pbx_uniqueid):
+        return None
+
+
 @dataclass
 class _Settled:
     outcome: str = "settled"
@@ -417,16 +424,16 @@ class _Settled:
 
 def recorded_decision(t: AgiTranscript) -> Decision:
     v = t.set_variables()
-    route = Route(v["GW_ROUTE"]) if v["GW_ROUTE"] else None
-    number = v["GW_NUMBER"]
+    route = Route(v[var.ROUTE]) if v[var.ROUTE] else None
+    number = v[var.NUMBER]
     return Decision(
-        allow=v["GW_DECISION"] == "ALLOW",
-        reason=Reason(v["GW_REASON"]),
-        call_id=uuid.UUID(v["GW_CALL_ID"]) if v["GW_CALL_ID"] else None,
+        allow=v[var.DECISION] == "ALLOW",
+        reason=Reason(v[var.REASON]),
+        call_id=uuid.UUID(v[var.CALL_ID]) if v[var.CALL_ID] else None,
         route=route,
-        funded_seconds=int(v["GW_FUNDED"]) if v["GW_FUNDED"] else None,
+        funded_seconds=int(v[var.FUNDED]) if v[var.FUNDED] else None,
         destination=f"+{number}" if route in (Route.PSTN, Route.PARTNER) else number,
-        target=v["GW_TARGET"] or None,
+        target=v[var.TARGET] or None,
         sources=(Source.POOL,),
     )
 
@@ -437,8 +444,8 @@ async def test_call_routes_answer_the_recorded_sessions_as_the_gateway_did(agi_s
     gateway sent to the real Asterisk; a hangup report settles what Asterisk reported."""
     t = AGI[name]
     script = t.env["network_script"]
-    rater = StubRater(recorded_decision(t) if script != "hangup" else None)
-    calls = CallService(rater)  # type: ignore[arg-type]
+    rater = StubRater(recorded_decision(t) if script != var.HANGUP_ROUTE else None)
+    calls = CallService(rater, StubRecovery())  # type: ignore[arg-type]
     server = await agi_server(calls.routes())
     done = await replay(server.port, t.steps)
     await calls.stop()
@@ -447,9 +454,9 @@ async def test_call_routes_answer_the_recorded_sessions_as_the_gateway_did(agi_s
     assert [line.decode().rstrip("\n") for line in done.received] == t.commands
     assert (server.stats["protocol_errors"], server.stats["handler_errors"]) == (0, 0)
     args = t.args
-    if script == "outbound":  # dialled, the caller's endpoint, linkedid
+    if script == var.OUTBOUND_ROUTE:  # dialled, the caller's endpoint, linkedid
         assert rater.asked == [("outbound", args[1], args[0], t.env["uniqueid"], args[2])]
-    elif script == "inbound":  # called, caller id, linkedid
+    elif script == var.INBOUND_ROUTE:  # called, caller id, linkedid
         assert rater.asked == [("inbound", args[0], args[1], t.env["uniqueid"], args[2])]
     else:  # call id, ANSWEREDTIME_MS, DIALSTATUS, CDR(billsec)
         call_id = uuid.UUID(args[0])
@@ -653,15 +660,15 @@ async def ami_replay():
     started: list[tuple[AmiReplay, AmiClient]] = []
 
     async def start(t: AmiTranscript, payloads: list[bytes], close_after: list[bool] | None = None,
-                    handlers: dict[str, Callable[[dict[str, str]], Any]] | None = None
+                    handlers: dict[type, Callable[[Any], Any]] | None = None
                     ) -> tuple[AmiReplay, AmiClient, list[dict[str, str]]]:
         fake = AmiReplay(t, payloads, close_after or [False] * len(payloads))
         port = await fake.start()
         client = AmiClient("127.0.0.1", port, "gateway", "not-the-recorded-secret",
                            action_timeout=0.5, ping_interval=60.0, connect_timeout=0.5,
                            backoff_initial=0.02, backoff_max=0.1)
-        for name, handler in (handlers or {}).items():
-            client.on_event(name, handler)
+        for event, handler in (handlers or {}).items():
+            client.on(event, handler)
         delivered: list[dict[str, str]] = []
         client.on_event("*", delivered.append)  # runs after the named handlers of an event
         started.append((fake, client))
@@ -717,6 +724,9 @@ async def test_ami_answer_and_cdr_name_the_channel_the_agi_session_announced(
     assert (cdr["UniqueID"], cdr["Disposition"]) == (uniqueid, "ANSWERED")
     assert int(cdr["BillableSeconds"]) >= 1
     assert cdr["UserField"] == "" and cdr["AccountCode"] == ""  # empty values kept
+    # the typed events read the same ids whatever the header's case
+    assert DialEnd.parse(dial_end).uniqueid == Cdr.parse(cdr).uniqueid == uniqueid
+    assert DialEnd.parse(dial_end).answered and Cdr.parse(cdr).answered
     hangup = AGI[f"{call}-hangup"]
     assert hangup.args[2] == "ANSWER" and int(hangup.args[3]) == int(cdr["BillableSeconds"])
 
@@ -741,11 +751,11 @@ async def test_call_service_follows_a_recorded_call_from_agi_to_ami(agi_server, 
                 if name.startswith(f"{call}-") and not name.endswith("-hangup")]
     decision = recorded_decision(decide)
     rater = StubRater(decision)
-    calls = CallService(rater)  # type: ignore[arg-type]
+    calls = CallService(rater, StubRecovery())  # type: ignore[arg-type]
     server = await agi_server(calls.routes())
     assert (await replay(server.port, decide.steps)).closed
     t = AMI[call]
-    handlers = {"DialEnd": calls.on_dial_end, "Cdr": calls.on_cdr, "Hangup": calls.on_hangup}
+    handlers = {DialEnd: calls.on_dial_end, Cdr: calls.on_cdr, Hangup: calls.on_hangup}
     _, _, delivered = await ami_replay(t, [b"".join(t.event_blocks)], handlers=handlers)
     await until(lambda: len(delivered) >= len(t.events))
     await calls.stop()

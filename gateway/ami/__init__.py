@@ -1,4 +1,5 @@
-"""AMI wire layer: a logged-in, self-healing Asterisk Manager connection (no billing)."""
+"""AMI wire layer: a logged-in, self-healing Asterisk Manager connection (no billing),
+and the events the gateway acts on, parsed into frozen types (``events``)."""
 
 from gateway.ami.client import (
     AMI_ACTION_FAILED,
@@ -9,6 +10,7 @@ from gateway.ami.client import (
     AmiClient,
     AmiError,
 )
+from gateway.ami.events import Cdr, CoreShowChannel, DialEnd, Hangup
 
 __all__ = [
     "AMI_ACTION_FAILED",
@@ -18,4 +20,8 @@ __all__ = [
     "AMI_UNREACHABLE",
     "AmiClient",
     "AmiError",
+    "Cdr",
+    "CoreShowChannel",
+    "DialEnd",
+    "Hangup",
 ]

@@ -44,11 +44,13 @@ import contextlib
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from panoramisk.actions import Action
 from panoramisk.message import Message
+
+from .events import AmiEvent, CoreShowChannel
 
 AMI_LOGIN_FAILED = "AMI_LOGIN_FAILED"
 AMI_UNREACHABLE = "AMI_UNREACHABLE"
@@ -58,6 +60,7 @@ AMI_ACTION_FAILED = "AMI_ACTION_FAILED"
 
 EventCallback = Callable[[dict[str, str]], Awaitable[None] | None]
 ConnectCallback = Callable[[], Awaitable[None] | None]
+E = TypeVar("E", bound=AmiEvent)
 
 _BANNER_PREFIX = b"Asterisk Call Manager/"
 _TERMINATOR = b"\r\n\r\n"
@@ -223,6 +226,16 @@ class AmiClient:
         """
         self._handlers.setdefault(name.lower(), []).append(callback)
 
+    def on(self, event: type[E], callback: Callable[[E], Awaitable[None] | None]) -> None:
+        """Call ``callback`` with every ``event`` (a type from ``gateway.ami.events``),
+        parsed from its headers: the typed form of ``on_event``."""
+
+        def deliver(headers: dict[str, str]) -> Awaitable[None] | None:
+            return callback(event.parse(headers))
+
+        deliver.__qualname__ = _name_of(callback)  # failures are logged under its name
+        self.on_event(event.NAME, deliver)
+
     def on_connect(self, callback: ConnectCallback) -> None:
         """Run ``callback()`` after every successful login, reconnects included.
 
@@ -334,6 +347,10 @@ class AmiClient:
         return await self.action_list(
             {"Action": "CoreShowChannels"}, complete_event="CoreShowChannelsComplete"
         )
+
+    async def live_channels(self) -> list[CoreShowChannel]:
+        """All live channels, typed (``core_show_channels`` parsed)."""
+        return [CoreShowChannel.parse(c) for c in await self.core_show_channels()]
 
     # -- internals: connection ------------------------------------------------------
 

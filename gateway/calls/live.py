@@ -1,0 +1,231 @@
+"""Live calls: the calls this process follows from the decision to the settlement.
+
+    AMI DialEnd ANSWER -> the call's talk time starts; renewals are scheduled
+    each slice's end   -> rater renews -> AMI Setvar TIMEOUT(absolute) on the callee
+    AMI Hangup         -> renewals stop
+    any end report     -> rater settles (or releases) once; the call leaves the table
+
+The PBX enforces the funded end on its own: the dialplan dials with ``L(funded ms)``,
+which puts a hangup deadline on the callee channel at answer. The gateway only moves
+that deadline further when it has reserved more time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from ..ami.events import DialEnd, Hangup
+from ..billing.rater import Rater
+from ..errors import GatewayError
+from ..metrics import Metrics
+
+log = structlog.get_logger("gateway.calls")
+
+
+class DeadlineLink(Protocol):
+    """What moving a deadline needs from the AMI link."""
+
+    async def setvar(self, channel: str, variable: str, value: str) -> None: ...
+
+
+@dataclass
+class LiveCall:
+    """One call this process follows (mutable: it changes as the call goes on)."""
+
+    call_id: uuid.UUID
+    direction: str
+    tenant_id: str | None
+    caller: str
+    destination: str
+    route: str | None
+    rated: bool
+    funded_seconds: int | None
+    uniqueid: str | None
+    linkedid: str | None = None
+    channel: str | None = None
+    dest_channel: str | None = None
+    authorised_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    answered_at: dt.datetime | None = None
+    answered_mono: float | None = None
+    source: str = ""
+    renew_task: asyncio.Task[None] | None = None
+
+    def view(self, now_mono: float) -> dict[str, Any]:
+        """The call as ``/status`` shows it."""
+        funded_until = None
+        if self.answered_at is not None and self.funded_seconds is not None:
+            funded_until = (self.answered_at + dt.timedelta(seconds=self.funded_seconds))
+        return {
+            "call_id": str(self.call_id),
+            "direction": self.direction,
+            "tenant_id": self.tenant_id,
+            "caller": self.caller,
+            "destination": self.destination,
+            "route": self.route,
+            "state": "answered" if self.answered_at else "ringing",
+            "funded_seconds": self.funded_seconds,
+            "funded_until": funded_until.isoformat() if funded_until else None,
+            "talk_seconds": round(now_mono - self.answered_mono, 1)
+            if self.answered_mono is not None else 0,
+            "source": self.source,
+            "channel": self.channel,
+        }
+
+
+class LiveCalls:
+    """The table of live calls, their renewals and their settlement."""
+
+    def __init__(self, rater: Rater, metrics: Metrics, *, renew_before_seconds: int,
+                 monotonic: Callable[[], float]):
+        self.rater = rater
+        self.metrics = metrics
+        self.renew_before = renew_before_seconds
+        self.monotonic = monotonic
+        self.ami: DeadlineLink | None = None  # no AMI: the PBX keeps the first deadline
+        self.by_id: dict[uuid.UUID, LiveCall] = {}
+        self._by_uniqueid: dict[str, uuid.UUID] = {}
+
+    # ---- the table ---------------------------------------------------------------------
+
+    def track(self, call: LiveCall) -> None:
+        self.by_id[call.call_id] = call
+        if call.uniqueid:
+            self._by_uniqueid[call.uniqueid] = call.call_id
+        self.metrics.live_calls.set(len(self.by_id))
+
+    def untrack(self, call: LiveCall) -> None:
+        self.by_id.pop(call.call_id, None)
+        if call.uniqueid:
+            self._by_uniqueid.pop(call.uniqueid, None)
+        if call.renew_task is not None and call.renew_task is not asyncio.current_task():
+            call.renew_task.cancel()
+        self.metrics.live_calls.set(len(self.by_id))
+
+    def find(self, uniqueid: str | None) -> LiveCall | None:
+        """The live call whose caller channel is ``uniqueid``."""
+        call_id = self._by_uniqueid.get(uniqueid or "")
+        return self.by_id.get(call_id) if call_id else None
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = self.monotonic()
+        return [c.view(now) for c in self.by_id.values()]
+
+    async def stop(self) -> None:
+        """Stop renewing; reservations stay in the database for the next start."""
+        tasks = [c.renew_task for c in self.by_id.values() if c.renew_task]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # ---- the call is answered ------------------------------------------------------------
+
+    async def on_dial_end(self, event: DialEnd) -> None:
+        if not event.answered:
+            return
+        call = self.find(event.uniqueid)
+        if call is None or call.answered_mono is not None:
+            return
+        with structlog.contextvars.bound_contextvars(call_id=str(call.call_id),
+                                                     uniqueid=call.uniqueid):
+            await self._answered(call, event)
+
+    async def _answered(self, call: LiveCall, event: DialEnd) -> None:
+        call.answered_mono = self.monotonic()
+        call.answered_at = self.rater.clock()
+        call.dest_channel = event.dest_channel
+        call.linkedid = call.linkedid or event.linkedid
+        try:
+            await self.rater.answered(call.call_id, call.answered_at)
+        except Exception:  # noqa: BLE001 - the call goes on; reconcile will see it
+            log.exception("mark_answered_failed", call_id=str(call.call_id))
+        log.info("answered", call_id=str(call.call_id), dest_channel=call.dest_channel,
+                 funded_seconds=call.funded_seconds)
+        self.start_renewals(call)
+
+    def start_renewals(self, call: LiveCall) -> None:
+        """Renew an answered, rated call's funding before each slice ends (needs AMI to
+        move the deadline, and the callee's channel to move it on)."""
+        if (call.rated and call.answered_mono is not None and call.dest_channel
+                and self.ami is not None):
+            call.renew_task = asyncio.create_task(self._renew_loop(call),
+                                                  name=f"renew-{call.call_id}")
+
+    # ---- renewals --------------------------------------------------------------------------
+
+    def _renew_margin(self) -> float:
+        # never renew more often than a third of a slice ahead
+        return float(min(self.renew_before, max(1, self.rater.slice_seconds // 3)))
+
+    async def _renew_loop(self, call: LiveCall) -> None:
+        assert call.answered_mono is not None and call.funded_seconds is not None
+        while True:
+            end = call.answered_mono + call.funded_seconds
+            await asyncio.sleep(max(0.0, end - self._renew_margin() - self.monotonic()))
+            try:
+                renewal = await self.rater.renew(call.call_id)
+            except Exception:  # noqa: BLE001 - the PBX keeps the deadline it has
+                log.exception("renew_failed", call_id=str(call.call_id))
+                self.metrics.reservations.labels("error").inc()
+                await asyncio.sleep(1)
+                continue
+            if not renewal.open:
+                return
+            if renewal.slice_seconds <= 0:
+                self.metrics.reservations.labels("exhausted").inc()
+                log.info("funding_exhausted", call_id=str(call.call_id),
+                         funded_seconds=call.funded_seconds)
+                return  # the PBX ends the call at the deadline it already has
+            self.metrics.reservations.labels("granted").inc()
+            call.funded_seconds = renewal.funded_seconds
+            await self._move_deadline(call)
+
+    async def _move_deadline(self, call: LiveCall) -> None:
+        """TIMEOUT(absolute) counts from when it arrives: send the time left now."""
+        assert call.answered_mono is not None and call.funded_seconds is not None
+        assert self.ami is not None and call.dest_channel is not None
+        remaining = call.answered_mono + call.funded_seconds - self.monotonic()
+        try:
+            await self.ami.setvar(call.dest_channel, "TIMEOUT(absolute)",
+                                  f"{max(remaining, 0.5):.3f}")
+            self.metrics.deadline_moves.labels("ok").inc()
+            log.info("deadline_moved", call_id=str(call.call_id), remaining=round(remaining, 3),
+                     funded_seconds=call.funded_seconds)
+        except Exception as exc:  # noqa: BLE001 - the old, earlier deadline stays: safe
+            self.metrics.deadline_moves.labels("failed").inc()
+            log.warning("deadline_move_failed", call_id=str(call.call_id), error=str(exc))
+
+    # ---- the call ends -------------------------------------------------------------------
+
+    async def on_hangup(self, event: Hangup) -> None:
+        call = self.find(event.uniqueid)
+        if call is not None and call.renew_task is not None:
+            call.renew_task.cancel()
+
+    async def settle(self, call_id: uuid.UUID, billable: int, *, by: str) -> None:
+        """Settle (or release, when nothing was answered) once; later reports are no-ops.
+        ``by`` names the report: agi, cdr, reconcile-cdr, reconcile-estimate."""
+        call = self.by_id.get(call_id)
+        try:
+            if billable > 0:
+                result = await self.rater.settle(call_id, billable, by=by)
+            else:
+                result = await self.rater.release(call_id, by=by)
+        except GatewayError as exc:
+            log.warning("settle_refused", call_id=str(call_id), code=exc.code, by=by)
+            return
+        except Exception:  # noqa: BLE001 - reconcile retries from the PBX's record
+            log.exception("settle_failed", call_id=str(call_id), by=by)
+            return
+        self.metrics.settlements.labels(by, result.outcome).inc()
+        if call is not None:
+            self.untrack(call)

@@ -1,0 +1,76 @@
+"""The contract with the dialplan (``dialplan/extensions_gateway.conf``), in one place:
+the channel variables each side reads or sets, the AGI routes it calls, and the order
+of their arguments. Code and tests import these names; ``tests/test_dialplan_variables.py``
+checks the shipped dialplan against them.
+
+Why a top-level module and not ``gateway/calls/``: two layers speak this contract. The
+AGI wire layer answers the ``ping`` route itself (``PONG``) and must not import ``calls/``,
+which answers the other routes. A module of plain strings that imports nothing can be
+shared by both without breaking the layering.
+"""
+
+from __future__ import annotations
+
+# ---- set by the gateway's answer to outbound/inbound, read by [gateway-decide] ------------
+
+DECISION = "GW_DECISION"  # ALLOW | REJECT; anything else is "no decision" = deny
+REASON = "GW_REASON"  # the stable reason code (logged; the phone hears CAUSE)
+CALL_ID = "GW_CALL_ID"  # the gateway's call id; the hangup handler reports only when set
+ROUTE = "GW_ROUTE"  # emergency | internal | partner | pstn
+NUMBER = "GW_NUMBER"  # digits for a trunk (E.164 without '+')
+TARGET = "GW_TARGET"  # PJSIP endpoint (internal and inbound calls)
+FUNDED = "GW_FUNDED"  # funded talk seconds; empty = no limit
+CAUSE = "GW_CAUSE"  # Q.850 cause of a REJECT
+
+# The order the answer is sent in (one MSet). DECISION is last: were the variables ever
+# set one by one, a session cut short would never leave an ALLOW behind.
+ANSWER = (REASON, CALL_ID, ROUTE, NUMBER, TARGET, FUNDED, CAUSE, DECISION)
+
+# ---- the dialplan's own: settings from [globals] and working variables --------------------
+# The gateway never reads or sets these; they are declared so that the dialplan check
+# sees every GW_* name and a new one cannot slip in unnoticed.
+
+AGI = "GW_AGI"  # host:port of the gateway's FastAGI server
+FAIL_POLICY = "GW_FAIL_POLICY"  # outbound when the gateway is unreachable: closed | open
+INBOUND_FAIL_POLICY = "GW_INBOUND_FAIL_POLICY"  # the same for inbound
+PSTN_TRUNK = "GW_PSTN_TRUNK"
+PARTNER_TRUNK = "GW_PARTNER_TRUNK"
+EMERGENCY_TRUNK = "GW_EMERGENCY_TRUNK"
+EMERGENCY_NUMBERS = "GW_EMERGENCY_NUMBERS"  # dialled straight, never asking the gateway
+DIRECTION = "GW_DIRECTION"  # outbound | inbound, for [gateway-decide]
+FUNDED_MS = "GW_FUNDED_MS"  # FUNDED in milliseconds, for Dial's L()
+DIAL_OPTS = "GW_DIAL_OPTS"  # Dial's options: L(<ms>) when funded
+
+DIALPLAN_ONLY = frozenset({AGI, FAIL_POLICY, INBOUND_FAIL_POLICY, PSTN_TRUNK, PARTNER_TRUNK,
+                           EMERGENCY_TRUNK, EMERGENCY_NUMBERS, DIRECTION, FUNDED_MS,
+                           DIAL_OPTS})
+
+# Every GW_* name the shipped dialplan reads or sets.
+DIALPLAN = frozenset(ANSWER) | DIALPLAN_ONLY
+
+# ---- the health check ------------------------------------------------------------------
+
+# Set by the AGI server's ping route (a monitoring probe, not the shipped dialplan).
+PONG = "GW_PONG"
+
+# ---- AGI routes: agi://${GW_AGI}/<route>,<args> ----------------------------------------
+# Each route's arguments as the dialplan writes them, in order; the *_<NAME> indices
+# below are where the gateway reads each one.
+
+OUTBOUND_ROUTE = "outbound"
+OUTBOUND_ARGS = ("${EXTEN}", "${CHANNEL(endpoint)}", "${CHANNEL(linkedid)}")
+OUTBOUND_DIALLED, OUTBOUND_ENDPOINT, OUTBOUND_LINKEDID = range(3)
+
+INBOUND_ROUTE = "inbound"
+INBOUND_ARGS = ("${EXTEN}", "${CALLERID(num)}", "${CHANNEL(linkedid)}")
+INBOUND_CALLED, INBOUND_CALLER, INBOUND_LINKEDID = range(3)
+
+HANGUP_ROUTE = "hangup"
+HANGUP_ARGS = ("${GW_CALL_ID}", '${IF($["${ANSWEREDTIME_MS}" = ""]?0:${ANSWEREDTIME_MS})}',
+               "${DIALSTATUS}", "${CDR(billsec)}")
+HANGUP_CALL_ID, HANGUP_ANSWERED_MS, HANGUP_DIALSTATUS, HANGUP_BILLSEC = range(4)
+
+PING_ROUTE = "ping"  # answered by the AGI server itself with PONG
+
+ROUTES = {OUTBOUND_ROUTE: OUTBOUND_ARGS, INBOUND_ROUTE: INBOUND_ARGS,
+          HANGUP_ROUTE: HANGUP_ARGS}
