@@ -97,39 +97,39 @@ def ctx(licences=(Sku.CALLING_PLAN,), internal=None, blocked=("premium_rate",)):
     return CallerContext(user, tenant, internal)
 
 
-def plan_for(c, dialled):
+def ruling_for(c, dialled):
     return rules.decide_outbound(c, dialled, numbers.classify(dialled, "US"))
 
 
 def test_decide_rows_in_order():
     # row 1 beats everything, even an unknown caller
-    assert plan_for(None, "911").route is Route.EMERGENCY
+    assert ruling_for(None, "911").route is Route.EMERGENCY
     # row 2 beats the missing licence
-    p = plan_for(ctx(licences=(), internal="bob"), "102")
-    assert (p.allow, p.route, p.target) == (True, Route.INTERNAL, "bob")
-    assert plan_for(None, "2125550100").reason is Reason.UNKNOWN_CALLER
-    assert plan_for(ctx(licences=()), "garbage").reason is Reason.NO_LICENSE
-    assert plan_for(ctx(), "garbage").reason is Reason.INVALID_NUMBER
-    assert plan_for(ctx(), "+19005550100").reason is Reason.BLOCKED_DESTINATION
-    assert plan_for(ctx(blocked=()), "+19005550100").allow
-    p = plan_for(ctx(licences=(Sku.BUSINESS_VOICE,)), "+442079460000")
-    assert (p.route, p.rated) == (Route.PARTNER, False)
-    p = plan_for(ctx(), "18005550100")
-    assert (p.reason, p.rated) == (Reason.TOLL_FREE_FREE, False)
-    p = plan_for(ctx(), "2125550100")
-    assert p.sources == (Source.POOL, Source.WALLET) and p.pool_country == "US"
-    p = plan_for(ctx(), "+442079460000")
-    assert p.sources == (Source.WALLET,)
-    p = plan_for(ctx(licences=(Sku.CALLING_PLAN, Sku.INTERNATIONAL)), "+442079460000")
-    assert p.sources == (Source.ADDON, Source.WALLET)
+    r = ruling_for(ctx(licences=(), internal="bob"), "102")
+    assert (r.allow, r.route, r.target) == (True, Route.INTERNAL, "bob")
+    assert ruling_for(None, "2125550100").reason is Reason.UNKNOWN_CALLER
+    assert ruling_for(ctx(licences=()), "garbage").reason is Reason.NO_LICENSE
+    assert ruling_for(ctx(), "garbage").reason is Reason.INVALID_NUMBER
+    assert ruling_for(ctx(), "+19005550100").reason is Reason.BLOCKED_DESTINATION
+    assert ruling_for(ctx(blocked=()), "+19005550100").allow
+    r = ruling_for(ctx(licences=(Sku.BUSINESS_VOICE,)), "+442079460000")
+    assert (r.route, r.rated) == (Route.PARTNER, False)
+    r = ruling_for(ctx(), "18005550100")
+    assert (r.reason, r.rated) == (Reason.TOLL_FREE_FREE, False)
+    r = ruling_for(ctx(), "2125550100")
+    assert r.sources == (Source.POOL, Source.WALLET) and r.pool_country == "US"
+    r = ruling_for(ctx(), "+442079460000")
+    assert r.sources == (Source.WALLET,)
+    r = ruling_for(ctx(licences=(Sku.CALLING_PLAN, Sku.ADDON)), "+442079460000")
+    assert r.sources == (Source.ADDON, Source.WALLET)
 
 
 def test_decide_inbound():
     assert rules.decide_inbound(None, None, None).reason is Reason.UNKNOWN_NUMBER
-    p = rules.decide_inbound("+18005550199", NumberKind.TOLL_FREE, "alice")
-    assert p.sources == (Source.WALLET,) and p.target == "alice"
-    p = rules.decide_inbound("+15145550100", NumberKind.USER, "alice")
-    assert p.allow and not p.rated
+    r = rules.decide_inbound("+18005550199", NumberKind.TOLL_FREE, "alice")
+    assert r.sources == (Source.WALLET,) and r.target == "alice"
+    r = rules.decide_inbound("+15145550100", NumberKind.USER, "alice")
+    assert r.allow and not r.rated
 
 
 @given(st.text(max_size=40), st.sampled_from(["US", "CA", "GB", "FR"]))

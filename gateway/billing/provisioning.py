@@ -261,7 +261,7 @@ class Provisioning:
             if sku.value not in held:
                 raise NotFound(f"user {user_id} does not hold {sku.value}",
                                code="LICENCE_NOT_ASSIGNED", field="sku")
-            if sku is Sku.CALLING_PLAN and Sku.INTERNATIONAL.value in held:
+            if sku is Sku.CALLING_PLAN and Sku.ADDON.value in held:
                 raise Conflict("unassign international_calling_plan first",
                                code="ADDON_REQUIRES_CALLING_PLAN", field="sku")
 

@@ -1,8 +1,10 @@
 """The rater: decides, reserves, renews and settles calls. Knows nothing of AGI or AMI.
 
 Data path of one authorisation: one query loads the caller's context, the pure rules
-decide, and one call of ``gw_authorise`` records the decision and reserves the first
-slice atomically — two database round trips.
+give a ``Ruling``, and one call of ``gw_authorise`` records it, looks up the rate and
+reserves the first slice atomically — two database round trips. The rules decide the
+row of the table; the database decides funding, so an allowed rated ruling may come
+back as ``NO_RATE`` or ``NO_BALANCE``, and the returned ``Decision`` is what it recorded.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import datetime as dt
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
 
 import structlog
 
@@ -23,9 +24,10 @@ from ..rating.model import (
     Decision,
     Direction,
     NumberClass,
-    Plan,
     Reason,
     Route,
+    Ruling,
+    Settlement,
 )
 from ..store.repository import Repository
 
@@ -43,20 +45,11 @@ def utcnow() -> dt.datetime:
 
 @dataclass(frozen=True)
 class Renewal:
-    granted_seconds: int
-    funded_seconds: int
+    """What renewing one call reserved."""
+
+    slice_seconds: int  # reserved now: the slice, or less when the sources ran dry
+    funded_seconds: int  # the call's funded total after this renewal
     open: bool  # False when the call was already settled or released
-
-
-@dataclass(frozen=True)
-class Settlement:
-    outcome: str  # settled | released | already_settled | already_released | rejected
-    billed_seconds: int
-    charged: Decimal
-
-    @property
-    def first_time(self) -> bool:
-        return self.outcome in ("settled", "released")
 
 
 class Rater:
@@ -86,8 +79,8 @@ class Rater:
         if sip_endpoint and len(sip_endpoint) <= 80:
             row = await self.repo.find_caller(sip_endpoint, dialled)
         if row is None:
-            plan = rules.decide_outbound(None, dialled, Classified(NumberClass.INVALID))
-            return self._log(Decision(False, plan.reason, None, destination=dialled),
+            ruling = rules.decide_outbound(None, dialled, Classified(NumberClass.INVALID))
+            return self._log(Decision(False, ruling.reason, None, destination=dialled),
                              sip_endpoint)
         classified = (
             numbers.classify(dialled, row.user.usage_location)
@@ -102,10 +95,10 @@ class Rater:
                 None,
             )
         ctx = CallerContext(user=row.user, tenant=row.tenant, internal_target=internal)
-        plan = rules.decide_outbound(ctx, dialled, classified)
-        if plan.reason is Reason.EMERGENCY:
+        ruling = rules.decide_outbound(ctx, dialled, classified)
+        if ruling.reason is Reason.EMERGENCY:
             return self._emergency(dialled, sip_endpoint)
-        return await self._record(plan, ctx.tenant.id, ctx.user.id, Direction.OUTBOUND,
+        return await self._record(ruling, ctx.tenant.id, ctx.user.id, Direction.OUTBOUND,
                                   sip_endpoint, pbx_uniqueid, linkedid)
 
     async def authorise_inbound(
@@ -120,14 +113,14 @@ class Rater:
         e164 = numbers.inbound_e164(called)
         number = await self.repo.find_inbound_number(e164) if e164 else None
         if number is None or not number.target:
-            plan = rules.decide_inbound(e164, None, None)
-            return self._log(Decision(False, plan.reason, None, destination=called), caller)
-        plan = rules.decide_inbound(number.e164, number.kind, number.target)
-        return await self._record(plan, number.tenant_id, None, Direction.INBOUND,
+            ruling = rules.decide_inbound(e164, None, None)
+            return self._log(Decision(False, ruling.reason, None, destination=called), caller)
+        ruling = rules.decide_inbound(number.e164, number.kind, number.target)
+        return await self._record(ruling, number.tenant_id, None, Direction.INBOUND,
                                   numbers.normalise(caller)[:MAX_DIALLED] or "anonymous",
                                   pbx_uniqueid, linkedid)
 
-    async def _record(self, plan: Plan, tenant_id: str, user_id: str | None,
+    async def _record(self, ruling: Ruling, tenant_id: str, user_id: str | None,
                       direction: Direction, caller: str, pbx_uniqueid: str | None,
                       linkedid: str | None) -> Decision:
         call_id = uuid.uuid4()
@@ -137,32 +130,33 @@ class Rater:
             user_id=user_id,
             direction=direction.value,
             caller=caller,
-            destination=plan.destination[:MAX_DIALLED],
-            number_class=plan.number_class.value,
-            decision="ALLOW" if plan.allow else "REJECT",
-            reason=plan.reason.value,
-            route=plan.route.value if plan.route else None,
+            destination=ruling.destination[:MAX_DIALLED],
+            number_class=ruling.number_class.value,
+            decision="ALLOW" if ruling.allow else "REJECT",
+            reason=ruling.reason.value,
+            route=ruling.route.value if ruling.route else None,
             pbx_uniqueid=pbx_uniqueid,
             linkedid=linkedid,
-            rate_kind=plan.rate_kind.value if plan.rate_kind else None,
-            sources=[s.value for s in plan.sources],
-            pool_country=plan.pool_country,
-            want_seconds=self.slice_seconds,
+            rate_kind=ruling.rate_kind.value if ruling.rate_kind else None,
+            sources=[s.value for s in ruling.sources],
+            pool_country=ruling.pool_country,
+            slice_seconds=self.slice_seconds,
             now=self.clock(),
         )
+        # the store's answer wins: it may have turned an allowed ruling into a rejection
         allow = result.decision == "ALLOW"
         decision = Decision(
             allow=allow,
             reason=Reason(result.reason),
             call_id=call_id,
-            route=plan.route if allow else None,
-            funded_seconds=result.funded if allow and plan.rated else None,
-            destination=plan.destination,
-            target=plan.target,
-            number_class=plan.number_class,
+            route=ruling.route if allow else None,
+            funded_seconds=result.funded if allow and ruling.rated else None,
+            destination=ruling.destination,
+            target=ruling.target,
+            number_class=ruling.number_class,
             tenant_id=tenant_id,
             price_per_minute=result.price,
-            sources=plan.sources if allow else (),
+            sources=ruling.sources if allow else (),
         )
         return self._log(decision, caller)
 
@@ -195,12 +189,12 @@ class Rater:
 
     async def renew(self, call_id: uuid.UUID, seconds: int | None = None) -> Renewal:
         """Reserve the next slice; it may come from another source, or only in part."""
-        want = self.slice_seconds if seconds is None else seconds
-        if not 1 <= want <= 86400:
-            raise InvalidInput(f"slice of {want} s is out of range", code="INVALID_SECONDS")
-        granted, funded, state = await self.repo.renew(call_id, want, self.clock())
-        log.info("renewed", call_id=str(call_id), granted_seconds=granted, funded_seconds=funded)
-        return Renewal(granted, funded, state in ("authorised", "answered"))
+        wanted = self.slice_seconds if seconds is None else seconds
+        if not 1 <= wanted <= 86400:
+            raise InvalidInput(f"slice of {wanted} s is out of range", code="INVALID_SECONDS")
+        reserved, funded, state = await self.repo.renew(call_id, wanted, self.clock())
+        log.info("renewed", call_id=str(call_id), slice_seconds=reserved, funded_seconds=funded)
+        return Renewal(reserved, funded, state in ("authorised", "answered"))
 
     # ---- the end of a call ---------------------------------------------------------------
 
@@ -212,15 +206,14 @@ class Rater:
         if not 0 <= billable_seconds <= MAX_BILLABLE:
             raise InvalidInput(f"billable seconds {billable_seconds} out of range",
                                code="INVALID_SECONDS")
-        return await self._finish(call_id, billable_seconds, by)
+        return await self._settle(call_id, billable_seconds, by)
 
     async def release(self, call_id: uuid.UUID, *, by: str = "api") -> Settlement:
         """A call that never connected: give back everything it reserved."""
-        return await self._finish(call_id, 0, by)
+        return await self._settle(call_id, 0, by)
 
-    async def _finish(self, call_id: uuid.UUID, billable: int, by: str) -> Settlement:
-        r = await self.repo.finish(call_id, billable, self.clock(), by)
-        s = Settlement(r.outcome, r.billed_seconds, r.charged)
+    async def _settle(self, call_id: uuid.UUID, billable: int, by: str) -> Settlement:
+        s = await self.repo.settle(call_id, billable, self.clock(), by)
         log.info("settlement", call_id=str(call_id), outcome=s.outcome,
                  billable_seconds=billable, billed_seconds=s.billed_seconds,
                  charged=str(s.charged), by=by)

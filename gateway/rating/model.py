@@ -9,9 +9,13 @@ from enum import StrEnum
 
 
 class Sku(StrEnum):
+    """Licence SKUs (billing rules §2). The International Calling Plan is called the
+    add-on in prose and ``addon`` in identifiers; ``international_calling_plan`` is only
+    its SKU string."""
+
     CALLING_PLAN = "business_voice_calling_plan"
     BUSINESS_VOICE = "business_voice"
-    INTERNATIONAL = "international_calling_plan"
+    ADDON = "international_calling_plan"
 
 
 BUSINESS_VOICE_SKUS = frozenset({Sku.CALLING_PLAN, Sku.BUSINESS_VOICE})
@@ -50,6 +54,8 @@ class RateKind(StrEnum):
 
 
 class Source(StrEnum):
+    """Where a call's funded time comes from, in the order the rules list them."""
+
     POOL = "pool"
     ADDON = "addon"
     WALLET = "wallet"
@@ -116,8 +122,11 @@ class CallerContext:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """The rules' answer before funding: allow/reject, route, and how to rate it."""
+class Ruling:
+    """The rules' answer before funding: allow/reject, route, and how to rate it.
+
+    It decides the call's row of the table; the store may still turn an allowed rated
+    ruling into NO_RATE or NO_BALANCE when it looks up the rate and reserves funding."""
 
     allow: bool
     reason: Reason
@@ -131,7 +140,22 @@ class Plan:
 
     @property
     def rated(self) -> bool:
+        """True when the call draws on a pool, the add-on or the wallet."""
         return bool(self.sources)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What settling (or releasing) one call did; a second report repeats the first."""
+
+    outcome: str  # settled | released | already_settled | already_released | rejected
+    billed_seconds: int
+    charged: Decimal
+
+    @property
+    def first_time(self) -> bool:
+        """True for the report that actually settled or released the call."""
+        return self.outcome in ("settled", "released")
 
 
 @dataclass(frozen=True)

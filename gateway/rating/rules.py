@@ -1,7 +1,9 @@
 """The decision table of billing rules §6 and the arithmetic of §7, as pure functions.
 
 Nothing here touches the database: the rater loads a context, asks these functions
-what to do, and lets the store reserve the funding atomically.
+for a ``Ruling`` (the row of the table), and lets the store look up the rate and
+reserve the funding atomically; the store may still turn an allowed rated ruling
+into ``NO_RATE`` or ``NO_BALANCE`` (see docs/architecture.md, "Where decisions are made").
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from .model import (
     Classified,
     NumberClass,
     NumberKind,
-    Plan,
     RateKind,
     Reason,
     Route,
+    Ruling,
     Sku,
     Source,
 )
@@ -50,13 +52,13 @@ def month_of(now: dt.datetime, timezone: str) -> dt.date:
 
 def decide_outbound(
     ctx: CallerContext | None, dialled: str, classified: Classified
-) -> Plan:
+) -> Ruling:
     """Billing rules §6, outbound, first matching row wins."""
     cls = classified.number_class
     if cls is NumberClass.EMERGENCY:
-        return Plan(True, Reason.EMERGENCY, cls, Route.EMERGENCY, destination=dialled)
+        return Ruling(True, Reason.EMERGENCY, cls, Route.EMERGENCY, destination=dialled)
     if ctx is not None and ctx.internal_target is not None:
-        return Plan(
+        return Ruling(
             True,
             Reason.INTERNAL,
             NumberClass.INTERNAL,
@@ -65,22 +67,22 @@ def decide_outbound(
             target=ctx.internal_target,
         )
     if ctx is None:
-        return Plan(False, Reason.UNKNOWN_CALLER, cls, destination=dialled)
+        return Ruling(False, Reason.UNKNOWN_CALLER, cls, destination=dialled)
     licences = ctx.user.licences
     if not licences & BUSINESS_VOICE_SKUS:
-        return Plan(False, Reason.NO_LICENSE, cls, destination=dialled)
+        return Ruling(False, Reason.NO_LICENSE, cls, destination=dialled)
     if cls is NumberClass.INVALID or classified.e164 is None:
-        return Plan(False, Reason.INVALID_NUMBER, cls, destination=dialled)
+        return Ruling(False, Reason.INVALID_NUMBER, cls, destination=dialled)
     e164 = classified.e164
     if cls.value in ctx.tenant.blocked_classes:
-        return Plan(False, Reason.BLOCKED_DESTINATION, cls, destination=e164)
+        return Ruling(False, Reason.BLOCKED_DESTINATION, cls, destination=e164)
     if Sku.CALLING_PLAN not in licences:
         # Business Voice without Calling Plan: the partner carrier bills the minutes.
-        return Plan(True, Reason.PARTNER, cls, Route.PARTNER, destination=e164)
+        return Ruling(True, Reason.PARTNER, cls, Route.PARTNER, destination=e164)
     if cls is NumberClass.TOLL_FREE:
-        return Plan(True, Reason.TOLL_FREE_FREE, cls, Route.PSTN, destination=e164)
+        return Ruling(True, Reason.TOLL_FREE_FREE, cls, Route.PSTN, destination=e164)
     if cls is NumberClass.DOMESTIC:
-        return Plan(
+        return Ruling(
             True,
             Reason.FUNDED,
             cls,
@@ -91,8 +93,8 @@ def decide_outbound(
             pool_country=ctx.user.usage_location,
         )
     # International (and toll-free or other numbers outside the domestic zone).
-    sources = (Source.ADDON, Source.WALLET) if Sku.INTERNATIONAL in licences else (Source.WALLET,)
-    return Plan(
+    sources = (Source.ADDON, Source.WALLET) if Sku.ADDON in licences else (Source.WALLET,)
+    return Ruling(
         True,
         Reason.FUNDED,
         NumberClass.INTERNATIONAL,
@@ -105,13 +107,13 @@ def decide_outbound(
 
 def decide_inbound(
     e164: str | None, number_kind: NumberKind | None, target: str | None
-) -> Plan:
+) -> Ruling:
     """Billing rules §6, inbound: toll-free numbers are paid from the owner's wallet."""
     if e164 is None or number_kind is None or not target:
         # nobody owns it, or it rings nobody (its user was deleted): unallocated
-        return Plan(False, Reason.UNKNOWN_NUMBER, NumberClass.INVALID, destination=e164 or "")
+        return Ruling(False, Reason.UNKNOWN_NUMBER, NumberClass.INVALID, destination=e164 or "")
     if number_kind is NumberKind.TOLL_FREE:
-        return Plan(
+        return Ruling(
             True,
             Reason.FUNDED,
             NumberClass.TOLL_FREE,
@@ -121,7 +123,7 @@ def decide_inbound(
             rate_kind=RateKind.TOLL_FREE_INBOUND,
             sources=(Source.WALLET,),
         )
-    return Plan(
+    return Ruling(
         True,
         Reason.INBOUND_USER_NUMBER,
         NumberClass.DOMESTIC,

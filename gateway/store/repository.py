@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from ..errors import Conflict, GatewayError, InvalidInput, NotFound, Unavailable
-from ..rating.model import NumberKind, Tenant, User
+from ..rating.model import NumberKind, Settlement, Tenant, User
 
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -48,13 +48,6 @@ class AuthoriseResult:
     first_increment: int
     increment: int
     rate_prefix: str | None
-
-
-@dataclass(frozen=True)
-class FinishResult:
-    outcome: str  # settled | released | already_settled | already_released | rejected
-    billed_seconds: int
-    charged: Decimal
 
 
 @contextlib.contextmanager
@@ -183,15 +176,18 @@ class Repository:
         rate_kind: str | None,
         sources: Sequence[str],
         pool_country: str | None,
-        want_seconds: int,
+        slice_seconds: int,
         now: dt.datetime,
     ) -> AuthoriseResult:
+        """Record one decision with ``gw_authorise``: for an allowed rated call it looks
+        up the rate and reserves the first slice, and may overturn the decision
+        (``NO_RATE``, ``NO_BALANCE``); the result says what was finally recorded."""
         r = await self._fetchrow(
             "SELECT * FROM gw_authorise($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
             " $13, $14, $15, $16, $17)",
             call_id, tenant_id, user_id, direction, caller, destination, number_class,
             decision, reason, route, pbx_uniqueid, linkedid, rate_kind, list(sources),
-            pool_country, want_seconds, now,
+            pool_country, slice_seconds, now,
         )
         assert r is not None
         return AuthoriseResult(
@@ -199,19 +195,23 @@ class Repository:
             r["increment"], r["rate_prefix"],
         )
 
-    async def renew(self, call_id: uuid.UUID, want_seconds: int, now: dt.datetime
+    async def renew(self, call_id: uuid.UUID, slice_seconds: int, now: dt.datetime
                     ) -> tuple[int, int, str]:
-        r = await self._fetchrow("SELECT * FROM gw_renew($1, $2, $3)", call_id, want_seconds, now)
+        """Reserve the next slice with ``gw_renew``: (seconds reserved now, funded total,
+        the call's state before renewing)."""
+        r = await self._fetchrow("SELECT * FROM gw_renew($1, $2, $3)", call_id, slice_seconds,
+                                 now)
         assert r is not None
-        return r["granted"], r["funded"], r["state"]
+        return r["slice_seconds"], r["funded"], r["state"]
 
-    async def finish(self, call_id: uuid.UUID, billable_seconds: int, now: dt.datetime,
-                     by: str) -> FinishResult:
+    async def settle(self, call_id: uuid.UUID, billable_seconds: int, now: dt.datetime,
+                     by: str) -> Settlement:
+        """Settle (or release, with nothing answered) a call once with ``gw_settle``."""
         r = await self._fetchrow(
-            "SELECT * FROM gw_finish($1, $2, $3, $4)", call_id, billable_seconds, now, by
+            "SELECT * FROM gw_settle($1, $2, $3, $4)", call_id, billable_seconds, now, by
         )
         assert r is not None
-        return FinishResult(r["outcome"], r["billed"] or 0, r["charged"] or Decimal(0))
+        return Settlement(r["outcome"], r["billed"] or 0, r["charged"] or Decimal(0))
 
     async def mark_answered(self, call_id: uuid.UUID, at: dt.datetime) -> bool:
         status = await self._execute(
