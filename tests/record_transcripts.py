@@ -40,8 +40,8 @@ import asyncpg
 from gateway import logs
 from gateway.app import Gateway
 from gateway.config import Config
-from tests.pbx.harness import Pbx, PbxError, Sipp, free_port, root_ready
-from tests.scenario import standard_tenant
+from tests.support.pbx import Pbx, PbxError, Sipp, free_port, root_ready
+from tests.support.tenant import standard_tenant
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "fixtures"

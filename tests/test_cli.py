@@ -17,10 +17,10 @@ import pytest
 
 from gateway import cli
 from gateway.config import Config, load
-
-from .scenario import TENANT, standard_tenant
-from .test_http_api import READ, dump_tables, running_gateway
-from .test_http_status import agi_outbound
+from tests.support.agi import agi_outbound
+from tests.support.database import dump_tables
+from tests.support.gateway import READ, running_gateway
+from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = pytest.mark.db
 

@@ -13,9 +13,8 @@ from decimal import Decimal
 import pytest
 
 from gateway.billing.rater import Rater
-
-from .scenario import TENANT, standard_tenant
-from .test_rater import ledger_agrees
+from tests.support.ledger import ledger_agrees
+from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = pytest.mark.db
 

@@ -7,7 +7,7 @@ import pytest
 
 from gateway.app import Gateway, StartupError
 from gateway.config import Config, ConfigError, load
-from tests.pbx.harness import free_port
+from tests.support.pbx import free_port
 
 
 def test_defaults_then_file_then_environment(tmp_path):

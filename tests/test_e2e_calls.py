@@ -17,11 +17,9 @@ from gateway.app import Gateway
 from gateway.calls.causes import sip_response_for
 from gateway.config import Config
 from gateway.rating import rules
-from tests.pbx.fixtures import pbx_root  # noqa: F401
-from tests.pbx.harness import CallResult, Pbx, free_port
-
-from .scenario import TENANT, standard_tenant
-from .test_rater import ledger_agrees, pool_row
+from tests.support.ledger import ledger_agrees, pool_row
+from tests.support.pbx import CallResult, Pbx, free_port
+from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = [pytest.mark.pbx, pytest.mark.db]
 

@@ -15,9 +15,8 @@ import subprocess
 import aiohttp
 import pytest
 
-from tests.pbx.harness import free_port
-
-from .conftest import need
+from tests.support.ci import need
+from tests.support.pbx import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

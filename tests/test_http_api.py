@@ -4,12 +4,9 @@ strings, the JSON error middleware and the OpenAPI document."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import datetime as dt
 import json
 import re
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -19,109 +16,15 @@ from structlog.testing import capture_logs
 
 from gateway.app import Gateway
 from gateway.billing.provisioning import Provisioning
-from gateway.config import Config
 from gateway.http import api
 from gateway.http.openapi import document
 from gateway.store.repository import Repository
-
-from .conftest import TABLES
-from .scenario import TENANT, standard_tenant
+from tests.support.database import TABLES, dump_tables
+from tests.support.gateway import ADMIN, NOW, READ, running_gateway
+from tests.support.http import Client, floats_in
+from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = pytest.mark.db
-
-ADMIN = "adm-token-7f3a"
-READ = "read-token-91bc"
-NOW = dt.datetime(2026, 11, 15, 12, 0, tzinfo=dt.UTC)  # the conftest clock's time
-
-
-@contextlib.asynccontextmanager
-async def running_gateway(database_url: str, **config: Any) -> AsyncIterator[Gateway]:
-    """A real gateway on free ports, without AMI, its clock at NOW."""
-    values = dict(database_url=database_url, agi_port=0, http_port=0, ami_host="",
-                  admin_token=ADMIN, read_token=READ, reconcile_interval_seconds=3600,
-                  db_pool_size=4)
-    values.update(config)
-    gw = Gateway(Config(**values), clock=lambda: NOW, configure_logs=False)
-    await gw.start()
-    try:
-        yield gw
-    finally:
-        await gw.stop()
-
-
-@dataclasses.dataclass
-class Reply:
-    status: int
-    body: Any
-    headers: Any
-
-    @property
-    def error(self) -> dict[str, Any]:
-        assert isinstance(self.body, dict) and "error" in self.body, self.body
-        return self.body["error"]
-
-
-class Client:
-    """JSON over HTTP to one gateway, with the admin token unless told otherwise."""
-
-    def __init__(self, session: aiohttp.ClientSession, port: int, token: str | None = ADMIN):
-        self.session = session
-        self.base = f"http://127.0.0.1:{port}"
-        self.token = token
-
-    async def __call__(self, method: str, path: str, body: Any = None, *, raw: bytes | str |
-                       None = None, token: str | None | bool = True,
-                       content_type: str = "application/json") -> Reply:
-        headers = {}
-        token = self.token if token is True else token
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        data = None
-        if raw is not None:
-            data = raw
-            headers["Content-Type"] = content_type
-        elif body is not None:
-            data = json.dumps(body)
-            headers["Content-Type"] = content_type
-        async with self.session.request(method, self.base + path, data=data,
-                                        headers=headers) as r:
-            text = await r.text()
-            try:
-                parsed = json.loads(text, parse_float=Decimal) if text else None
-            except ValueError:
-                parsed = text
-            return Reply(r.status, parsed, r.headers)
-
-
-async def dump_tables(pool: Any) -> dict[str, list[tuple]]:
-    """Everything provisioning and billing write, without timestamps and serial ids."""
-    queries = {
-        "tenants": "SELECT id, name, country, timezone, currency, blocked_classes"
-                   " FROM tenants ORDER BY id",
-        "subscriptions": "SELECT * FROM subscriptions ORDER BY tenant_id, sku",
-        "users": "SELECT * FROM users ORDER BY id",
-        "licences": "SELECT * FROM licence_assignments ORDER BY user_id, sku",
-        "numbers": "SELECT * FROM phone_numbers ORDER BY e164",
-        "rates": "SELECT tenant_id, currency, kind, prefix, price_per_minute, first_increment,"
-                 " increment, description FROM rates"
-                 " ORDER BY tenant_id NULLS FIRST, currency, kind, prefix",
-        "allotments": "SELECT * FROM allotments ORDER BY country, plan",
-        "wallets": "SELECT * FROM wallets ORDER BY tenant_id",
-        "ledger": "SELECT tenant_id, entry, account, d_balance, note FROM ledger ORDER BY id",
-        "calls": "SELECT id, state FROM calls ORDER BY id",
-    }
-    return {name: [tuple(r) for r in await pool.fetch(sql)] for name, sql in queries.items()}
-
-
-def floats_in(value: Any, path: str = "") -> list[str]:
-    """Where a JSON document holds a number with a fraction (parsed as Decimal)."""
-    if isinstance(value, Decimal):
-        return [path]
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in floats_in(v, f"{path}.{k}")]
-    if isinstance(value, list):
-        return [p for i, v in enumerate(value) for p in floats_in(v, f"{path}[{i}]")]
-    return []
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from gateway.calls.causes import REJECT_CAUSES
-from tests.pbx.fixtures import make_pbx, pbx_root  # noqa: F401  (fixtures)
-from tests.pbx.harness import DIALPLAN_DIR, CallResult, Pbx, free_port
+from tests.support.pbx import DIALPLAN_DIR, CallResult, Pbx, free_port
 
 pytestmark = [pytest.mark.pbx, pytest.mark.timeout(180)]
 

@@ -13,10 +13,10 @@ import zlib
 
 import pytest
 
-from .conftest import need
-from .scenario import TENANT, standard_tenant
-from .test_http_api import READ, running_gateway
-from .test_http_status import agi_outbound
+from tests.support.agi import agi_outbound
+from tests.support.ci import need
+from tests.support.gateway import READ, running_gateway
+from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = pytest.mark.db
 

@@ -1,8 +1,7 @@
-"""A real Asterisk 22 and SIPp "phones" for tests, without Docker.
+"""A real Asterisk 22 running the shipped gateway dialplan, for tests, without Docker.
 
-Both run from a Debian sid root folder (built by ``.ci/pbx-root.sh``) with
-``chroot``; they share the host's network and meet the code under test on
-127.0.0.1.
+Asterisk runs from a Debian sid root folder (built by ``.ci/pbx-root.sh``) with
+``chroot``; it shares the host's network and meets the code under test on 127.0.0.1.
 
 ``Pbx`` starts one Asterisk with the shipped ``dialplan/extensions_gateway.conf``
 and a generated PJSIP/AMI/CDR configuration; every run lives in its own folder
@@ -16,11 +15,6 @@ run one after another (or side by side) in one session::
         callee = await uas.result()
         caller.final_code, caller.talk, caller.bye_from   # 200, 5.01, "pbx"
 
-``Sipp`` runs one SIPp process (``chroot ROOT sipp ...``) for exactly one call
-and reports what the phone saw (``CallResult``), parsed from SIPp's message
-trace (``-trace_msg``), which stamps every SIP message with the wall clock to
-the microsecond.
-
 Every process is bounded by a timeout and killed by ``stop()`` / on exit; proc
 is mounted in a private mount namespace (``unshare -m``) that disappears with
 Asterisk, so nothing stays mounted on the host whatever happens.
@@ -29,25 +23,27 @@ Asterisk, so nothing stays mounted on the host whatever happens.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import datetime as _dt
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from .ports import free_port, free_udp_ports
+from .processes import PbxError, group_alive, track, untrack
+from .sipp import CallResult, Sipp
+
+__all__ = ["DEFAULT_PBX_ROOT", "DIALPLAN_DIR", "NOLOAD", "REPO", "Pbx", "pbx_root_path",
+           "root_ready"]
+
 DEFAULT_PBX_ROOT = "/var/cache/agi-gateway/pbx-root"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DIALPLAN_DIR = REPO / "dialplan"
-SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
 #: Modules not to load: absent hardware/back-ends (they log errors or hang on
 #: start), things that bind extra ports, and pbx_lua/pbx_ael which would read
@@ -128,40 +124,6 @@ NOLOAD = (
     "res_adsi.so",
 )
 
-_LIVE_PROCS: set[subprocess.Popen | asyncio.subprocess.Process] = set()
-
-
-def _kill_leftovers() -> None:
-    for proc in list(_LIVE_PROCS):
-        with contextlib.suppress(Exception):
-            os.killpg(proc.pid, signal.SIGKILL)  # each runs in its own session
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of the group still runs (zombies do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields: state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
-atexit.register(_kill_leftovers)
-
-
-class PbxError(RuntimeError):
-    """The PBX or SIPp could not be started or driven."""
-
 
 def pbx_root_path() -> Path:
     """Where the sid root folder lives: ``$PBX_ROOT`` or the documented default."""
@@ -169,43 +131,11 @@ def pbx_root_path() -> Path:
 
 
 def root_ready(root: Path | str | None = None) -> bool:
+    """Whether the root folder holds Asterisk, SIPp and chroot."""
     root = Path(root) if root else pbx_root_path()
     return all(
         (root / p).exists() for p in ("usr/sbin/asterisk", "usr/bin/sipp", "usr/sbin/chroot")
     )
-
-
-def free_port(kind: str = "tcp") -> int:
-    """A port on 127.0.0.1 free right now for ``kind`` ("tcp", "udp" or "both")."""
-    for _ in range(50):
-        with socket.socket(
-            socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
-        ) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if kind != "both":
-            return port
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                u.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
-    raise PbxError("no free port")
-
-
-def _free_udp_ports(n: int, taken: set[int]) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < n:
-        p = free_port("udp")
-        if p not in taken and p not in ports:
-            ports.append(p)
-    return ports
-
-
-# ----------------------------------------------------------------------------
-# Asterisk
-# ----------------------------------------------------------------------------
 
 
 class Pbx:
@@ -242,6 +172,9 @@ class Pbx:
     extra_dialplan
         text appended to the test extensions.conf after the shipped include
         (test-only contexts).
+    pjsip_global
+        more options of pjsip.conf's ``[global]`` section (e.g.
+        ``taskprocessor_overload_trigger``).
 
     After ``start()``: ``sip_port``, ``ami_host``/``ami_port``/``ami_user``/
     ``ami_secret``, ``ports`` (endpoint name -> SIPp port), ``run_dir`` (host
@@ -270,6 +203,7 @@ class Pbx:
         cdr: Mapping[str, str] | None = None,
         contexts: Mapping[str, str] | None = None,
         extra_dialplan: str = "",
+        pjsip_global: Mapping[str, str] | None = None,
         boot_timeout: float = 60.0,
     ) -> None:
         self.root = Path(root) if root else pbx_root_path()
@@ -290,6 +224,7 @@ class Pbx:
         self.cdr = {"enable": "yes"} | dict(cdr or {})
         self.contexts = dict(contexts or {})
         self.extra_dialplan = extra_dialplan
+        self.pjsip_global = dict(pjsip_global or {})
         self.boot_timeout = boot_timeout
 
         self.ami_host = "127.0.0.1"
@@ -332,7 +267,7 @@ class Pbx:
         self.ami_secret = secrets.token_hex(12)
         self.ami_port = free_port("tcp")
         self.sip_port = free_port("both")
-        ports = _free_udp_ports(len(self.phones) + len(self.trunks), {self.sip_port})
+        ports = free_udp_ports(len(self.phones) + len(self.trunks), {self.sip_port})
         self.ports = dict(zip((*self.phones, *self.trunks), ports, strict=True))
         self._write_config()
         self._out = open(self.run_dir / "log" / "console.out", "wb")  # noqa: SIM115
@@ -359,7 +294,7 @@ class Pbx:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _LIVE_PROCS.add(self._proc)
+        track(self._proc)
         try:
             self._wait_booted()
         except BaseException:
@@ -406,17 +341,17 @@ class Pbx:
             # Whatever is left of the process group (a hung Asterisk, the
             # watchdog): TERM, then KILL.
             for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-                if not _group_alive(proc.pid):
+                if not group_alive(proc.pid):
                     break
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, sig)
                 deadline = time.monotonic() + grace
-                while _group_alive(proc.pid) and time.monotonic() < deadline:
+                while group_alive(proc.pid) and time.monotonic() < deadline:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(timeout=0.1)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
-            _LIVE_PROCS.discard(proc)
+            untrack(proc)
             self._proc = None
         if self._out is not None:
             self._out.close()
@@ -674,7 +609,8 @@ write = {write}
             "rtp_symmetric=yes\n"
         )
         out = [
-            "[global]\ntype=global\nendpoint_identifier_order=ip\nuser_agent=gateway-test-pbx\n",
+            "[global]\ntype=global\nendpoint_identifier_order=ip\nuser_agent=gateway-test-pbx\n"
+            + "".join(f"{k}={v}\n" for k, v in self.pjsip_global.items()),
             f"[transport-udp]\ntype=transport\nprotocol=udp\nbind=127.0.0.1:{self.sip_port}\n",
         ]
         for name, port in self.ports.items():
@@ -720,362 +656,3 @@ def _manager_perms() -> tuple[str, str]:
     return read.group(1), write.group(1)
 
 
-# ----------------------------------------------------------------------------
-# SIPp
-# ----------------------------------------------------------------------------
-
-
-@dataclass
-class SipMessage:
-    at: float  # wall clock, seconds since the epoch
-    direction: str  # "sent" | "received"
-    first_line: str
-    text: str
-
-    @property
-    def is_response(self) -> bool:
-        return self.first_line.startswith("SIP/2.0 ")
-
-    @property
-    def code(self) -> int | None:
-        return int(self.first_line.split()[1]) if self.is_response else None
-
-    @property
-    def method(self) -> str:
-        """Request method, or the CSeq method of a response."""
-        if not self.is_response:
-            return self.first_line.split()[0]
-        m = re.search(r"^CSeq:\s*\d+\s+(\S+)", self.text, re.M | re.I)
-        return m.group(1) if m else ""
-
-    def header(self, name: str) -> str | None:
-        m = re.search(rf"^{re.escape(name)}:\s*(.*?)\s*$", self.text, re.M | re.I)
-        return m.group(1) if m else None
-
-
-@dataclass
-class CallResult:
-    """What one SIPp phone saw during one call."""
-
-    endpoint: str
-    scenario: str
-    returncode: int | None
-    messages: list[SipMessage] = field(default_factory=list)
-    stderr: str = ""
-    errors: str = ""
-
-    # -- INVITE transaction ---------------------------------------------------
-    def _invite_responses(self) -> list[SipMessage]:
-        return [m for m in self.messages if m.is_response and m.method == "INVITE"]
-
-    @property
-    def invited(self) -> bool:
-        """A UAS received an INVITE (the phone rang)."""
-        return any(m.first_line.startswith("INVITE ") for m in self.messages)
-
-    @property
-    def invite(self) -> SipMessage | None:
-        return next((m for m in self.messages if m.first_line.startswith("INVITE ")), None)
-
-    @property
-    def provisional_codes(self) -> list[int]:
-        return [m.code for m in self._invite_responses() if m.code < 200]
-
-    @property
-    def final_code(self) -> int | None:
-        """The final response to the INVITE (sent or received, whichever side this is)."""
-        finals = [m for m in self._invite_responses() if m.code >= 200]
-        return finals[0].code if finals else None
-
-    @property
-    def final_response(self) -> SipMessage | None:
-        finals = [m for m in self._invite_responses() if m.code >= 200]
-        return finals[0] if finals else None
-
-    @property
-    def answered_at(self) -> float | None:
-        """When the 200 OK to the INVITE was received (UAC) or sent (UAS)."""
-        for m in self._invite_responses():
-            if m.code == 200:
-                return m.at
-        return None
-
-    @property
-    def bye(self) -> SipMessage | None:
-        return next((m for m in self.messages if m.first_line.startswith("BYE ")), None)
-
-    @property
-    def bye_at(self) -> float | None:
-        b = self.bye
-        return b.at if b else None
-
-    @property
-    def bye_from(self) -> str | None:
-        """ "pbx" if the PBX sent the BYE, "phone" if this phone did."""
-        b = self.bye
-        if b is None:
-            return None
-        return "pbx" if b.direction == "received" else "phone"
-
-    @property
-    def talk(self) -> float | None:
-        """Seconds from the 200 OK to the BYE, as this phone saw them."""
-        if self.answered_at is None or self.bye_at is None:
-            return None
-        return self.bye_at - self.answered_at
-
-    @property
-    def cancelled(self) -> bool:
-        return any(m.first_line.startswith("CANCEL ") for m in self.messages)
-
-    def summary(self) -> str:
-        lines = [f"{self.endpoint} {self.scenario} rc={self.returncode}"]
-        t0 = self.messages[0].at if self.messages else 0.0
-        for m in self.messages:
-            arrow = "->" if m.direction == "sent" else "<-"
-            lines.append(f"  {m.at - t0:8.3f} {arrow} {m.first_line}")
-        if self.errors.strip():
-            lines.append("  errors: " + self.errors.strip()[-800:])
-        if self.stderr.strip():
-            lines.append("  stderr: " + self.stderr.strip()[-800:])
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-
-# SIPp 3.8 writes "----- 2026-11-27T03:47:09.159932Z"; older ones "----- 2024-01-01\t12:00:00.123456".
-_SEPARATOR = re.compile(r"^-{20,} (\S+?)(?:[ \t]+(\d{2}:\d{2}:\d{2}(?:\.\d+)?))?[ \t]*$", re.M)
-_DIRECTION = re.compile(r"^\S+ message (sent|received)\b.*$", re.M)
-
-
-def parse_message_trace(text: str) -> list[SipMessage]:
-    """Parse a SIPp ``-trace_msg`` file into timestamped messages."""
-    out: list[SipMessage] = []
-    marks = list(_SEPARATOR.finditer(text))
-    for i, mark in enumerate(marks):
-        body = text[mark.end() : marks[i + 1].start() if i + 1 < len(marks) else len(text)]
-        d = _DIRECTION.search(body)
-        if not d:
-            continue
-        msg = body[d.end() :].strip("\r\n")
-        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-        if not lines:
-            continue
-        try:
-            stamp = _parse_stamp(mark.group(1), mark.group(2))
-        except ValueError:
-            continue
-        out.append(
-            SipMessage(
-                at=stamp.timestamp(),
-                direction=d.group(1),
-                first_line=lines[0],
-                text="\n".join(lines),
-            )
-        )
-    return out
-
-
-def _parse_stamp(first: str, second: str | None) -> _dt.datetime:
-    if second:  # local time, "YYYY-MM-DD HH:MM:SS.ffffff"
-        return _dt.datetime.strptime(f"{first} {second}", "%Y-%m-%d %H:%M:%S.%f")
-    stamp = _dt.datetime.fromisoformat(first.replace("Z", "+00:00"))
-    return stamp if stamp.tzinfo else stamp.astimezone()
-
-
-class Sipp:
-    """One SIPp process for one call, run inside the root with ``chroot``.
-
-    Use ``run()`` for a UAC (start and wait), or ``start()``/``started()``
-    then ``result()`` for a UAS that must be listening before the call.
-    """
-
-    def __init__(
-        self,
-        pbx: Pbx,
-        endpoint: str,
-        scenario: str,
-        *,
-        params: Mapping[str, int | str] | None = None,
-        service: str = "s",
-        caller_id: str | None = None,
-        timeout: float = 60.0,
-        calls: int = 1,
-    ) -> None:
-        self.pbx = pbx
-        self.calls = calls  # a UAS can take several calls at once (one port, -m/-l)
-        self.endpoint = endpoint
-        self.scenario = scenario
-        self.params = dict(params or {})
-        self.service = service
-        self.caller_id = caller_id or endpoint
-        self.timeout = timeout
-        self.port = pbx.ports[endpoint]
-        self.proc: asyncio.subprocess.Process | None = None
-        tag = f"{scenario}-{endpoint}-{secrets.token_hex(3)}"
-        self.host_dir = pbx.run_dir / "sipp" / tag
-        self.guest_dir = f"{pbx.guest_dir}/sipp/{tag}"
-        self._result: CallResult | None = None
-
-    def _write_scenario(self) -> str:
-        text = (SCENARIO_DIR / f"{self.scenario}.xml").read_text()
-        for key, value in self.params.items():
-            text = text.replace(f"@@{key}@@", str(value))
-        if "@@" in text:
-            left = sorted(set(re.findall(r"@@(\w+)@@", text)))
-            raise PbxError(f"scenario {self.scenario}: no value for {left}")
-        self.host_dir.mkdir(parents=True, exist_ok=True)
-        (self.host_dir / "scenario.xml").write_text(text)
-        return f"{self.guest_dir}/scenario.xml"
-
-    def command(self) -> list[str]:
-        scen = self._write_scenario()
-        g = self.guest_dir
-        pbx = self.pbx
-        # SIPp's own ports: control socket and media ports must not collide with
-        # other SIPp processes running at the same time.
-        cp = free_port("udp")
-        mp = free_port("both")
-        return [
-            "chroot",
-            str(pbx.root),
-            "sipp",
-            f"127.0.0.1:{pbx.sip_port}",
-            "-sf",
-            scen,
-            "-i",
-            "127.0.0.1",
-            "-mi",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "-cp",
-            str(cp),
-            "-mp",
-            str(mp),
-            "-t",
-            "u1",
-            "-m",
-            str(self.calls),
-            "-l",
-            str(self.calls),
-            "-s",
-            self.service,
-            "-key",
-            "caller",
-            self.caller_id,
-            "-nostdin",
-            "-timeout",
-            f"{int(self.timeout)}s",
-            "-trace_msg",
-            "-message_file",
-            f"{g}/messages.log",
-            "-trace_err",
-            "-error_file",
-            f"{g}/errors.log",
-        ]
-
-    def _open_stdout(self):
-        return open(self.host_dir / "stdout.log", "wb")  # noqa: SIM115
-
-    async def start(self) -> Sipp:
-        if self.proc is not None:
-            return self
-        cmd = self.command()
-        self._stdout = self._open_stdout()
-        self.proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=self._stdout,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-        _LIVE_PROCS.add(self.proc)
-        return self
-
-    async def started(self, seconds: float = 10.0) -> Sipp:
-        """Start, and return once SIPp listens on its port (a UAS must before the call)."""
-        await self.start()
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.proc.returncode is not None:
-                raise PbxError(f"sipp {self.scenario} exited early:\n{await self.result()}")
-            if _udp_port_bound(self.port):
-                return self
-            await asyncio.sleep(0.02)
-        raise PbxError(f"sipp {self.scenario} did not bind 127.0.0.1:{self.port}")
-
-    async def result(self, within: float | None = None) -> CallResult:
-        """Wait for SIPp to finish and parse what it saw.
-
-        Bounded by the run's own timeout, or by ``within`` seconds, after which
-        SIPp is killed and the result holds what it saw so far (e.g. a callee
-        that must NOT have been called: ``await uas.result(within=0.5)``).
-        """
-        if self._result is not None:
-            return self._result
-        if self.proc is None:
-            await self.start()
-        stderr = b""
-        try:
-            _, stderr = await asyncio.wait_for(
-                self.proc.communicate(), self.timeout + 10 if within is None else within
-            )
-        except TimeoutError:
-            self.kill()
-            with contextlib.suppress(Exception):
-                _, stderr = await asyncio.wait_for(self.proc.communicate(), 5)
-        finally:
-            _LIVE_PROCS.discard(self.proc)
-            self.pbx._sipps.discard(self)
-            with contextlib.suppress(Exception):
-                self._stdout.close()
-        msgs_path = self.host_dir / "messages.log"
-        err_path = self.host_dir / "errors.log"
-        self._result = CallResult(
-            endpoint=self.endpoint,
-            scenario=self.scenario,
-            returncode=self.proc.returncode,
-            messages=parse_message_trace(msgs_path.read_text(errors="replace"))
-            if msgs_path.exists()
-            else [],
-            stderr=(stderr or b"").decode(errors="replace"),
-            errors=err_path.read_text(errors="replace") if err_path.exists() else "",
-        )
-        return self._result
-
-    async def run(self) -> CallResult:
-        await self.start()
-        return await self.result()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-
-    async def __aenter__(self) -> Sipp:
-        return await self.started()
-
-    async def __aexit__(self, *exc: object) -> None:
-        if exc[0] is not None:
-            self.kill()
-        await self.result()
-
-
-def _udp_port_bound(port: int) -> bool:
-    """Whether something listens on UDP 127.0.0.1:port, read from /proc/net/udp
-    (binding a test socket instead could steal the port from a starting SIPp)."""
-    try:
-        table = Path("/proc/net/udp").read_text()
-    except OSError:
-        table = ""
-    if table:
-        wanted = f"0100007F:{port:04X}"
-        return any(line.split()[1] == wanted for line in table.splitlines()[1:] if line.strip())
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False

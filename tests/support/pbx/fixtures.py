@@ -1,8 +1,6 @@
 """pytest fixtures for the real-PBX tests.
 
-Import them into a test module::
-
-    from tests.pbx.fixtures import make_pbx, pbx_root  # noqa: F401
+A pytest plugin, loaded for every test by ``tests/conftest.py`` (``pytest_plugins``).
 
 ``pbx_root`` (session) makes sure the Debian sid root folder with Asterisk and
 SIPp exists, building it with ``.ci/pbx-root.sh`` when missing. Under CI
@@ -22,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.pbx.harness import REPO, Pbx, pbx_root_path, root_ready
+from .asterisk import REPO, Pbx, pbx_root_path, root_ready
 
 BUILD_SCRIPT = REPO / ".ci" / "pbx-root.sh"
 BUILD_TIMEOUT = 1200  # seconds; a cold build downloads ~150 MB of packages
 
 
 def in_ci() -> bool:
+    """Whether this run is CI's (``CI=true``), where a missing PBX is a failure."""
     return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
@@ -45,6 +44,7 @@ def _unavailable(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def pbx_root() -> Path:
+    """The root folder with Asterisk and SIPp, built when missing."""
     root = pbx_root_path()
     if root_ready(root):
         return root
@@ -70,6 +70,7 @@ def pbx_root() -> Path:
 
 @pytest.fixture
 def make_pbx(pbx_root: Path) -> Iterator[Callable[..., Pbx]]:
+    """Start ``Pbx`` instances (any ``Pbx`` keyword); every one is stopped at teardown."""
     started: list[Pbx] = []
 
     def factory(**kwargs) -> Pbx:
