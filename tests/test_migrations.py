@@ -54,3 +54,22 @@ async def test_two_processes_migrating_at_once(empty_database):
             migration_files())
     finally:
         await conn.close()
+
+
+async def test_latest_functions_use_one_word_per_concept(empty_database):
+    """After every migration, the server-side steps speak the glossary's words: settle
+    (never finish) and slice (never want/granted), in names, arguments and columns."""
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await migrate(conn)
+        functions = {r["proname"]: r for r in await conn.fetch(
+            "SELECT proname, coalesce(proargnames, '{}') AS args FROM pg_proc"
+            " WHERE proname LIKE 'gw\\_%'")}
+    finally:
+        await conn.close()
+    assert {"gw_authorise", "gw_renew", "gw_settle", "gw_reserve"} <= functions.keys()
+    assert "gw_finish" not in functions
+    names = {a for f in functions.values() for a in f["args"]}
+    assert not {"p_want", "granted"} & names
+    assert "p_slice" in functions["gw_renew"]["args"]
+    assert "slice_seconds" in functions["gw_renew"]["args"]

@@ -227,7 +227,7 @@ async def test_pool_drains_mid_call_and_wallet_takes_over(admin, rater, repo):
     funding = {r["source"]: r["reserved_seconds"] for r in await repo.call_funding(d.call_id)}
     assert funding == {"pool": 120, "wallet": 180}
     r = await rater.renew(d.call_id)
-    assert (r.granted_seconds, r.funded_seconds, r.open) == (300, 600, True)
+    assert (r.slice_seconds, r.funded_seconds, r.open) == (300, 600, True)
     s = await rater.settle(d.call_id, 400)  # 420 billed: 120 pool + 300 wallet
     assert (s.billed_seconds, s.charged) == (420, Decimal("0.1"))
     assert await pool_row(repo) == (120, 0)
@@ -241,7 +241,7 @@ async def test_partial_slice_and_cut_at_funded_end(admin, rater, repo):
     d = await rater.authorise_outbound("alice", "2125550100")
     assert d.funded_seconds == 120
     r = await rater.renew(d.call_id)
-    assert (r.granted_seconds, r.funded_seconds) == (0, 120)
+    assert (r.slice_seconds, r.funded_seconds) == (0, 120)
     s = await rater.settle(d.call_id, 121)  # PBX cut a little late: never billed past funding
     assert s.billed_seconds == 120
     d2 = await rater.authorise_outbound("bob", "2125550100")
