@@ -13,6 +13,7 @@ from decimal import Decimal
 import pytest
 import pytest_asyncio
 
+from gateway import dialplan_variables as var
 from gateway.app import Gateway
 from gateway.calls.causes import sip_response_for
 from gateway.config import Config
@@ -311,8 +312,8 @@ async def test_caller_hangs_up_before_answer_nothing_billed(pbx, start_gateway, 
 async def test_gateway_down_follows_the_fail_policy_and_emergency_still_works(
         pbx, admin, repo, policy, expected):
     # no gateway is listening on the AGI port in this test
-    before = pbx.get_global("GW_FAIL_POLICY")
-    await asyncio.to_thread(pbx.set_global, "GW_FAIL_POLICY", policy)
+    before = pbx.get_global(var.FAIL_POLICY)
+    await asyncio.to_thread(pbx.set_global, var.FAIL_POLICY, policy)
     try:
         trunk = await callee(pbx)
         phone = await pbx.call("alice", DOMESTIC, hold=1,
@@ -324,7 +325,7 @@ async def test_gateway_down_follows_the_fail_policy_and_emergency_still_works(
         await psap.result()
         assert phone.final_code == 200, explain(phone)
     finally:
-        await asyncio.to_thread(pbx.set_global, "GW_FAIL_POLICY", before)
+        await asyncio.to_thread(pbx.set_global, var.FAIL_POLICY, before)
     assert trunk is not None
 
 

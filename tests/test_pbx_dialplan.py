@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from gateway import dialplan_variables as var
 from gateway.calls.causes import REJECT_CAUSES
 from tests.support.pbx import DIALPLAN_DIR, CallResult, Pbx, free_port
 
@@ -88,7 +89,7 @@ class AgiSession:
         self.req.dialogue.append((line, reply))
         return reply
 
-    async def set(self, **variables: object) -> None:
+    async def set(self, variables: dict[str, object]) -> None:
         for name, value in variables.items():
             reply = await self.command(f'SET VARIABLE {name} "{value}"')
             assert reply.startswith("200 result=1"), reply
@@ -159,20 +160,22 @@ class FakeGateway:
         return self.of(script)[count - 1]
 
 
-def decide(**variables: object) -> Handler:
+def decide(variables: dict[str, object]) -> Handler:
     """A handler answering outbound/inbound requests with these variables."""
 
     async def handler(req: AgiRequest, agi: AgiSession) -> None:
-        if req.script in ("outbound", "inbound"):
-            await agi.set(**variables)
+        if req.script in (var.OUTBOUND_ROUTE, var.INBOUND_ROUTE):
+            await agi.set(variables)
 
     return handler
 
 
-def allow(route: str = "pstn", call_id: str = "call-1", **more: object) -> Handler:
-    values = {"GW_DECISION": "ALLOW", "GW_REASON": "FUNDED", "GW_CALL_ID": call_id}
-    values |= {"GW_ROUTE": route, "GW_NUMBER": NUMBER} | more
-    return decide(**values)
+def allow(route: str = "pstn", more: dict[str, object] | None = None, *,
+          call_id: str = "call-1") -> Handler:
+    values: dict[str, object] = {var.DECISION: "ALLOW", var.REASON: "FUNDED",
+                                 var.CALL_ID: call_id}
+    values |= {var.ROUTE: route, var.NUMBER: NUMBER} | (more or {})
+    return decide(values)
 
 
 # ---------------------------------------------------------------------------
@@ -325,7 +328,7 @@ async def callee(pbx: Pbx, endpoint: str = "carrier", **kw):
 
 
 async def test_funded_call_is_cut_five_seconds_after_answer_despite_ringing(pbx, gw):
-    gw.handler = allow("pstn", GW_FUNDED=5)
+    gw.handler = allow("pstn", {var.FUNDED: 5})
     uas = await callee(pbx, ring_ms=2000)
     phone = await pbx.call("alice", NUMBER, scenario="until_bye", max_wait=30)
     trunk = await uas.result()
@@ -340,7 +343,7 @@ async def test_funded_call_is_cut_five_seconds_after_answer_despite_ringing(pbx,
 
 
 async def test_fractional_funding_becomes_milliseconds(pbx, gw):
-    gw.handler = allow("pstn", GW_FUNDED="2.5")
+    gw.handler = allow("pstn", {var.FUNDED: "2.5"})
     uas = await callee(pbx)
     phone = await pbx.call("alice", NUMBER, scenario="until_bye", max_wait=20)
     trunk = await uas.result()
@@ -350,7 +353,7 @@ async def test_fractional_funding_becomes_milliseconds(pbx, gw):
 
 @pytest.mark.parametrize("funded", ["", "0"])
 async def test_unfunded_or_zero_means_no_limit(pbx, gw, funded):
-    gw.handler = allow("pstn", GW_FUNDED=funded)
+    gw.handler = allow("pstn", {var.FUNDED: funded})
     uas = await callee(pbx)
     phone = await pbx.call("alice", NUMBER, scenario="hold", hold=3)
     trunk = await uas.result()
@@ -364,7 +367,7 @@ def _dial_data(pbx: Pbx) -> str:
 
 
 async def test_ami_setvar_timeout_on_callee_moves_the_deadline(pbx, gw, ami):
-    gw.handler = allow("pstn", GW_FUNDED=3)
+    gw.handler = allow("pstn", {var.FUNDED: 3})
     uas = await callee(pbx, ring_ms=500)
     call = asyncio.create_task(pbx.call("alice", NUMBER, scenario="until_bye", max_wait=30))
     dial_end = await ami.wait_event(
@@ -393,7 +396,7 @@ async def test_ami_setvar_timeout_on_callee_moves_the_deadline(pbx, gw, ami):
 
 async def test_timeout_set_on_the_caller_channel_also_ends_the_call(pbx, gw, ami):
     """The caller's own TIMEOUT(absolute) is independent of L(): whichever comes first."""
-    gw.handler = allow("pstn", GW_FUNDED=10)
+    gw.handler = allow("pstn", {var.FUNDED: 10})
     uas = await callee(pbx)
     call = asyncio.create_task(pbx.call("alice", NUMBER, scenario="until_bye", max_wait=30))
     dial_end = await ami.wait_event(
@@ -463,7 +466,7 @@ async def test_hangup_handler_reports_call_id_and_talk_time(pbx, gw):
 
 
 async def test_hangup_handler_after_a_deadline_cut(pbx, gw):
-    gw.handler = allow("pstn", call_id="call-hh-2", GW_FUNDED=2)
+    gw.handler = allow("pstn", {var.FUNDED: 2}, call_id="call-hh-2")
     uas = await callee(pbx, ring_ms=1500)
     phone = await pbx.call("alice", NUMBER, scenario="until_bye", max_wait=20)
     await uas.result()
@@ -490,7 +493,7 @@ async def test_hangup_handler_for_a_call_cancelled_while_ringing(pbx, gw):
 async def test_callee_refusal_reaches_the_phone_and_the_report(
     pbx, gw, callee_code, phone_code, dial_status
 ):
-    gw.handler = allow("pstn", call_id="call-refused", GW_FUNDED=30)
+    gw.handler = allow("pstn", {var.FUNDED: 30}, call_id="call-refused")
     uas = await callee(pbx, reject=callee_code, ring_ms=300)
     phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
     trunk = await uas.result()
@@ -502,7 +505,7 @@ async def test_callee_refusal_reaches_the_phone_and_the_report(
 
 
 async def test_no_hangup_report_without_a_call_id(pbx, gw):
-    gw.handler = decide(GW_DECISION="ALLOW", GW_ROUTE="pstn", GW_NUMBER=NUMBER)
+    gw.handler = decide({var.DECISION: "ALLOW", var.ROUTE: "pstn", var.NUMBER: NUMBER})
     uas = await callee(pbx)
     phone = await pbx.call("alice", NUMBER, scenario="hold", hold=1)
     await uas.result()
@@ -519,7 +522,7 @@ async def test_no_hangup_report_without_a_call_id(pbx, gw):
 @pytest.mark.parametrize("reason", sorted(REASON_CAUSE_SIP))
 async def test_reject_reason_gives_the_documented_sip_response(pbx, gw, reason):
     cause, sip = REASON_CAUSE_SIP[reason]
-    gw.handler = decide(GW_DECISION="REJECT", GW_REASON=reason, GW_CAUSE=cause)
+    gw.handler = decide({var.DECISION: "REJECT", var.REASON: reason, var.CAUSE: cause})
     phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
     assert phone.final_code == sip, explain(phone)
     # The Q.850 cause travels to the phone too (res_pjsip_rfc3326).
@@ -533,20 +536,20 @@ async def test_reject_reason_gives_the_documented_sip_response(pbx, gw, reason):
      (16, 603), (127, 500)],
 )  # fmt: skip
 async def test_cause_to_sip_mapping(pbx, gw, cause, sip):
-    gw.handler = decide(GW_DECISION="REJECT", GW_REASON="X", GW_CAUSE=cause)
+    gw.handler = decide({var.DECISION: "REJECT", var.REASON: "X", var.CAUSE: cause})
     phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
     assert phone.final_code == sip, explain(phone)
 
 
 @pytest.mark.parametrize("cause", ["", "abc", "21;x"])
 async def test_reject_without_a_usable_cause_is_403(pbx, gw, cause):
-    gw.handler = decide(GW_DECISION="REJECT", GW_REASON="X", GW_CAUSE=cause)
+    gw.handler = decide({var.DECISION: "REJECT", var.REASON: "X", var.CAUSE: cause})
     phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
     assert phone.final_code == 403, explain(phone)
 
 
 async def test_reject_produces_no_call_to_any_trunk(pbx, gw):
-    gw.handler = decide(GW_DECISION="REJECT", GW_REASON="NO_BALANCE", GW_CAUSE=31)
+    gw.handler = decide({var.DECISION: "REJECT", var.REASON: "NO_BALANCE", var.CAUSE: 31})
     uas = await callee(pbx)
     phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
     trunk = await uas.result(within=0.5)
@@ -569,20 +572,20 @@ async def test_gateway_closing_without_a_decision_is_denied(pbx, gw):
 @pytest.mark.parametrize(
     "variables",
     [
-        {"GW_DECISION": "allow", "GW_ROUTE": "pstn", "GW_NUMBER": NUMBER},
-        {"GW_DECISION": "ALLOW ", "GW_ROUTE": "pstn", "GW_NUMBER": NUMBER},
-        {"GW_DECISION": "MAYBE"},
-        {"GW_DECISION": "ALLOW", "GW_ROUTE": "moon", "GW_NUMBER": NUMBER},
-        {"GW_DECISION": "ALLOW", "GW_ROUTE": "pstn", "GW_NUMBER": ""},
-        {"GW_DECISION": "ALLOW", "GW_ROUTE": "pstn", "GW_NUMBER": "1555&PJSIP/bob"},
-        {"GW_DECISION": "ALLOW", "GW_ROUTE": "internal", "GW_TARGET": "bob&PJSIP/carol"},
-        {"GW_DECISION": "ALLOW", "GW_ROUTE": "pstn", "GW_NUMBER": NUMBER, "GW_FUNDED": "ten"},
+        {var.DECISION: "allow", var.ROUTE: "pstn", var.NUMBER: NUMBER},
+        {var.DECISION: "ALLOW ", var.ROUTE: "pstn", var.NUMBER: NUMBER},
+        {var.DECISION: "MAYBE"},
+        {var.DECISION: "ALLOW", var.ROUTE: "moon", var.NUMBER: NUMBER},
+        {var.DECISION: "ALLOW", var.ROUTE: "pstn", var.NUMBER: ""},
+        {var.DECISION: "ALLOW", var.ROUTE: "pstn", var.NUMBER: "1555&PJSIP/bob"},
+        {var.DECISION: "ALLOW", var.ROUTE: "internal", var.TARGET: "bob&PJSIP/carol"},
+        {var.DECISION: "ALLOW", var.ROUTE: "pstn", var.NUMBER: NUMBER, var.FUNDED: "ten"},
     ],
     ids=["lowercase", "trailing-space", "unknown", "bad-route", "no-number",
          "number-injection", "target-injection", "bad-funded"],
 )  # fmt: skip
 async def test_anything_but_a_clean_decision_is_denied(pbx, gw, variables):
-    gw.handler = decide(**variables)
+    gw.handler = decide(variables)
     uas = await callee(pbx)
     phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
     trunk = await uas.result(within=0.5)
@@ -590,7 +593,7 @@ async def test_anything_but_a_clean_decision_is_denied(pbx, gw, variables):
 
 
 async def test_gateway_down_fail_closed_gives_503(pbx, gw):
-    pbx.set_global("GW_AGI", f"127.0.0.1:{free_port()}")  # nobody listens there
+    pbx.set_global(var.AGI, f"127.0.0.1:{free_port()}")  # nobody listens there
     uas = await callee(pbx)
     phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
     trunk = await uas.result(within=0.5)
@@ -611,8 +614,8 @@ async def test_gateway_down_fail_open_connects_unlimited(make_pbx):  # noqa: F81
 
 
 async def test_unknown_fail_policy_value_fails_closed(pbx, gw):
-    pbx.set_global("GW_AGI", f"127.0.0.1:{free_port()}")
-    pbx.set_global("GW_FAIL_POLICY", "opne")
+    pbx.set_global(var.AGI, f"127.0.0.1:{free_port()}")
+    pbx.set_global(var.FAIL_POLICY, "opne")
     phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
     assert phone.final_code == 503, explain(phone)
 
@@ -624,7 +627,7 @@ async def test_unknown_fail_policy_value_fails_closed(pbx, gw):
 
 @pytest.mark.parametrize("number", ["911", "112"])
 async def test_emergency_number_dials_with_the_gateway_down(pbx, gw, number):
-    pbx.set_global("GW_AGI", f"127.0.0.1:{free_port()}")
+    pbx.set_global(var.AGI, f"127.0.0.1:{free_port()}")
     uas = await callee(pbx, "emergency")
     phone = await pbx.call("alice", number, scenario="hold", hold=2)
     trunk = await uas.result()
@@ -634,8 +637,8 @@ async def test_emergency_number_dials_with_the_gateway_down(pbx, gw, number):
 
 
 async def test_emergency_numbers_are_configurable(pbx, gw):
-    pbx.set_global("GW_EMERGENCY_NUMBERS", "911,0118")
-    pbx.set_global("GW_AGI", f"127.0.0.1:{free_port()}")
+    pbx.set_global(var.EMERGENCY_NUMBERS, "911,0118")
+    pbx.set_global(var.AGI, f"127.0.0.1:{free_port()}")
     uas = await callee(pbx, "emergency")
     phone = await pbx.call("alice", "0118", scenario="hold", hold=1)
     await uas.result()
@@ -646,7 +649,7 @@ async def test_emergency_numbers_are_configurable(pbx, gw):
 
 
 async def test_internal_route_rings_the_target_phone(pbx, gw):
-    gw.handler = allow("internal", GW_TARGET="bob", GW_NUMBER="")
+    gw.handler = allow("internal", {var.TARGET: "bob", var.NUMBER: ""})
     uas = await callee(pbx, "bob", ring_ms=500)
     phone = await pbx.call("alice", "201", scenario="hold", hold=1)
     bob = await uas.result()
@@ -655,7 +658,7 @@ async def test_internal_route_rings_the_target_phone(pbx, gw):
 
 
 async def test_partner_route_uses_the_partner_trunk(pbx, gw):
-    gw.handler = allow("partner", GW_FUNDED=2)
+    gw.handler = allow("partner", {var.FUNDED: 2})
     uas = await callee(pbx, "partner")
     phone = await pbx.call("alice", NUMBER, scenario="until_bye", max_wait=20)
     trunk = await uas.result()
@@ -665,8 +668,8 @@ async def test_partner_route_uses_the_partner_trunk(pbx, gw):
 
 async def test_emergency_route_decided_by_the_gateway_is_never_limited(pbx, gw):
     # 933 is not in this PBX's local list, so the gateway is asked and says "emergency".
-    pbx.set_global("GW_EMERGENCY_NUMBERS", "911")
-    gw.handler = allow("emergency", GW_NUMBER="933", GW_FUNDED=1)
+    pbx.set_global(var.EMERGENCY_NUMBERS, "911")
+    gw.handler = allow("emergency", {var.NUMBER: "933", var.FUNDED: 1})
     uas = await callee(pbx, "emergency")
     phone = await pbx.call("alice", "933", scenario="hold", hold=2.5)
     trunk = await uas.result()
@@ -676,7 +679,7 @@ async def test_emergency_route_decided_by_the_gateway_is_never_limited(pbx, gw):
 
 
 async def test_agi_arguments_follow_the_contract(pbx, gw):
-    gw.handler = decide(GW_DECISION="REJECT", GW_REASON="NO_RATE", GW_CAUSE=3)
+    gw.handler = decide({var.DECISION: "REJECT", var.REASON: "NO_RATE", var.CAUSE: 3})
     await pbx.call("carol", "+442079460000", scenario="expect_error")
     req = gw.of("outbound")[0]
     number, endpoint, linkedid = req.args
@@ -695,9 +698,8 @@ async def test_agi_arguments_follow_the_contract(pbx, gw):
 
 
 async def test_inbound_allow_rings_the_target_phone(pbx, gw):
-    gw.handler = decide(
-        GW_DECISION="ALLOW", GW_REASON="INBOUND_USER_NUMBER", GW_CALL_ID="in-1", GW_TARGET="bob"
-    )
+    gw.handler = decide({var.DECISION: "ALLOW", var.REASON: "INBOUND_USER_NUMBER",
+                         var.CALL_ID: "in-1", var.TARGET: "bob"})
     uas = await callee(pbx, "bob", ring_ms=1000)
     carrier = await pbx.call(
         "carrier", "15557654321", scenario="hold", hold=2, caller_id="15550001111"
@@ -712,7 +714,8 @@ async def test_inbound_allow_rings_the_target_phone(pbx, gw):
 
 
 async def test_inbound_funded_call_is_cut(pbx, gw):
-    gw.handler = decide(GW_DECISION="ALLOW", GW_CALL_ID="in-2", GW_TARGET="bob", GW_FUNDED=2)
+    gw.handler = decide({var.DECISION: "ALLOW", var.CALL_ID: "in-2", var.TARGET: "bob",
+                         var.FUNDED: 2})
     uas = await callee(pbx, "bob", ring_ms=500)
     carrier = await pbx.call("carrier", "18005550100", scenario="until_bye", max_wait=20)
     bob = await uas.result()
@@ -720,13 +723,13 @@ async def test_inbound_funded_call_is_cut(pbx, gw):
 
 
 async def test_inbound_reject_unknown_number(pbx, gw):
-    gw.handler = decide(GW_DECISION="REJECT", GW_REASON="UNKNOWN_NUMBER", GW_CAUSE=1)
+    gw.handler = decide({var.DECISION: "REJECT", var.REASON: "UNKNOWN_NUMBER", var.CAUSE: 1})
     carrier = await pbx.call("carrier", "15550009999", scenario="expect_error", max_wait=10)
     assert carrier.final_code == 404, explain(carrier)
 
 
 async def test_inbound_gateway_down_fails_closed_by_default(pbx, gw):
-    pbx.set_global("GW_AGI", f"127.0.0.1:{free_port()}")
+    pbx.set_global(var.AGI, f"127.0.0.1:{free_port()}")
     carrier = await pbx.call("carrier", "15557654321", scenario="expect_error", max_wait=10)
     assert carrier.final_code == 503, explain(carrier)
 
@@ -817,12 +820,12 @@ async def test_agi_protocol_details(pbx, gw):
         assert (await agi.command("FOO BAR")).startswith("510 ")
         usage = await agi.command("GET VARIABLE")
         assert usage.startswith("520-") and usage.endswith("520 End of proper usage."), usage
-        req.env["_set_unquoted"] = await agi.command("SET VARIABLE GW_REASON value with spaces")
-        unquoted = await agi.command("GET VARIABLE GW_REASON")
-        await agi.command('SET VARIABLE GW_REASON "value with spaces"')
-        quoted = await agi.command("GET VARIABLE GW_REASON")
+        req.env["_set_unquoted"] = await agi.command(f"SET VARIABLE {var.REASON} value with spaces")
+        unquoted = await agi.command(f"GET VARIABLE {var.REASON}")
+        await agi.command(f'SET VARIABLE {var.REASON} "value with spaces"')
+        quoted = await agi.command(f"GET VARIABLE {var.REASON}")
         req.env["_unquoted"], req.env["_quoted"] = unquoted, quoted
-        await agi.set(GW_DECISION="REJECT", GW_CAUSE=17)
+        await agi.set({var.DECISION: "REJECT", var.CAUSE: 17})
 
     gw.handler = handler
     phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
@@ -843,7 +846,7 @@ async def test_agi_waits_for_a_slow_gateway_and_reports_a_hangup(pbx, gw, ami):
             await asyncio.wait_for(release.wait(), 30)
             reply = await agi.command("GET VARIABLE CHANNEL(state)")
             req.env["_after_hangup"] = reply
-            await agi.set(GW_DECISION="ALLOW", GW_ROUTE="pstn", GW_NUMBER=NUMBER)
+            await agi.set({var.DECISION: "ALLOW", var.ROUTE: "pstn", var.NUMBER: NUMBER})
         elif req.script == "hangup":
             req.env["_dead"] = await agi.command("ANSWER")
 
@@ -872,7 +875,7 @@ async def test_agi_waits_for_a_slow_gateway_and_reports_a_hangup(pbx, gw, ami):
 async def test_dead_channel_commands_are_refused_in_the_hangup_handler(pbx, gw):
     async def handler(req: AgiRequest, agi: AgiSession) -> None:
         if req.script == "outbound":
-            await agi.set(GW_DECISION="REJECT", GW_CAUSE=21, GW_CALL_ID="call-dead")
+            await agi.set({var.DECISION: "REJECT", var.CAUSE: 21, var.CALL_ID: "call-dead"})
         elif req.script == "hangup":
             req.env["_answer"] = await agi.command("ANSWER")
 
@@ -895,7 +898,7 @@ def test_shipped_dialplan_loads_without_warnings(shared_pbx):
     complaints = [ln for ln in log if "pbx_config" in ln and ("WARNING" in ln or "ERROR" in ln)]
     assert complaints == []
     out = shared_pbx.cli("dialplan show gateway-decide")
-    assert "Hangup(34)" in out and "L(${GW_FUNDED_MS})" in out
+    assert "Hangup(34)" in out and "L(${" + var.FUNDED_MS + "})" in out
 
 
 async def test_shipped_examples_load(make_pbx):  # noqa: F811

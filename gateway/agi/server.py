@@ -36,10 +36,9 @@ from gateway.agi.protocol import (
     parse_reply,
     quote,
 )
+from gateway.dialplan_variables import PING_ROUTE, PONG
 
 __all__ = ["PING_ROUTE", "AgiServer", "AgiSession", "Handler"]
-
-PING_ROUTE = "ping"
 
 # Asterisk reads each command with fgets() into a 2048-byte buffer (AGI_BUF_LEN in
 # res_agi.c): a longer line would be split into two commands and two replies.
@@ -418,7 +417,7 @@ class AgiServer:
     async def _dispatch(self, session: AgiSession, log: Any) -> None:
         script = session.request.script
         if script == PING_ROUTE:
-            await session.set_variable("GW_PONG", "1")
+            await session.set_variable(PONG, "1")
             return
         handler = self._routes.get(script)
         if handler is None:

@@ -1,0 +1,131 @@
+"""The contract with the dialplan: the shipped ``dialplan/extensions_gateway.conf`` and the
+gateway use the same channel variables, AGI routes and argument order, all named in
+``gateway/dialplan_variables.py``. Fast: reads files and runs the routes with stubs."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import re
+import uuid
+from pathlib import Path
+
+from gateway import dialplan_variables as var
+from gateway.agi import AgiReply, AgiServer, parse_environment
+from gateway.calls.service import CallService
+from gateway.rating.model import Decision, Reason, Route, Source
+
+ROOT = Path(__file__).resolve().parent.parent
+DIALPLAN = ROOT / "dialplan" / "extensions_gateway.conf"
+NAME = re.compile(r"\bGW_[A-Z0-9_]+\b")
+
+
+def dialplan_code() -> list[str]:
+    """The dialplan's lines without their comments (';' to the end of the line)."""
+    lines = DIALPLAN.read_text(encoding="utf-8").splitlines()
+    return [line.split(";", 1)[0] for line in lines if line.split(";", 1)[0].strip()]
+
+
+def declared() -> dict[str, str]:
+    """Every GW_* name the module declares, by its Python name."""
+    return {attr: value for attr, value in vars(var).items()
+            if isinstance(value, str) and value.startswith("GW_")}
+
+
+def test_the_dialplan_uses_exactly_the_declared_names():
+    used = {name for line in dialplan_code() for name in NAME.findall(line)}
+    assert used == var.DIALPLAN, (
+        f"in the dialplan only: {sorted(used - var.DIALPLAN)}; "
+        f"declared only: {sorted(var.DIALPLAN - used)}")
+
+
+def test_every_declared_name_is_used_by_one_side_or_the_other():
+    names = set(declared().values())
+    gateway_sets = set(var.ANSWER) | {var.PONG}
+    assert names == var.DIALPLAN | gateway_sets
+    assert len(names) == len(declared())  # no name declared twice
+    assert set(var.ANSWER) <= var.DIALPLAN  # what the gateway answers, the dialplan reads
+    assert not var.DIALPLAN_ONLY & set(var.ANSWER)
+
+
+def test_no_gateway_module_spells_a_channel_variable_itself():
+    """Code uses the names from the module; prose (comments, docstrings) may mention them."""
+    spelled = {}
+    for path in (ROOT / "gateway").rglob("*.py"):
+        if path.name == "dialplan_variables.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                 and isinstance(node.value, str) and NAME.fullmatch(node.value)]
+        if names:
+            spelled[str(path.relative_to(ROOT))] = names
+    assert spelled == {}
+
+
+def test_the_dialplan_calls_the_declared_routes_with_the_declared_arguments():
+    agi = re.compile(r"AGI\(agi://\$\{" + var.AGI + r"\}/(\w+),(.*)\)\s*$")
+    calls = [m.groups() for line in dialplan_code() if (m := agi.search(line))]
+    assert {route: tuple(args.split(",")) for route, args in calls} == var.ROUTES
+    assert len(calls) == len(var.ROUTES)  # each route called from one place
+    assert var.PING_ROUTE not in var.ROUTES  # the probe's, not the dialplan's
+
+
+def test_the_dialplan_clears_every_answer_variable_before_asking():
+    """A parent channel (Local, transfer) must not hand down an ALLOW: the settings
+    subroutine empties every variable the gateway answers with."""
+    cleared: set[str] = set()
+    for line in dialplan_code():
+        for mset in re.findall(r"MSet\(([^)]*)\)", line):
+            cleared |= {item[:-1] for item in mset.split(",") if item.endswith("=")}
+    assert set(var.ANSWER) <= cleared
+
+
+class StubRater:
+    slice_seconds = 300
+
+    def __init__(self, decision: Decision):
+        self.decision = decision
+
+    async def authorise_outbound(self, *args, **kwargs):
+        return self.decision
+
+
+class Session:
+    def __init__(self):
+        lines = ["agi_network_script: outbound", "agi_uniqueid: 1.1",
+                 "agi_channel: PJSIP/alice-00000001", "agi_arg_1: 2125550100",
+                 "agi_arg_2: alice", "agi_arg_3: 1.1", ""]
+        self.request = parse_environment(lines)
+        self.sent: list[tuple[str, str]] = []
+
+    async def set_variables(self, variables):
+        self.sent.extend(variables)
+        return AgiReply(200, "0", None, "200 result=0")
+
+
+async def test_the_answer_sets_the_declared_variables_decision_last():
+    for decision in (
+        Decision(True, Reason.FUNDED, uuid.uuid4(), route=Route.PSTN, funded_seconds=300,
+                 destination="+12125550100", sources=(Source.POOL,)),
+        Decision(False, Reason.NO_LICENSE, uuid.uuid4(), destination="2125550100"),
+    ):
+        service = CallService(StubRater(decision), recovery=None)  # type: ignore[arg-type]
+        session = Session()
+        await service.routes()[var.OUTBOUND_ROUTE](session)  # type: ignore[arg-type]
+        assert [name for name, _ in session.sent] == list(var.ANSWER)
+        assert var.ANSWER[-1] == var.DECISION
+
+
+async def test_the_ping_route_answers_with_pong():
+    server = AgiServer({}, host="127.0.0.1", port=0)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(f"agi_network_script: {var.PING_ROUTE}\n\n".encode())
+        command = await asyncio.wait_for(reader.readline(), 3)
+        writer.write(b"200 result=1\n")
+        await writer.drain()
+        writer.close()
+    finally:
+        await server.stop(grace=1.0)
+    assert command.decode().split()[:3] == ["SET", "VARIABLE", var.PONG]
