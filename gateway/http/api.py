@@ -1,36 +1,30 @@
 """The admin REST API under /api/v1: provisioning and reading, JSON in and out.
 
-Handlers are thin: check the request's shape (bodies.shape), call Provisioning, which applies
-every rule before writing, and render what was written. Money travels as decimal
-strings both ways. Every route needs the admin bearer token (auth.require_admin);
-``openapi.py`` describes each of them.
+Handlers are thin: check the request body against its model (``billing.schemas``), call
+Provisioning, which applies every rule before writing, and answer with a typed view
+(``billing.views``). Money travels as decimal strings both ways. Every route needs the
+admin bearer token (auth.require_admin). Each handler says what it takes and returns
+with ``@operation``; ``openapi.py`` builds the OpenAPI document from that and ROUTES.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import re
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from ..billing import schemas as s
+from ..billing import views as v
 from ..errors import InvalidInput, Unavailable
 from .auth import require_admin
-from .bodies import (
-    ARRAY,
-    BOOLEAN,
-    INTEGER,
-    MONEY,
-    NULLABLE_STRING,
-    STRING,
-    json_response,
-    read_json,
-    shape,
-    string_list,
-)
+from .bodies import json_response, read_json
 from .keys import GATEWAY
 
 log = structlog.get_logger("gateway.http")
@@ -40,6 +34,48 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _MONTH = re.compile(r"^([0-9]{4})-([0-9]{2})$")
 MAX_CALLS = 1000
+
+
+# ---- what each operation takes and returns (the OpenAPI document is built from it) ------
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    summary: str
+    tag: str
+    body: type | dict[str, Any] | None = None  # a request model, or media type -> schema
+    ok: int = 200
+    returns: type | None = None  # a view or envelope; None with 204
+    query: tuple[str, ...] = ()  # names in QUERY
+    #: the error statuses besides 401 and 503; 404 and 409 where they depend on state
+    errors: tuple[int, ...] = (404, 422)
+
+
+def operation(summary: str, tag: str, **kw: Any) -> Callable[[Handler], Handler]:
+    """Attach the operation's description to its handler."""
+
+    def mark(handler: Handler) -> Handler:
+        handler.operation = Operation(summary, tag, **kw)  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+#: the path parameters of every route, with what a valid one looks like
+PATH_PARAMS: dict[str, dict[str, Any]] = {
+    "tenant_id": {"type": "string", "pattern": s.TENANT_ID_PATTERN},
+    "user_id": {"type": "string", "pattern": s.USER_ID_PATTERN},
+    "sku": {"type": "string", "enum": s.SKUS},
+    "e164": {"type": "string", "pattern": r"^\+[1-9][0-9]{1,14}$"},
+    "country": {"type": "string", "enum": "countries"},
+    "plan": {"type": "string", "enum": s.PLANS},
+}
+QUERY: dict[str, dict[str, Any]] = {
+    "tenant_id": {"type": "string", "pattern": s.TENANT_ID_PATTERN,
+                  "description": "a tenant's own rates; absent: the rates for every tenant"},
+    "month": {"type": "string", "pattern": s.MONTH_PATTERN, "examples": ["2026-11"]},
+    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_CALLS, "default": 100},
+}
 
 
 # ---- plumbing --------------------------------------------------------------------------
@@ -56,8 +92,11 @@ def _admin(request: web.Request) -> Any:
     return admin
 
 
-def _repo(request: web.Request) -> Any:
-    return _admin(request).repo
+def _views(request: web.Request) -> v.Views:
+    views = _gateway(request).views
+    if views is None:
+        raise Unavailable("the gateway is not started", code="NOT_STARTED")
+    return views
 
 
 def parse_month(value: str | None) -> dt.date | None:
@@ -68,6 +107,13 @@ def parse_month(value: str | None) -> dt.date | None:
     if not m or not 1 <= int(m.group(2)) <= 12 or int(m.group(1)) < 2000:
         raise InvalidInput("month must look like 2026-11", code="INVALID_MONTH", field="month")
     return dt.date(int(m.group(1)), int(m.group(2)), 1)
+
+
+def _query_month(request: web.Request) -> dt.date | None:
+    # given but empty is a mistake (a form left blank), not "the current month"
+    if request.query.get("month") == "":
+        raise InvalidInput("month must look like 2026-11", code="INVALID_MONTH", field="month")
+    return parse_month(request.query.get("month"))
 
 
 def _limit(value: str | None, default: int = 100) -> int:
@@ -85,136 +131,132 @@ def _tenant_query(request: web.Request) -> str | None:
 
 # ---- tenants ---------------------------------------------------------------------------
 
-TENANT_FIELDS = {"id": STRING, "name": STRING, "country": STRING, "timezone": STRING,
-                 "currency": STRING, "blocked_classes": ARRAY}
-TENANT_PATCH_FIELDS = {"name": STRING, "timezone": STRING, "blocked_classes": ARRAY}
 
-
-async def _tenant_view(request: web.Request, tenant_id: str) -> dict[str, Any]:
-    tenant = await _admin(request).get_tenant(tenant_id)
-    subs = await _repo(request).subscriptions(tenant_id)
-    return {**tenant, "subscriptions": [dict(s) for s in subs]}
-
-
+@operation("Create a tenant (and its empty wallet)", "tenants", body=s.TenantCreate, ok=201,
+           returns=v.Tenant, errors=(409, 422))
 async def create_tenant(request: web.Request) -> web.Response:
-    body = shape(await read_json(request), TENANT_FIELDS, required=("id", "name", "country"))
-    if "blocked_classes" in body:
-        string_list(body["blocked_classes"], "blocked_classes")
+    body = s.check(s.TenantCreate, await read_json(request))
     await _admin(request).create_tenant(**body)
-    return json_response(await _tenant_view(request, body["id"]), status=201,
+    return json_response(await _views(request).tenant(body["id"]), status=201,
                          headers={"Location": f"{PREFIX}/tenants/{body['id']}"})
 
 
+@operation("List tenants", "tenants", returns=s.TenantList, errors=())
 async def list_tenants(request: web.Request) -> web.Response:
-    rows = await _repo(request).list_tenants()
-    return json_response({"tenants": [dict(r) for r in rows]})
+    return json_response(s.TenantList(await _views(request).list_tenants()))
 
 
+@operation("One tenant with its subscriptions", "tenants", returns=v.Tenant, errors=(404,))
 async def get_tenant(request: web.Request) -> web.Response:
-    return json_response(await _tenant_view(request, request.match_info["tenant_id"]))
+    return json_response(await _views(request).tenant(request.match_info["tenant_id"]))
 
 
+@operation("Change name, timezone or blocked classes", "tenants", body=s.TenantPatch,
+           returns=v.Tenant)
 async def patch_tenant(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
-    body = shape(await read_json(request), TENANT_PATCH_FIELDS, at_least_one=True)
-    if "blocked_classes" in body:
-        string_list(body["blocked_classes"], "blocked_classes")
+    body = s.check(s.TenantPatch, await read_json(request))
     await _admin(request).update_tenant(tenant_id, **body)
-    return json_response(await _tenant_view(request, tenant_id))
+    return json_response(await _views(request).tenant(tenant_id))
 
 
+async def _subscriptions(request: web.Request, tenant_id: str) -> s.Subscriptions:
+    tenant = await _views(request).tenant(tenant_id)
+    return s.Subscriptions(tenant_id=tenant.id, subscriptions=tenant.subscriptions)
+
+
+@operation("Purchased and assigned licences per SKU", "tenants", returns=s.Subscriptions,
+           errors=(404,))
 async def list_subscriptions(request: web.Request) -> web.Response:
-    view = await _tenant_view(request, request.match_info["tenant_id"])
-    return json_response({"tenant_id": view["id"], "subscriptions": view["subscriptions"]})
+    return json_response(await _subscriptions(request, request.match_info["tenant_id"]))
 
 
+@operation("Set the purchased quantity of a SKU", "tenants", body=s.SubscriptionPut,
+           returns=s.Subscriptions, errors=(404, 409, 422))
 async def put_subscription(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
-    body = shape(await read_json(request), {"quantity": INTEGER}, required=("quantity",))
+    body = s.check(s.SubscriptionPut, await read_json(request))
     await _admin(request).set_subscription(tenant_id, request.match_info["sku"],
                                            body["quantity"])
-    view = await _tenant_view(request, tenant_id)
-    return json_response({"tenant_id": tenant_id, "subscriptions": view["subscriptions"]})
+    return json_response(await _subscriptions(request, tenant_id))
 
 
 # ---- users and licences -----------------------------------------------------------------
 
-USER_FIELDS = {"id": STRING, "sip_endpoint": STRING, "usage_location": STRING,
-               "extension": NULLABLE_STRING, "display_name": STRING}
-USER_PATCH_FIELDS = {"display_name": STRING, "extension": NULLABLE_STRING,
-                     "usage_location": STRING}
 
-
+@operation("Create a user", "users", body=s.UserCreate, ok=201, returns=v.User,
+           errors=(404, 409, 422))
 async def create_user(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
-    body = shape(await read_json(request), USER_FIELDS,
-                 required=("id", "sip_endpoint", "usage_location"))
-    admin = _admin(request)
-    await admin.create_user(tenant_id=tenant_id, **body)
-    return json_response(await admin.get_user(body["id"]), status=201,
+    body = s.check(s.UserCreate, await read_json(request))
+    await _admin(request).create_user(tenant_id=tenant_id, **body)
+    return json_response(await _views(request).user(body["id"]), status=201,
                          headers={"Location": f"{PREFIX}/users/{body['id']}"})
 
 
+@operation("List a tenant's users with their licences", "users", returns=s.UserList,
+           errors=(404,))
 async def list_users(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
-    await _admin(request).get_tenant(tenant_id)
-    rows = await _repo(request).list_users(tenant_id)
-    return json_response({"tenant_id": tenant_id, "users": [dict(r) for r in rows]})
+    return json_response(s.UserList(tenant_id, await _views(request).users(tenant_id)))
 
 
+@operation("One user with licences", "users", returns=v.User, errors=(404,))
 async def get_user(request: web.Request) -> web.Response:
-    return json_response(await _admin(request).get_user(request.match_info["user_id"]))
+    return json_response(await _views(request).user(request.match_info["user_id"]))
 
 
+@operation("Change display name, extension or usage location", "users", body=s.UserPatch,
+           returns=v.User, errors=(404, 409, 422))
 async def patch_user(request: web.Request) -> web.Response:
     user_id = request.match_info["user_id"]
-    body = shape(await read_json(request), USER_PATCH_FIELDS, at_least_one=True)
-    admin = _admin(request)
-    await admin.update_user(user_id, **body)
-    return json_response(await admin.get_user(user_id))
+    body = s.check(s.UserPatch, await read_json(request))
+    await _admin(request).update_user(user_id, **body)
+    return json_response(await _views(request).user(user_id))
 
 
+@operation("Delete a user (its licences return to the tenant)", "users", ok=204,
+           errors=(404,))
 async def delete_user(request: web.Request) -> web.Response:
     await _admin(request).delete_user(request.match_info["user_id"])
     return web.Response(status=204)
 
 
+@operation("Assign a licence (never more than purchased)", "licences", returns=v.User,
+           errors=(404, 409, 422))
 async def assign_licence(request: web.Request) -> web.Response:
     user_id = request.match_info["user_id"]
-    admin = _admin(request)
-    await admin.assign_licence(user_id, request.match_info["sku"])
-    return json_response(await admin.get_user(user_id))
+    await _admin(request).assign_licence(user_id, request.match_info["sku"])
+    return json_response(await _views(request).user(user_id))
 
 
+@operation("Unassign a licence", "licences", returns=v.User, errors=(404, 409, 422))
 async def unassign_licence(request: web.Request) -> web.Response:
     user_id = request.match_info["user_id"]
-    admin = _admin(request)
-    await admin.unassign_licence(user_id, request.match_info["sku"])
-    return json_response(await admin.get_user(user_id))
+    await _admin(request).unassign_licence(user_id, request.match_info["sku"])
+    return json_response(await _views(request).user(user_id))
 
 
 # ---- numbers ----------------------------------------------------------------------------
 
-NUMBER_FIELDS = {"e164": STRING, "kind": STRING, "user_id": NULLABLE_STRING,
-                 "target": NULLABLE_STRING}
 
-
+@operation("Add a phone number", "numbers", body=s.NumberCreate, ok=201,
+           returns=v.PhoneNumber, errors=(404, 409, 422))
 async def add_number(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
-    body = shape(await read_json(request), NUMBER_FIELDS, required=("e164", "kind"))
+    body = s.check(s.NumberCreate, await read_json(request))
     await _admin(request).add_number(tenant_id=tenant_id, **body)
-    rows = await _repo(request).list_numbers(tenant_id)
-    row = next(dict(r) for r in rows if r["e164"] == body["e164"])
-    return json_response(row, status=201)
+    numbers = await _views(request).numbers(tenant_id)
+    return json_response(next(n for n in numbers if n.e164 == body["e164"]), status=201)
 
 
+@operation("List a tenant's numbers", "numbers", returns=s.NumberList, errors=(404,))
 async def list_numbers(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
-    await _admin(request).get_tenant(tenant_id)
-    rows = await _repo(request).list_numbers(tenant_id)
-    return json_response({"tenant_id": tenant_id, "numbers": [dict(r) for r in rows]})
+    return json_response(s.NumberList(tenant_id, await _views(request).numbers(tenant_id)))
 
 
+@operation("Remove a phone number", "numbers", ok=204, errors=(404,))
 async def delete_number(request: web.Request) -> web.Response:
     await _admin(request).delete_number(request.match_info["e164"])
     return web.Response(status=204)
@@ -222,23 +264,30 @@ async def delete_number(request: web.Request) -> web.Response:
 
 # ---- rates and allotments -------------------------------------------------------------
 
-RATE_FIELDS = {"kind": STRING, "prefix": STRING, "price_per_minute": MONEY,
-               "first_increment": INTEGER, "increment": INTEGER, "currency": STRING,
-               "description": STRING}
+RATE_SHEET = {"type": "array", "minItems": 1, "items": s.RateInput}
+#: what the CSV import accepts, as a pattern (the header may name more columns; see the
+#: summary): the fuzz run sends such sheets
+CSV_SHEET = {"type": "string", "pattern": (
+    r"^kind,prefix,price_per_minute\n(?:(?:international|domestic_overage|toll_free_inbound)"
+    r",[0-9]{0,15},[0-9]{1,3}(?:\.[0-9]{1,6})?\n){1,20}$")}
 
 
+@operation("Insert or replace rates, all or none", "rates",
+           body={"application/json": RATE_SHEET}, returns=s.RateCount, query=("tenant_id",))
 async def set_rates(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, list) or not body:
         raise InvalidInput("the body must be a non-empty JSON list of rates",
                            code="INVALID_BODY", field="rates")
-    rates = [shape(r, RATE_FIELDS, required=("kind", "prefix", "price_per_minute"),
-                   where=f"rates[{i}]") for i, r in enumerate(body)]
+    rates = [s.check(s.RateInput, r, where=f"rates[{i}]") for i, r in enumerate(body)]
     tenant_id = _tenant_query(request)
     count = await _admin(request).set_rates(rates, tenant_id)
-    return json_response({"tenant_id": tenant_id, "count": count})
+    return json_response(s.RateCount(tenant_id, count))
 
 
+@operation("Import rates from CSV (header: kind,prefix,price_per_minute"
+           "[,first_increment,increment,currency,description]), all or none", "rates",
+           body={"text/csv": CSV_SHEET}, returns=s.RateCount, query=("tenant_id",))
 async def import_rates(request: web.Request) -> web.Response:
     if request.content_type not in ("text/csv", "text/plain"):
         raise InvalidInput("send the rates as text/csv", code="UNSUPPORTED_MEDIA_TYPE",
@@ -248,81 +297,78 @@ async def import_rates(request: web.Request) -> web.Response:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InvalidInput("the CSV must be UTF-8", code="INVALID_CSV", field="csv") from exc
+    s.check_text(text, "csv")
     tenant_id = _tenant_query(request)
     count = await _admin(request).import_rates_csv(text, tenant_id)
-    return json_response({"tenant_id": tenant_id, "count": count})
+    return json_response(s.RateCount(tenant_id, count))
 
 
+@operation("List rates", "rates", returns=s.RateList, query=("tenant_id",), errors=(404,))
 async def list_rates(request: web.Request) -> web.Response:
     tenant_id = _tenant_query(request)
-    if tenant_id is not None:
-        await _admin(request).get_tenant(tenant_id)
-    rows = await _repo(request).list_rates(tenant_id)
-    return json_response({"tenant_id": tenant_id, "rates": [dict(r) for r in rows]})
+    return json_response(s.RateList(tenant_id, await _views(request).rates(tenant_id)))
 
 
+@operation("Minutes per assigned licence per month, by country and plan", "allotments",
+           returns=s.AllotmentList, errors=())
 async def list_allotments(request: web.Request) -> web.Response:
-    rows = await _repo(request).allotments()
-    return json_response({"allotments": [dict(r) for r in rows]})
+    return json_response(s.AllotmentList(await _views(request).allotments()))
 
 
+@operation("Set an allotment", "allotments", body=s.AllotmentPut, returns=v.Allotment,
+           errors=(422,))
 async def put_allotment(request: web.Request) -> web.Response:
-    body = shape(await read_json(request), {"minutes": INTEGER}, required=("minutes",))
+    body = s.check(s.AllotmentPut, await read_json(request))
     country, plan = request.match_info["country"], request.match_info["plan"]
     await _admin(request).set_allotment(country, plan, body["minutes"])
-    return json_response({"country": country, "plan": plan, "minutes": body["minutes"]})
+    return json_response(v.Allotment(country, plan, body["minutes"]))
 
 
 # ---- wallet, usage, calls -------------------------------------------------------------
 
-AUTO_RECHARGE_FIELDS = {"enabled": BOOLEAN, "threshold": MONEY, "amount": MONEY,
-                        "monthly_cap": INTEGER}
 
-
-async def _wallet_view(request: web.Request, tenant_id: str) -> dict[str, Any]:
-    usage = await _admin(request).usage(tenant_id)
-    entries = [dict(r) for r in await _repo(request).ledger(tenant_id, 200)
-               if r["account"] == "wallet" and r["entry"] in ("topup", "recharge", "charge")]
-    return {"tenant_id": tenant_id, "currency": usage["currency"], "month": usage["month"],
-            **usage["wallet"], "recent_entries": entries[:20]}
-
-
+@operation("Add Communications Credits by hand", "wallet", body=s.Topup, ok=201,
+           returns=s.TopupResult)
 async def topup(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
-    body = shape(await read_json(request), {"amount": MONEY, "note": STRING},
-                 required=("amount",))
-    balance = await _admin(request).topup(tenant_id, body["amount"], body.get("note", "manual top-up"))
+    body = s.check(s.Topup, await read_json(request))
+    balance = await _admin(request).topup(tenant_id, body["amount"],
+                                          body.get("note", "manual top-up"))
     log.info("wallet_topup", tenant_id=tenant_id, amount=str(body["amount"]),
              balance=str(balance))
-    return json_response({"tenant_id": tenant_id, "amount": str(body["amount"]),
-                          "balance": balance}, status=201)
+    return json_response(s.TopupResult(tenant_id, Decimal(str(body["amount"])), balance),
+                         status=201)
 
 
+@operation("Set auto-recharge", "wallet", body=s.AutoRechargeSettings, returns=v.WalletView)
 async def put_auto_recharge(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
-    body = shape(await read_json(request), AUTO_RECHARGE_FIELDS,
-                 required=tuple(AUTO_RECHARGE_FIELDS))
+    body = s.check(s.AutoRechargeSettings, await read_json(request))
     await _admin(request).set_auto_recharge(tenant_id, **body)
-    return json_response(await _wallet_view(request, tenant_id))
+    return json_response(await _views(request).wallet(tenant_id))
 
 
+@operation("Balance, reserved, available, auto-recharge and recent entries", "wallet",
+           returns=v.WalletView, errors=(404,))
 async def get_wallet(request: web.Request) -> web.Response:
-    return json_response(await _wallet_view(request, request.match_info["tenant_id"]))
+    return json_response(await _views(request).wallet(request.match_info["tenant_id"]))
 
 
+@operation("Pools, add-on minutes, wallet and call totals of a month", "usage",
+           returns=v.Usage, query=("month",))
 async def get_usage(request: web.Request) -> web.Response:
-    month = parse_month(request.query.get("month"))
-    return json_response(await _admin(request).usage(request.match_info["tenant_id"], month))
+    month = _query_month(request)
+    return json_response(await _views(request).usage(request.match_info["tenant_id"], month))
 
 
+@operation("Calls, newest first", "usage", returns=s.CallList, query=("month", "limit"))
 async def list_calls(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
-    month = parse_month(request.query.get("month"))
+    month = _query_month(request)
     limit = _limit(request.query.get("limit"))
-    await _admin(request).get_tenant(tenant_id)
-    rows = await _repo(request).list_calls(tenant_id, month, limit)
-    return json_response({"tenant_id": tenant_id, "month": month.isoformat()[:7]
-                          if month else None, "calls": [dict(r) for r in rows]})
+    calls = await _views(request).calls(tenant_id, month, limit)
+    return json_response(s.CallList(tenant_id, month.isoformat()[:7] if month else None,
+                                    calls))
 
 
 # ---- registration ---------------------------------------------------------------------
@@ -361,6 +407,9 @@ def _admin_only(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> web.StreamResponse:
         require_admin(request, request.app[GATEWAY].config.admin_token)
+        # ids and query values go into SQL: a NUL or a lone surrogate is never one
+        for name, value in (*request.match_info.items(), *request.query.items()):
+            s.check_text(value, name)
         return await handler(request)
 
     return guarded

@@ -136,8 +136,8 @@ def _static_handler() -> Any:
 
 def build_app(gateway: Any) -> web.Application:
     """The aiohttp application of one gateway. ``gateway`` is the composition root
-    (gateway.app.Gateway) or anything with its attributes: config, admin, repo, calls,
-    metrics, readiness(), ami_status()."""
+    (gateway.app.Gateway) or anything with its attributes: config, provisioning, views,
+    calls, metrics, readiness(), ami_status()."""
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
     app[GATEWAY] = gateway
     app[STARTED_AT] = dt.datetime.now(dt.UTC)

@@ -11,6 +11,7 @@ from typing import Any
 
 import structlog
 
+from ..billing.views import as_dict
 from ..errors import GatewayError, NotFound
 
 log = structlog.get_logger("gateway.http")
@@ -46,18 +47,18 @@ def decision_counts(counts: Any) -> list[dict[str, Any]]:
 async def _tenants(gateway: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Each tenant's current month. A database failure leaves the rest of the page
     useful: the tenants part says what went wrong instead."""
-    if gateway.repo is None or gateway.provisioning is None:
+    views = gateway.views
+    if views is None:
         return [], {"code": "NOT_STARTED", "message": "the gateway is not started"}
     try:
-        tenants = await gateway.repo.list_tenants()
         out = []
-        for t in tenants:
+        for t in await views.list_tenants():
             try:
-                usage = await gateway.provisioning.usage(t["id"])
+                usage = await views.usage(t.id)
             except NotFound:
                 continue  # deleted since the list was read
-            out.append({**usage, "name": t["name"], "country": t["country"],
-                        "timezone": t["timezone"]})
+            out.append({**as_dict(usage), "name": t.name, "country": t.country,
+                        "timezone": t.timezone})
         return out, None
     except GatewayError as exc:
         log.warning("status_tenants_failed", code=exc.code, error=exc.message)
