@@ -239,6 +239,83 @@ async def test_a_conflict_with_the_database_names_where(run, admin, tmp_path):
     assert rc == 1 and err.startswith("gateway: FILE_NOT_FOUND: ")
 
 
+def six_users(tenant: str, name: str) -> str:
+    """A file whose 6th user asks for a Calling Plan licence beyond the 5 purchased: only
+    the licence rules, under the subscription's row lock, can refuse it."""
+    users = "".join(f"[[tenants.users]]\nid = 'u{i}'\nsip_endpoint = 'u{i}'\n"
+                    f"usage_location = 'CA'\nlicences = ['business_voice_calling_plan']\n"
+                    for i in range(1, 7))
+    return ("[[allotments]]\ncountry = 'CA'\nplan = 'domestic'\nminutes = 1234\n"
+            "[[rates]]\nkind = 'international'\nprefix = '33'\nprice_per_minute = '0.05'\n"
+            f"[[tenants]]\nid = '{tenant}'\nname = '{name}'\ncountry = 'CA'\n"
+            "[tenants.subscriptions]\nbusiness_voice_calling_plan = 5\n" + users)
+
+
+async def test_a_file_refused_at_its_sixth_user_writes_nothing(run, db_pool, tmp_path):
+    path = tmp_path / "six.toml"
+    path.write_text(six_users("acme", "Acme"))
+    before = await dump_tables(db_pool)
+    rc, out, err = await run("provision", str(path))
+    assert rc == 1
+    assert err.startswith("gateway: LICENCE_LIMIT: tenants[0] acme: users[5] u6: "), err
+    # not the allotment and rates written first, not the tenant, nor the 5 users before
+    counts = await db_pool.fetchrow(
+        "SELECT (SELECT count(*) FROM tenants) AS tenants,"
+        " (SELECT count(*) FROM users) AS users,"
+        " (SELECT count(*) FROM licence_assignments) AS licences,"
+        " (SELECT count(*) FROM subscriptions) AS subscriptions,"
+        " (SELECT count(*) FROM wallets) AS wallets,"
+        " (SELECT count(*) FROM rates) AS rates,"
+        " (SELECT count(*) FROM allotments WHERE minutes = 1234) AS allotments")
+    assert dict(counts) == {"tenants": 0, "users": 0, "licences": 0, "subscriptions": 0,
+                            "wallets": 0, "rates": 0, "allotments": 0}
+    assert await dump_tables(db_pool) == before
+    assert out == ""  # no change is reported: none was made
+
+
+async def test_a_refused_file_leaves_an_existing_tenant_as_it_was(run, db_pool, admin,
+                                                                  tmp_path):
+    await standard_tenant(admin)
+    before = await dump_tables(db_pool)
+    path = tmp_path / "six.toml"
+    # the rename and the 6 users are written first; the purchase of 10 shrinks to 5
+    # last, below the 8 licences assigned by then, and is refused
+    path.write_text(six_users(TENANT, "Renamed"))
+    rc, out, err = await run("provision", str(path))
+    assert rc == 1
+    assert err.startswith("gateway: LICENCES_IN_USE: tenants[0] acme: subscriptions."), err
+    assert await dump_tables(db_pool) == before
+    assert out == ""
+    assert await db_pool.fetchval("SELECT name FROM tenants WHERE id = $1", TENANT) != "Renamed"
+
+
+async def test_dry_run_prints_the_changes_and_writes_nothing(run, db_pool, tmp_path):
+    v1 = tmp_path / "v1.toml"
+    v1.write_text(V1)
+    before = await dump_tables(db_pool)
+    rc, dry, err = await run("provision", "--dry-run", str(v1))
+    assert (rc, err) == (0, ""), err
+    assert await dump_tables(db_pool) == before
+    assert await db_pool.fetchval("SELECT count(*) FROM tenants") == 0
+    assert dry.splitlines()[-1] == f"{v1}: 10 changes to make (dry run: nothing written)"
+
+    rc, out, err = await run("provision", str(v1))
+    assert (rc, err) == (0, "")
+    assert dry.splitlines()[:-1] == out.splitlines()[:-1]  # the changes it said it would make
+    assert "acme: tenant created" in out and "acme: user bob: assigned " \
+        "international_calling_plan" in out
+    after = await dump_tables(db_pool)
+    rc, dry, err = await run("provision", str(v1), "--dry-run")
+    assert (rc, dry, err) == (0, f"{v1}: no changes to make (dry run)\n", "")
+
+    # a dry run is refused where the real run would be, by the same rules
+    six = tmp_path / "six.toml"
+    six.write_text(six_users("other", "Other"))
+    rc, out, err = await run("provision", "--dry-run", str(six))
+    assert (rc, out) == (1, "") and err.startswith("gateway: LICENCE_LIMIT: "), err
+    assert await dump_tables(db_pool) == after
+
+
 # ---- topup, import-rates, usage, calls -------------------------------------------------
 
 

@@ -7,11 +7,12 @@ both call this module.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -114,6 +115,14 @@ class Provisioning:
     def __init__(self, repo: Repository, *, clock: Clock = utcnow):
         self.repo = repo
         self.clock = clock
+
+    @contextlib.asynccontextmanager
+    async def one_transaction(self, *, rollback: bool = False
+                              ) -> AsyncIterator[Provisioning]:
+        """The same operations, all in one database transaction: committed when the
+        block ends, nothing written if it raises, or never with ``rollback``."""
+        async with self.repo.one_transaction(rollback=rollback) as repo:
+            yield Provisioning(repo, clock=self.clock)
 
     # ---- tenants -------------------------------------------------------------------
 

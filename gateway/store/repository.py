@@ -74,6 +74,26 @@ def translate_errors() -> Any:
         raise Unavailable(f"database unavailable: {exc}", code="DATABASE_UNAVAILABLE") from exc
 
 
+class _OneConnection:
+    """Stands in for the pool inside ``Repository.one_transaction``: every statement goes
+    to the same connection, and the methods' own transactions become savepoints."""
+
+    def __init__(self, conn: asyncpg.Connection):
+        self.conn = conn
+
+    def acquire(self) -> contextlib.nullcontext[asyncpg.Connection]:
+        return contextlib.nullcontext(self.conn)
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return await self.conn.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        return await self.conn.fetchrow(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await self.conn.execute(sql, *args)
+
+
 class Repository:
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
@@ -83,6 +103,27 @@ class Repository:
         with translate_errors():
             async with self.pool.acquire() as conn, conn.transaction():
                 yield conn
+
+    @contextlib.asynccontextmanager
+    async def one_transaction(self, *, rollback: bool = False
+                              ) -> AsyncIterator[Repository]:
+        """A Repository whose every statement runs on one connection in one transaction,
+        so that a sequence of writes is all or nothing (a provisioning file). Committed
+        when the block ends, rolled back if it raises, or always with ``rollback``
+        (a dry run sees its own writes, then leaves nothing)."""
+        with translate_errors():
+            async with self.pool.acquire() as conn:
+                tx = conn.transaction()
+                await tx.start()
+                try:
+                    yield Repository(_OneConnection(conn))  # type: ignore[arg-type]
+                except BaseException:
+                    await tx.rollback()
+                    raise
+                if rollback:
+                    await tx.rollback()
+                else:
+                    await tx.commit()
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         with translate_errors():
