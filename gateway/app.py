@@ -103,14 +103,16 @@ class Gateway:
         await self.repo.heartbeat(self.instance_id)
         self.agi = AgiServer(self.calls.routes(), host=cfg.agi_host, port=cfg.agi_port,
                              allowed_peers=cfg.agi_allowed_peers or None,
-                             max_sessions=cfg.agi_max_sessions)
+                             max_sessions=cfg.agi_max_sessions,
+                             observe=self.metrics.observe_agi_handler)
         try:
             await self.agi.start()
         except OSError as exc:
             raise StartupError(f"agi: cannot listen on {cfg.agi_host}:{cfg.agi_port}: "
                                f"{exc.strerror}") from exc
         if cfg.ami_host:
-            self.ami = AmiClient(cfg.ami_host, cfg.ami_port, cfg.ami_username, cfg.ami_secret)
+            self.ami = AmiClient(cfg.ami_host, cfg.ami_port, cfg.ami_username, cfg.ami_secret,
+                                 observe=self.metrics.observe_ami_handler)
             self.calls.attach_ami(self.ami)
             try:
                 await self.ami.start()

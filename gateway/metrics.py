@@ -10,6 +10,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
+HANDLER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -36,6 +38,14 @@ class Metrics:
         self.deadline_moves = Counter("gateway_deadline_moves",
                                       "PBX hangup deadlines moved, by result", ["result"],
                                       registry=r)
+        # How long the PBX waits on us: a slow AGI route delays the call's setup, a slow
+        # AMI handler delays every event queued behind it (they run one at a time).
+        self.agi_handler_latency = Histogram(
+            "gateway_agi_handler_seconds", "Time one AGI route handler ran, by route",
+            ["route"], registry=r, buckets=HANDLER_BUCKETS)
+        self.ami_handler_latency = Histogram(
+            "gateway_ami_handler_seconds", "Time the handlers of one AMI event ran, by event",
+            ["event"], registry=r, buckets=HANDLER_BUCKETS)
         # the same counts, kept as plain numbers for /status
         self.reason_counts: PyCounter[tuple[str, str, str]] = PyCounter()
 
@@ -43,6 +53,14 @@ class Metrics:
         self.decisions.labels(direction, decision, reason).inc()
         self.decision_latency.labels(direction).observe(seconds)
         self.reason_counts[(direction, decision, reason)] += 1
+
+    def observe_agi_handler(self, route: str, seconds: float) -> None:
+        """One AGI route handler ran for ``seconds`` (the AGI server reports it)."""
+        self.agi_handler_latency.labels(route).observe(seconds)
+
+    def observe_ami_handler(self, event: str, seconds: float) -> None:
+        """The handlers of one AMI event ran for ``seconds`` (the AMI client reports it)."""
+        self.ami_handler_latency.labels(event).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -236,7 +236,10 @@ class AgiServer:
         command_timeout: float = 5.0,
         session_timeout: float = 30.0,
         logger: Any = None,
+        observe: Callable[[str, float], None] | None = None,
     ) -> None:
+        """``observe(route, seconds)``, when given, hears how long each route handler ran
+        (e.g. a metrics histogram); the server itself keeps no timings."""
         if PING_ROUTE in routes:
             raise ValueError(f"route {PING_ROUTE!r} is built in")
         self._routes = dict(routes)
@@ -250,6 +253,7 @@ class AgiServer:
         self._command_timeout = command_timeout
         self._session_timeout = session_timeout
         self._log = logger if logger is not None else _logger
+        self._observe = observe
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -425,7 +429,12 @@ class AgiServer:
             self.stats["unknown_route"] += 1
             log.warning("agi.unknown_route", request=session.request.request)
             return
-        await handler(session)
+        started = time.perf_counter()
+        try:
+            await handler(session)
+        finally:
+            if self._observe is not None:
+                self._observe(script, time.perf_counter() - started)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -186,7 +187,10 @@ class AmiClient:
         backoff_initial: float = 0.5,
         backoff_max: float = 10.0,
         logger: Any = None,
+        observe: Callable[[str, float], None] | None = None,
     ):
+        """``observe(event, seconds)``, when given, hears how long the handlers of each
+        handled event ran (e.g. a metrics histogram)."""
         self._host = host
         self._port = port
         self._username = username
@@ -198,6 +202,7 @@ class AmiClient:
         self._backoff_max = max(backoff_max, backoff_initial)
         self._address = f"{host}:{port}"
         self._log = logger if logger is not None else structlog.get_logger("gateway.ami")
+        self._observe = observe
 
         self.state: str = "disconnected"
         self.last_error: str | None = None
@@ -304,7 +309,14 @@ class AmiClient:
             "last_error": self.last_error,
             "reconnects": self.reconnects,
             "ami_version": link.version if link is not None else None,
+            "event_backlog": self.event_backlog,
         }
+
+    @property
+    def event_backlog(self) -> int:
+        """Events received and not yet handled: handlers run one at a time, so a slow one
+        makes the PBX's hangups wait here."""
+        return self._events.qsize() if self._events is not None else 0
 
     # -- actions -----------------------------------------------------------------
 
@@ -627,6 +639,7 @@ class AmiClient:
             event = await self._events.get()
             name = event.get("Event", "")
             handlers = [*self._handlers.get(name.lower(), ()), *self._handlers.get("*", ())]
+            started = time.perf_counter()
             for handler in handlers:
                 try:
                     result = handler(dict(event))
@@ -644,6 +657,8 @@ class AmiClient:
                     self._log.exception(
                         "ami.event_handler_failed", ami_event=name, handler=_name_of(handler)
                     )
+            if handlers and self._observe is not None:
+                self._observe(name, time.perf_counter() - started)
 
 
 def _name_of(callback: Any) -> str:
