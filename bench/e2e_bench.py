@@ -24,11 +24,16 @@ mode at the first step where any call fails, its median PDD exceeds
 ``--max-median-ms`` or SIPp places under 90 % of the rate; it prints the highest rate
 at which every call completed and, for every step, what each part did: SIPp's
 failure counts, response codes and INVITE retransmissions, the gateway's AGI stats,
-decision-latency histogram (``gateway.metrics``) and per-call handler timings, its
-database pool and AMI backlog, PostgreSQL wait events, Asterisk's task queues and
-log warnings, and the CPU used by each process.
+its AGI handler and decision timings (the histograms ``/metrics`` serves:
+``gateway_agi_handler_seconds``, ``gateway_authorisation_seconds``), its database
+pool and AMI event backlog (the figure ``/status`` shows), PostgreSQL wait events,
+Asterisk's task queues and log warnings, and the CPU used by each process. The
+gateway is observed through those public figures only.
 
-    .venv/bin/python bench/e2e_bench.py [--rate 10] [--calls 200] \\
+Run from the repository root, so that the test tools (``tests.support.pbx``) import
+as a package beside the installed ``gateway``:
+
+    .venv/bin/python -m bench.e2e_bench [--rate 10] [--calls 200] \\
         [--ramp 20,40,60,80,100,120,140,160,200,240] [--step-seconds 8]
 
 What-if knobs for the PBX (both off by default, i.e. Asterisk's defaults):
@@ -61,18 +66,16 @@ from typing import Any
 
 import asyncpg
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from gateway import logs  # noqa: E402
-from gateway.app import Gateway  # noqa: E402
-from gateway.billing.provisioning import Provisioning  # noqa: E402
-from gateway.config import Config  # noqa: E402
-from gateway.store.pool import open_pool  # noqa: E402
-from gateway.store.repository import Repository  # noqa: E402
-from tests.pbx import harness  # noqa: E402
-from tests.pbx.harness import Pbx, free_port, pbx_root_path, root_ready  # noqa: E402
-from tests.scenario import standard_tenant  # noqa: E402
+from gateway import logs
+from gateway.app import Gateway
+from gateway.billing.provisioning import Provisioning
+from gateway.config import Config
+from gateway.store.pool import open_pool
+from gateway.store.repository import Repository
+from tests.support.pbx import Pbx, PbxError, free_port, pbx_root_path, root_ready
+from tests.support.pbx.ports import udp_port_bound
+from tests.support.pbx.processes import kill_leftovers, track, untrack
+from tests.support.tenant import standard_tenant
 
 ADMIN_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL",
                            "postgresql://postgres@127.0.0.1:5432/test")
@@ -97,21 +100,6 @@ LOGGER_CONF = "[general]\ndateformat = %F %T.%3q\n\n[logfiles]\nfull => notice,w
 
 MODES = ("gateway", "direct")
 PHONE = {"gateway": "alice", "direct": "direct"}
-
-
-class BenchPbx(Pbx):
-    """The harness's PBX, optionally with PJSIP's ``taskprocessor_overload_trigger``
-    set (``global`` when unset: any overloaded Asterisk task queue makes PJSIP drop
-    new requests until it drains)."""
-
-    overload_trigger = ""
-
-    def _pjsip_conf(self) -> str:
-        text = super()._pjsip_conf()
-        if self.overload_trigger:
-            text = text.replace("type=global\n", "type=global\ntaskprocessor_overload_trigger="
-                                f"{self.overload_trigger}\n", 1)
-        return text
 
 
 def taskprocessors(text: str) -> dict[str, tuple[int, int, int]]:
@@ -213,11 +201,11 @@ class SippLoad:
         self.proc = await asyncio.create_subprocess_exec(
             *self.cmd, stdin=asyncio.subprocess.DEVNULL, stdout=self._out,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-        harness._LIVE_PROCS.add(self.proc)  # killed by the harness's atexit too
+        track(self.proc)  # killed at exit by the harness too
         self.started_at = time.monotonic()
         if wait_bound:
             deadline = time.monotonic() + 10
-            while not harness._udp_port_bound(self.pbx.ports[self.endpoint]):
+            while not udp_port_bound(self.pbx.ports[self.endpoint]):
                 if self.proc.returncode is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"sipp {self.scenario} did not start:\n{self.output()}")
                 await asyncio.sleep(0.02)
@@ -232,7 +220,7 @@ class SippLoad:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 5)
         self.ended_at = time.monotonic()
-        harness._LIVE_PROCS.discard(self.proc)
+        untrack(self.proc)
         with contextlib.suppress(Exception):
             self._out.close()
         return self.proc.returncode
@@ -453,8 +441,8 @@ class DbProbe:
 
     def __init__(self, conn: asyncpg.Connection, dbname: str, gw: Gateway) -> None:
         pool, pool_max = gw.pool, gw.config.db_pool_size
-        events = getattr(gw.ami, "_events", None)  # the AMI client's event queue
-        self.ami_backlog = events.qsize if events is not None else (lambda: 0)
+        ami = gw.ami  # its event_backlog is what /status shows in components.ami
+        self.ami_backlog = (lambda: ami.event_backlog) if ami is not None else (lambda: 0)
         self.backlog: list[int] = []
         self.conn = conn
         self.dbname = dbname
@@ -510,53 +498,41 @@ class DbProbe:
 
 
 class GatewayProbe:
-    """Per-call timings inside the gateway, taken by wrapping (not changing) two
-    methods of the running instance: the whole AGI ``outbound`` handler (decide +
-    answer with SET VARIABLEs) and the rater's ``authorise_outbound`` (the decision
-    and reservation in PostgreSQL)."""
+    """Per-call timings inside the gateway, read from its metrics registry (what
+    ``/metrics`` serves): the whole AGI ``outbound`` handler, i.e. decide + answer
+    with SET VARIABLEs (``gateway_agi_handler_seconds{route="outbound"}``), and the
+    decision with its reservation in PostgreSQL
+    (``gateway_authorisation_seconds{direction="outbound"}``)."""
+
+    HANDLER = ("gateway_agi_handler_seconds", "route", "outbound")
+    AUTHORISE = ("gateway_authorisation_seconds", "direction", "outbound")
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self.handler_ms: list[float] = []
-        self.authorise_ms: list[float] = []
-        routes = gw.agi._routes  # the handlers the AGI server dispatches to
-        handler = routes["outbound"]
-        rater = gw.calls.rater
-        authorise = rater.authorise_outbound
-
-        async def timed_handler(session):
-            t0 = time.perf_counter()
-            try:
-                await handler(session)
-            finally:
-                self.handler_ms.append((time.perf_counter() - t0) * 1000)
-
-        async def timed_authorise(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return await authorise(*a, **kw)
-            finally:
-                self.authorise_ms.append((time.perf_counter() - t0) * 1000)
-
-        routes["outbound"] = timed_handler
-        rater.authorise_outbound = timed_authorise
-
-    def reset(self) -> None:
-        self.handler_ms.clear()
-        self.authorise_ms.clear()
 
     def agi_stats(self) -> dict[str, int]:
         return dict(self.gw.agi.stats)
 
-    def histogram(self) -> dict[float, float]:
-        """Cumulative bucket counts of gateway_authorisation_seconds{direction=outbound}."""
-        out: dict[float, float] = {}
-        for metric in self.gw.metrics.registry.collect():
-            for s in metric.samples:
-                if s.name == "gateway_authorisation_seconds_bucket" and \
-                        s.labels.get("direction") == "outbound":
-                    out[float(s.labels["le"])] = s.value
-        return out
+    def histogram(self, metric: tuple[str, str, str]) -> dict[str, Any]:
+        """One histogram now: cumulative bucket counts by upper bound, sum and count."""
+        name, label, value = metric
+        buckets: dict[float, float] = {}
+        total = count = 0.0
+        for family in self.gw.metrics.registry.collect():
+            for s in family.samples:
+                if s.labels.get(label) != value:
+                    continue
+                if s.name == f"{name}_bucket":
+                    buckets[float(s.labels["le"])] = s.value
+                elif s.name == f"{name}_sum":
+                    total = s.value
+                elif s.name == f"{name}_count":
+                    count = s.value
+        return {"buckets": buckets, "sum": total, "count": count}
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {"handler": self.histogram(self.HANDLER),
+                "authorise": self.histogram(self.AUTHORISE)}
 
     def decisions(self) -> dict[str, int]:
         return {f"{d}/{r}": n for (direction, d, r), n in
@@ -570,10 +546,21 @@ def histogram_quantile(before: dict[float, float], after: dict[float, float],
     total = after.get(float("inf"), 0) - before.get(float("inf"), 0)
     if total <= 0:
         return "-"
+    finite = [b for b in bounds if b != float("inf")]
     for b in bounds:
         if after[b] - before.get(b, 0) >= q * total:
-            return "> 2.5 s" if b == float("inf") else f"<= {b * 1000:g} ms"
+            return f"> {finite[-1]:g} s" if b == float("inf") else f"<= {b * 1000:g} ms"
     return "-"
+
+
+def timings(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What one histogram saw between two snapshots: how many, the mean in ms (exact,
+    from the sum) and the buckets holding p50 and p99."""
+    n = after["count"] - before["count"]
+    mean = (after["sum"] - before["sum"]) / n * 1000 if n else float("nan")
+    return {"n": int(n), "mean": mean,
+            "p50": histogram_quantile(before["buckets"], after["buckets"], 0.5),
+            "p99": histogram_quantile(before["buckets"], after["buckets"], 0.99)}
 
 
 # ----------------------------------------------------------------------------------
@@ -599,10 +586,9 @@ class Step:
     asterisk_warning_count: int = 0
     agi: dict[str, int] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=dict)
-    decision_p50: str = "-"
-    decision_p99: str = "-"
-    handler: dict[str, float] = field(default_factory=dict)
-    authorise: dict[str, float] = field(default_factory=dict)
+    # from the gateway's histograms: n, mean (ms), p50 and p99 (bucket bounds)
+    handler: dict[str, Any] = field(default_factory=dict)
+    authorise: dict[str, Any] = field(default_factory=dict)
     loop_lag: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
     db: dict[str, Any] = field(default_factory=dict)
@@ -651,11 +637,14 @@ class Bench:
             # what-if: Stasis message types Asterisk must not create at all
             extra["stasis.conf"] = "[declined_message_types]\n" + "".join(
                 f"decline={t.strip()}\n" for t in self.args.stasis_decline.split(",") if t.strip())
-        pbx = BenchPbx(root=self.args.pbx_root or None, gw_agi=f"127.0.0.1:{agi_port}",
+        # PJSIP's taskprocessor_overload_trigger is "global" when unset: any overloaded
+        # Asterisk task queue makes PJSIP drop new requests until it drains.
+        trigger = self.args.overload_trigger
+        pbx = Pbx(root=self.args.pbx_root or None, gw_agi=f"127.0.0.1:{agi_port}",
                   phones=("alice", "direct"), trunks=("carrier",),
                   contexts={"direct": "bench-direct"}, extra_dialplan=DIRECT_DIALPLAN,
-                  extra_config=extra)
-        pbx.overload_trigger = self.args.overload_trigger
+                  extra_config=extra,
+                  pjsip_global={"taskprocessor_overload_trigger": trigger} if trigger else None)
         self.pbx = pbx  # stop() in the finally even if start() fails half-way
         pbx.start()
         pid_file = pbx.run_dir / "run" / "asterisk.pid"
@@ -711,12 +700,12 @@ class Bench:
         while time.monotonic() < deadline:
             try:
                 chans = await asyncio.to_thread(self.pbx.channels)
-            except harness.PbxError:
+            except PbxError:
                 chans = ["?"]
             if not chans and not self.gw.calls.live:
                 return
             await asyncio.sleep(0.25)
-        with contextlib.suppress(harness.PbxError):
+        with contextlib.suppress(PbxError):
             await self.pbx.acli("channel request hangup all")
         await asyncio.sleep(1)
 
@@ -734,11 +723,10 @@ class Bench:
         st = Step(mode=mode, rate=rate, calls=calls)
         await uas.start(wait_bound=True)
         probe = self.probe
-        probe.reset()
-        agi0, hist0, dec0 = probe.agi_stats(), probe.histogram(), probe.decisions()
+        agi0, hist0, dec0 = probe.agi_stats(), probe.snapshot(), probe.decisions()
         states0 = await self.call_states()
         self.mark_log()
-        with contextlib.suppress(harness.PbxError):
+        with contextlib.suppress(PbxError):
             await pbx.acli("core reset taskprocessors")
         cpu = CpuMeter(self.dbname, self.asterisk_pid)
         lag = LoopLag()
@@ -754,7 +742,7 @@ class Bench:
             st.cpu = await cpu.stop()
             st.loop_lag = await lag.stop()
             st.db = await db.stop()
-            with contextlib.suppress(harness.PbxError):
+            with contextlib.suppress(PbxError):
                 st.tasks = taskprocessors(await pbx.acli("core show taskprocessors"))
             await uas.wait(5)
         finally:
@@ -797,11 +785,9 @@ class Bench:
         st.agi["sessions_active_after"] = agi1.get("sessions_active", 0)
         dec1 = probe.decisions()
         st.decisions = {k: v - dec0.get(k, 0) for k, v in dec1.items() if v - dec0.get(k, 0)}
-        hist1 = probe.histogram()
-        st.decision_p50 = histogram_quantile(hist0, hist1, 0.5)
-        st.decision_p99 = histogram_quantile(hist0, hist1, 0.99)
-        st.handler = summary(probe.handler_ms)
-        st.authorise = summary(probe.authorise_ms)
+        hist1 = probe.snapshot()
+        st.handler = timings(hist0["handler"], hist1["handler"])
+        st.authorise = timings(hist0["authorise"], hist1["authorise"])
         return st
 
     # -- reporting -----------------------------------------------------------------------
@@ -826,10 +812,9 @@ class Bench:
         if st.mode == "gateway":
             h, au = st.handler, st.authorise
             out.append(
-                f"    gateway: AGI outbound handler ms p50 {fmt_ms(h['p50'])} p99 "
-                f"{fmt_ms(h['p99'])} max {fmt_ms(h['max'])} (authorise p50 "
-                f"{fmt_ms(au['p50'])} p99 {fmt_ms(au['p99'])}; metrics histogram p50 "
-                f"{st.decision_p50}, p99 {st.decision_p99})")
+                f"    gateway: AGI outbound handler ({h['n']} calls) mean {fmt_ms(h['mean'])} ms,"
+                f" p50 {h['p50']}, p99 {h['p99']} (authorise mean {fmt_ms(au['mean'])} ms,"
+                f" p50 {au['p50']}, p99 {au['p99']})")
             bad = {k: v for k, v in st.agi.items() if v and k not in (
                 "sessions_total", "sessions_active_after")}
             out.append(f"    gateway AGI: sessions {st.agi.get('sessions_total', 0)}"
@@ -892,10 +877,10 @@ class Bench:
             if any("no usable decision" in w or "unreachable" in w
                    for w in st.asterisk_warnings):
                 hints.append("Asterisk logged gateway no-decision/unreachable")
-            h = st.handler.get("p50", float("nan"))
+            h = st.handler.get("mean", float("nan"))
             med = st.pdd_summary["p50"]
             if h == h and med == med and h > 0.5 * med:
-                hints.append(f"gateway handler p50 {h:.0f} ms is most of the PDD p50 "
+                hints.append(f"gateway handler mean {h:.0f} ms is most of the PDD p50 "
                              f"{med:.0f} ms")
         over = [k for k, (_, d, h) in st.tasks.items() if h and d >= h]
         if over:
@@ -984,8 +969,8 @@ class Bench:
         print(f"  gateway adds {diff:.1f} ms at the median (target < 10 ms: "
               f"{'met' if diff < 10 else 'NOT met'})")
         fg = fixed["gateway"]
-        h, au = fg.handler["p50"], fg.authorise["p50"]
-        print(f"  of which the gateway's AGI handler (p50) {h:.1f} ms: authorise {au:.1f} ms "
+        h, au = fg.handler["mean"], fg.authorise["mean"]
+        print(f"  of which the gateway's AGI handler (mean) {h:.1f} ms: authorise {au:.1f} ms "
               f"+ answering with SET VARIABLEs {h - au:.1f} ms; the rest, ~{diff - h:.1f} ms, "
               "is Asterisk running the longer dialplan and the FastAGI connection")
         mg = fg.tasks.get("stasis/m:manager:core", (0, 0, 0))[0] / fg.calls
@@ -1115,7 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; cleaned up", file=sys.stderr)
         return 130
     finally:
-        harness._kill_leftovers()
+        kill_leftovers()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Runs, in one process against a scratch database:
 Prints cycles/s, p50 and p99 latency, and each ratio to the baseline.
 
     .venv/bin/python bench/rater_bench.py [--cycles 4000] [--concurrency 32]
+
+(``gateway`` is imported as the installed package: ``scripts/setup`` installs it.)
 """
 
 from __future__ import annotations
@@ -15,19 +17,16 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
 import uuid
 
 import asyncpg
 import structlog
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gateway.billing.provisioning import Provisioning  # noqa: E402
-from gateway.billing.rater import Rater  # noqa: E402
-from gateway.store.pool import open_pool  # noqa: E402
-from gateway.store.repository import Repository  # noqa: E402
+from gateway.billing.provisioning import Provisioning
+from gateway.billing.rater import Rater
+from gateway.store.pool import open_pool
+from gateway.store.repository import Repository
 
 ADMIN_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL",
                            "postgresql://postgres@127.0.0.1:5432/test")
@@ -78,7 +77,7 @@ async def main(cycles: int, concurrency: int, tenants: int) -> None:
         await admin.set_allotment("US", "domestic", 1_000_000)
 
         async def baseline(i):
-            for _ in range(3):  # context query, gw_authorise, gw_finish
+            for _ in range(3):  # context query, gw_authorise, gw_settle
                 await pool.fetchval("SELECT 1")
 
         def cycle(caller_of):
