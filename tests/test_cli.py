@@ -203,6 +203,14 @@ BAD_FILES = [
      "tenants[0] a: country"),
     ("[[allotments]]\ncountry = 'CA'\nplan = 'monthly'\nminutes = 5\n", "INVALID_PLAN",
      "allotments[0]"),
+    # the file's entities are checked by the admin API's own schemas
+    ("[[rates]]\nkind = 'international'\nprefix = '33'\nprice_per_minute = '1_000'\n",
+     "INVALID_AMOUNT", "rates[0].price_per_minute"),
+    ("[[tenants]]\nid = 'a'\nname = \"A\\u0000\"\ncountry = 'CA'\n", "INVALID_TEXT",
+     "tenants[0].name"),
+    ("[[tenants]]\nid = 'a'\nname = 'A'\ncountry = 'CA'\n[tenants.wallet.auto_recharge]\n"
+     "enabled = true\nthreshold = '5'\namount = '1E+2'\nmonthly_cap = 3\n",
+     "INVALID_AMOUNT", "tenants[0].wallet.auto_recharge.amount"),
     ("tenants = [\n", "INVALID_TOML", "bad.toml"),
     ("tenants = 'acme'\n", "INVALID_TYPE", "tenants must be a list"),
 ]

@@ -2,4 +2,5 @@
 
 - ``rater``: decide, reserve, renew and settle calls (rules + store);
 - ``provisioning``: tenants, users, licences, numbers, rates, wallets, with typed errors.
+- ``provisioning_file``: check and apply a provisioning file, one transaction per file.
 """

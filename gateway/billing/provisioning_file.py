@@ -10,26 +10,23 @@ Every write goes through Provisioning, which checks it; the database is the last
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import Conflict, GatewayError, InvalidInput
+from . import schemas
 from .provisioning import Provisioning
 
 _TOP = {"tenants": list, "rates": list, "allotments": list}
-_TENANT = {"id": str, "name": str, "country": str, "timezone": str, "currency": str,
-           "blocked_classes": list, "subscriptions": dict, "users": list, "numbers": list,
-           "rates": list, "wallet": dict}
-_USER = {"id": str, "display_name": str, "sip_endpoint": str, "extension": str,
-         "usage_location": str, "licences": list}
-_NUMBER = {"e164": str, "kind": str, "user_id": str, "target": str}
-_RATE = {"kind": str, "prefix": str, "price_per_minute": object, "first_increment": int,
-         "increment": int, "currency": str, "description": str}
+# Keys only a file has, beside the fields of the API's request model of the same entity.
+_TENANT_NESTED = {"subscriptions": dict, "users": list, "numbers": list, "rates": list,
+                  "wallet": dict}
+_USER_NESTED = {"licences": list}
+# An allotment's country and plan are the API's path, not its body.
 _ALLOTMENT = {"country": str, "plan": str, "minutes": int}
 _WALLET = {"auto_recharge": dict}
-_AUTO_RECHARGE = {"enabled": bool, "threshold": object, "amount": object, "monthly_cap": int}
-_TYPE_NAMES = {str: "a string", int: "a whole number", bool: "true or false",
-               list: "a list", dict: "a table", object: "a value"}
+_TYPE_NAMES = {str: "a string", int: "a whole number", list: "a list", dict: "a table"}
 # Assign the base licence before the add-on, unassign the add-on before the base.
 _LICENCE_ORDER = {"business_voice_calling_plan": 0, "business_voice": 0,
                   "international_calling_plan": 1}
@@ -58,6 +55,24 @@ def _check(table: Any, fields: dict[str, type], where: str, required: tuple[str,
     return table
 
 
+def _entity(model: type, table: Any, where: str, nested: dict[str, type] | None = None
+            ) -> dict[str, Any]:
+    """One entity of the file, checked by the API's own schema of it (``schemas.check``:
+    the same keys, types, required fields and money grammar as the admin API), plus the
+    keys only a file has (a tenant's users, a user's licences), checked here."""
+    nested = nested or {}
+    if not isinstance(table, dict):
+        raise InvalidInput(f"{where} must be a table", code="INVALID_FILE", field=where)
+    allowed = [f.name for f in dataclasses.fields(model)] + list(nested)
+    for key in table:
+        if key not in allowed:
+            raise InvalidInput(f"{where}.{key}: unknown key; allowed: {', '.join(allowed)}",
+                               code="UNKNOWN_FIELD", field=f"{where}.{key}")
+    schemas.check(model, {k: v for k, v in table.items() if k not in nested}, where=where)
+    _check({k: v for k, v in table.items() if k in nested}, nested, where)
+    return table
+
+
 def _strings(value: list[Any], where: str) -> list[str]:
     if not all(isinstance(v, str) for v in value):
         raise InvalidInput(f"{where} must be a list of strings", code="INVALID_TYPE",
@@ -79,35 +94,34 @@ def check_provision_file(data: dict[str, Any]) -> dict[str, Any]:
     _check(data, _TOP, "", hints={"topups": "top-ups are not part of provisioning "
                                   "(use 'gateway topup')"})
     for i, r in enumerate(data.get("rates", [])):
-        _check(r, _RATE, f"rates[{i}]", ("kind", "prefix", "price_per_minute"))
+        _entity(schemas.RateInput, r, f"rates[{i}]")
     for i, a in enumerate(data.get("allotments", [])):
         _check(a, _ALLOTMENT, f"allotments[{i}]", ("country", "plan", "minutes"))
     tenants = data.get("tenants", [])
     for i, t in enumerate(tenants):
         w = f"tenants[{i}]"
-        _check(t, _TENANT, w, ("id", "name", "country"))
-        _strings(t.get("blocked_classes", []), f"{w}.blocked_classes")
+        _entity(schemas.TenantCreate, t, w, _TENANT_NESTED)
         for sku, qty in t.get("subscriptions", {}).items():
             if isinstance(qty, bool) or not isinstance(qty, int):
                 raise InvalidInput(f"{w}.subscriptions.{sku} must be a whole number",
                                    code="INVALID_TYPE", field=f"{w}.subscriptions.{sku}")
         users = t.get("users", [])
         for j, u in enumerate(users):
-            _check(u, _USER, f"{w}.users[{j}]", ("id", "sip_endpoint", "usage_location"))
+            _entity(schemas.UserCreate, u, f"{w}.users[{j}]", _USER_NESTED)
             _strings(u.get("licences", []), f"{w}.users[{j}].licences")
         _ids(users, "id", f"{w}.users")
         numbers = t.get("numbers", [])
         for j, n in enumerate(numbers):
-            _check(n, _NUMBER, f"{w}.numbers[{j}]", ("e164", "kind"))
+            _entity(schemas.NumberCreate, n, f"{w}.numbers[{j}]")
         _ids(numbers, "e164", f"{w}.numbers")
         for j, r in enumerate(t.get("rates", [])):
-            _check(r, _RATE, f"{w}.rates[{j}]", ("kind", "prefix", "price_per_minute"))
+            _entity(schemas.RateInput, r, f"{w}.rates[{j}]")
         wallet = _check(t.get("wallet", {}), _WALLET, f"{w}.wallet", hints={
             k: "top-ups are not part of provisioning (use 'gateway topup')"
             for k in ("balance", "topup", "topups")})
         if "auto_recharge" in wallet:
-            _check(wallet["auto_recharge"], _AUTO_RECHARGE, f"{w}.wallet.auto_recharge",
-                   tuple(_AUTO_RECHARGE))
+            _entity(schemas.AutoRechargeSettings, wallet["auto_recharge"],
+                    f"{w}.wallet.auto_recharge")
     _ids(tenants, "id", "tenants")
     return data
 
