@@ -4,6 +4,8 @@ never by importing one another (or the conftest)."""
 from __future__ import annotations
 
 import ast
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,25 @@ def test_the_check_sees_each_form_of_sideways_import(line):
 def test_the_check_lets_support_imports_through():
     lines = "from tests.support.ledger import ledger_agrees\nfrom .support import pbx\n"
     assert not any(is_test_module(m) for m in imported_modules(lines, "tests"))
+
+
+# pytest's own markers and those of its plugins (pytest-timeout, pytest-asyncio)
+BUILT_IN_MARKERS = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings",
+                    "timeout", "asyncio"}
+
+
+def registered_markers() -> dict[str, str]:
+    """The markers pyproject.toml registers, by name."""
+    config = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())
+    lines = config["tool"]["pytest"]["ini_options"]["markers"]
+    return dict(line.split(":", 1) for line in lines)
+
+
+def test_every_marker_is_registered_and_named_in_the_readme():
+    used = {m for path in TESTS.rglob("*.py")
+            for m in re.findall(r"pytest\.mark\.(\w+)", path.read_text())}
+    registered = registered_markers()
+    assert used - BUILT_IN_MARKERS <= registered.keys()
+    assert {"db", "pbx", "faults", "fleet", "containers"} <= registered.keys()
+    readme = (TESTS.parent / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in registered)
