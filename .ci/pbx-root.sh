@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the Debian sid root folder holding Asterisk 22 and SIPp for the real-PBX
-# tests (tests/pbx). Idempotent: does nothing when the folder is already there.
+# tests (tests/support/pbx). Idempotent: does nothing when the folder is already there.
 #
 #   PBX_ROOT   where to put it (default /var/cache/agi-gateway/pbx-root); kept
 #              outside the checkout so a fresh CI clone reuses it.

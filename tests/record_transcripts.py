@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tests.record_transcripts [--out tests/fixtures]
 
-Starts the real PBX harness (Asterisk 22 + SIPp, ``tests/pbx/harness.py``) and the
+Starts the real PBX harness (Asterisk 22 + SIPp, ``tests/support/pbx/``) and the
 real gateway (``gateway.app.Gateway``) on a scratch PostgreSQL database that this
 script creates and drops. Two taps sit on the wire:
 
@@ -347,7 +347,7 @@ CANCEL_WHILE_DECIDING_XML = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 
 
 class InlineSipp(Sipp):
-    """A ``Sipp`` whose scenario text lives here rather than in ``tests/pbx/scenarios``."""
+    """A ``Sipp`` whose scenario text lives here rather than in ``tests/support/pbx/scenarios``."""
 
     def __init__(self, pbx: Pbx, endpoint: str, xml: str, **kw) -> None:
         super().__init__(pbx, endpoint, "inline", **kw)
