@@ -28,7 +28,7 @@ async def main(url: str, caller: str, dialled: str, n: int, slice_seconds: int,
     errors = [repr(r) for r in results if isinstance(r, BaseException)]
     decisions = [r for r in results if not isinstance(r, BaseException)]
     print(json.dumps({
-        "granted": sum(d.funded_seconds or 0 for d in decisions if d.allow),
+        "funded": sum(d.funded_seconds or 0 for d in decisions if d.allow),
         "allowed": sum(1 for d in decisions if d.allow),
         "reasons": sorted({d.reason.value for d in decisions}),
         "errors": errors,

@@ -1,5 +1,5 @@
 """Many calls at once on one pool or one wallet, in one process and in two: the
-granted total never exceeds what exists, nothing deadlocks, the only refusal is
+funded total never exceeds what exists, nothing deadlocks, the only refusal is
 NO_BALANCE."""
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ async def test_one_pool_200_concurrent_authorisations(admin, repo, clock):
     )
     errors = [r for r in results if isinstance(r, BaseException)]
     assert errors == []
-    granted = sum(d.funded_seconds for d in results if d.allow)
-    assert granted == 3000  # exactly the capacity: every slice is one whole minute
+    funded = sum(d.funded_seconds for d in results if d.allow)
+    assert funded == 3000  # exactly the capacity: every slice is one whole minute
     assert {d.reason.value for d in results if not d.allow} == {"NO_BALANCE"}
     assert sum(1 for d in results if d.allow) == 50
     await ledger_agrees(repo)
@@ -89,7 +89,7 @@ async def test_two_gateway_processes_share_one_pool(admin, repo, database_url):
         run_worker(database_url, "alice", "2125550100", 100, 60, settle=True),
     )
     assert a["errors"] == [] and b["errors"] == []
-    assert a["granted"] + b["granted"] == 3000
+    assert a["funded"] + b["funded"] == 3000
     assert set(a["reasons"]) | set(b["reasons"]) == {"FUNDED", "NO_BALANCE"}
     await ledger_agrees(repo)
 
