@@ -2,9 +2,10 @@
 rates, allotments and wallet settings exist; applying it converges the database on it.
 
 ``check_provision_file`` checks the file's shape before anything is written;
-``apply_provision_file`` applies a checked file in ONE transaction (all of it or nothing,
-billing rules: a half-applied file would leave licences without their users) and reports
-each change, or with ``dry_run`` reports what it would change and writes nothing.
+``apply_provision_file`` applies it in ONE transaction (all of it or nothing: a file
+refused at its 6th user must not leave its tenant and 5 users behind, half provisioned)
+and reports each change, or with ``dry_run`` reports what it would change and writes
+nothing.
 Every write goes through Provisioning, which checks it; the database is the last line.
 """
 

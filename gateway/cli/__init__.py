@@ -1,12 +1,12 @@
 """Operator commands that work directly on the database (``database_url``), plus
 ``live``, which asks a running gateway over HTTP.
 
-    gateway provision FILE.toml [--dry-run]   declarative, idempotent provisioning
+    gateway provision FILE.toml [--dry-run]  declarative, idempotent provisioning
     gateway topup TENANT AMOUNT [--note TEXT]
     gateway import-rates FILE.csv [--tenant TENANT]
     gateway usage TENANT [--month YYYY-MM] [--csv]
     gateway calls TENANT [--month YYYY-MM] [--limit N] [--csv]
-    gateway live                         live calls of the running gateway (GET /status)
+    gateway live                             live calls of the running gateway (GET /status)
     gateway help
 
 Errors print ``gateway: CODE: message`` on stderr and exit 1 (2 for a wrong command
