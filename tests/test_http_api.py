@@ -432,6 +432,35 @@ BAD = [
     ("GET", f"{T}/usage?month=November", None, 422, "INVALID_MONTH", "month"),
     ("GET", f"{T}/calls?limit=0", None, 422, "INVALID_LIMIT", "limit"),
     ("GET", f"{T}/calls?limit=many", None, 422, "INVALID_LIMIT", "limit"),
+    # hostile input (issue 8 items 12 and 13): a 4xx with a stable code, never a 500
+    ("POST", "/api/v1/tenants", b'{"id": "x", "name": "Caf\xe9", "country": "CA"}', 400,
+     "INVALID_JSON", None),
+    ("POST", f"{T}/wallet/topups", "[" * 100_000 + "]" * 100_000, 400, "INVALID_JSON", None),
+    ("POST", f"{T}/wallet/topups", '{"amount": "1", "amount": "1000"}', 400, "INVALID_JSON",
+     None),
+    ("POST", "/api/v1/tenants", {"id": "x", "name": "A\u0000B", "country": "CA"}, 422,
+     "INVALID_TEXT", "name"),
+    ("POST", "/api/v1/tenants", '{"id": "x", "name": "\\ud800", "country": "CA"}', 422,
+     "INVALID_TEXT", "name"),
+    ("POST", f"{T}/wallet/topups", {"amount": "1", "note": "a\u0000"}, 422, "INVALID_TEXT",
+     "note"),
+    ("PATCH", T, {"blocked_classes": ["premium_rate\u0000"]}, 422, "INVALID_TEXT",
+     "blocked_classes"),
+    ("GET", "/api/v1/tenants/ac%00me", None, 422, "INVALID_TEXT", "tenant_id"),
+    ("POST", "/api/v1/tenants/ac%00me/wallet/topups", {"amount": "1"}, 422, "INVALID_TEXT",
+     "tenant_id"),
+    ("DELETE", "/api/v1/users/al%00ice", None, 422, "INVALID_TEXT", "user_id"),
+    ("GET", "/api/v1/rates?tenant_id=ac%00me", None, 422, "INVALID_TEXT", "tenant_id"),
+    ("GET", f"{T}/usage?month=", None, 422, "INVALID_MONTH", "month"),
+    ("GET", f"{T}/calls?month=", None, 422, "INVALID_MONTH", "month"),
+    ("POST", f"{T}/wallet/topups", {"amount": "1_000"}, 422, "INVALID_AMOUNT", "amount"),
+    ("POST", f"{T}/wallet/topups", {"amount": "1E+2"}, 422, "INVALID_AMOUNT", "amount"),
+    ("POST", f"{T}/wallet/topups", {"amount": "\uff11\uff12"}, 422, "INVALID_AMOUNT", "amount"),
+    ("POST", f"{T}/wallet/topups", {"amount": "\u0661\u0662"}, 422, "INVALID_AMOUNT", "amount"),
+    ("POST", f"{T}/wallet/topups", {"amount": " 12"}, 422, "INVALID_AMOUNT", "amount"),
+    ("POST", "/api/v1/rates", [{"kind": "international", "prefix": "33",
+                                "price_per_minute": "0.05e0"}], 422, "INVALID_AMOUNT",
+     "rates[0].price_per_minute"),
 ]
 
 
@@ -462,7 +491,7 @@ async def acme_kept(db_pool, built):
 async def test_bad_requests_name_the_field_and_write_nothing(client, acme_kept, db_pool, method,
                                                              path, body, status, code, field):
     before = acme_kept
-    if isinstance(body, str):
+    if isinstance(body, str | bytes):
         r = await client(method, path, raw=body)
     else:
         r = await client(method, path, body)
