@@ -320,6 +320,8 @@ async def test_usage_and_calls(client, acme, rater, repo):
     assert by_id[str(allowed.call_id)]["state"] == "settled"
     assert by_id[str(allowed.call_id)]["billed_seconds"] == 120
     assert by_id[str(refused.call_id)]["reason"] == "NO_LICENSE"
+    # the view names its fields: internal columns (the owning process) stay internal
+    assert "owner" not in by_id[str(allowed.call_id)]
     assert by_id[str(allowed.call_id)]["authorised_at"].startswith("2026-11-15T12:00:00")
     r = await client("GET", f"/api/v1/tenants/{TENANT}/calls?limit=1")
     assert len(r.body["calls"]) == 1
@@ -518,6 +520,13 @@ async def test_csv_import_refusals_write_nothing(client, acme, db_pool):
     r = await client("POST", "/api/v1/rates/import", raw=b"kind,prefix,price\xff",
                      content_type="text/csv")
     assert r.status == 422 and r.error["code"] == "INVALID_CSV"
+    # a field over the csv module's limit (128 KiB), and a NUL: refused, never a 500
+    for text, code in (("kind,prefix,price_per_minute,description\n"
+                        f"international,33,0.1,{'x' * 140_000}\n", "INVALID_CSV"),
+                       ("kind,prefix,price_per_minute\ninternational,33,0.1\x00\n",
+                        "INVALID_TEXT")):
+        r = await client("POST", "/api/v1/rates/import", raw=text, content_type="text/csv")
+        assert r.status == 422 and r.error["code"] == code, r.body
     assert await dump_tables(db_pool) == before
 
 

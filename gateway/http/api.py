@@ -9,6 +9,7 @@ with ``@operation``; ``openapi.py`` builds the OpenAPI document from that and RO
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime as dt
 import functools
@@ -299,7 +300,11 @@ async def import_rates(request: web.Request) -> web.Response:
         raise InvalidInput("the CSV must be UTF-8", code="INVALID_CSV", field="csv") from exc
     s.check_text(text, "csv")
     tenant_id = _tenant_query(request)
-    count = await _admin(request).import_rates_csv(text, tenant_id)
+    try:
+        count = await _admin(request).import_rates_csv(text, tenant_id)
+    except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit
+        raise InvalidInput(f"the CSV cannot be read: {exc}", code="INVALID_CSV",
+                           field="csv") from exc
     return json_response(s.RateCount(tenant_id, count))
 
 
