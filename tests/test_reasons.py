@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from gateway.calls.causes import (
     ALLOW_REASONS,
     DIALPLAN_CAUSES,
@@ -107,3 +109,13 @@ def test_every_reason_is_documented_for_operators():
     text = BILLING_DOC.read_text(encoding="utf-8")
     missing = [r.value for r in Reason if f"`{r.value}`" not in text]
     assert missing == []
+
+
+@pytest.mark.db
+async def test_the_reasons_the_database_can_give_have_causes(db_pool):
+    """gw_authorise may overturn an allowed ruling (docs/architecture.md, "Where decisions
+    are made"): every reason its latest definition can write is a rejecting Reason."""
+    source = await db_pool.fetchval("SELECT prosrc FROM pg_proc WHERE proname = 'gw_authorise'")
+    written = set(re.findall(r"v_reason := '([A-Z_]+)'", source))
+    assert written == {"NO_RATE", "NO_BALANCE"}  # the two ways docs/architecture.md names
+    assert written <= {r.value for r in REJECT_CAUSES}
