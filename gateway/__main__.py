@@ -27,10 +27,8 @@ async def _serve(config_path: str | None) -> int:
 
 
 async def _migrate(config_path: str | None) -> int:
-    import asyncpg
-
     from . import logs
-    from .store.migrate import migrate
+    from .app import migrate_database
 
     cfg = load(config_path)
     logs.configure(cfg.log_format, cfg.log_level, secrets=cfg.secret_values())
@@ -38,11 +36,7 @@ async def _migrate(config_path: str | None) -> int:
         print("gateway: migrate needs GATEWAY_DATABASE_URL (serve migrates the embedded "
               "database itself)", file=sys.stderr)
         return 2
-    conn = await asyncpg.connect(cfg.database_url)
-    try:
-        applied = await migrate(conn)
-    finally:
-        await conn.close()
+    applied = await migrate_database(cfg.database_url)
     print(f"applied: {', '.join(applied) or 'nothing (up to date)'}")
     return 0
 

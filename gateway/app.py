@@ -28,6 +28,7 @@ from .calls.service import CallService
 from .config import Config
 from .errors import Unavailable
 from .metrics import Metrics
+from .store.migrate import migrate
 from .store.pool import open_pool, start_embedded_async
 from .store.repository import Repository
 
@@ -265,3 +266,12 @@ async def open_billing(config: Config) -> AsyncIterator[Billing]:
     finally:
         if embedded is not None:
             embedded.cleanup()
+
+
+async def migrate_database(url: str) -> list[str]:
+    """Bring the schema at ``url`` up to date (``gateway migrate``); return what was applied."""
+    conn = await asyncpg.connect(url)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
