@@ -6,7 +6,9 @@ One module per tool:
   (``pbx_root_path``, ``root_ready``);
 - ``sipp``: ``Sipp``, one SIPp phone or trunk for one call, and ``CallResult``, what it saw;
 - ``siptrace``: ``SipMessage`` and ``parse_message_trace``, SIPp's message trace parsed;
-- ``ports``: free ports on 127.0.0.1;
+- ``ports``: free ports on 127.0.0.1, each handed out once per run;
+- ``transactions``: SIP requests Asterisk left unanswered on a port, and a sink that
+  answers them before a new SIPp binds the port;
 - ``processes``: ``PbxError`` and the registry that kills every started process at exit;
 - ``fixtures``: the pytest fixtures ``pbx_root`` and ``make_pbx`` (a plugin loaded by
   ``tests/conftest.py``).

@@ -37,6 +37,7 @@ from pathlib import Path
 from .ports import free_port, free_udp_ports
 from .processes import PbxError, group_alive, track, untrack
 from .sipp import CallResult, Sipp
+from .transactions import OpenRequests, answer_open_requests
 
 __all__ = ["DEFAULT_PBX_ROOT", "DIALPLAN_DIR", "NOLOAD", "REPO", "Pbx", "pbx_root_path",
            "root_ready"]
@@ -179,6 +180,11 @@ class Pbx:
     After ``start()``: ``sip_port``, ``ami_host``/``ami_port``/``ami_user``/
     ``ami_secret``, ``ports`` (endpoint name -> SIPp port), ``run_dir`` (host
     path) and ``guest_dir`` (the same folder seen from inside the root).
+
+    An endpoint keeps its port for the life of the PBX, so each SIPp started on
+    it first waits until Asterisk has nothing left to resend to that port
+    (``quiet_port()``): the PBX logs every SIP message (pjsip ``debug=yes``) to
+    tell which of its requests are still unanswered.
     """
 
     AMI_USER = "gateway"
@@ -238,6 +244,7 @@ class Pbx:
         self._proc: subprocess.Popen | None = None
         self._sipps: set[Sipp] = set()
         self._out = None
+        self._open_requests: OpenRequests | None = None
 
     # -- life cycle ---------------------------------------------------------
 
@@ -270,6 +277,7 @@ class Pbx:
         ports = free_udp_ports(len(self.phones) + len(self.trunks), {self.sip_port})
         self.ports = dict(zip((*self.phones, *self.trunks), ports, strict=True))
         self._write_config()
+        self._open_requests = OpenRequests(self.run_dir / "log" / "full")
         self._out = open(self.run_dir / "log" / "console.out", "wb")  # noqa: SIM115
         # A private mount namespace: proc is mounted for Asterisk only and
         # vanishes with it, so a crash or a kill -9 leaves no mount behind.
@@ -325,6 +333,14 @@ class Pbx:
         for sipp in list(self._sipps):
             sipp.kill()
         self._sipps.clear()
+
+    def quiet_port(self, port: int) -> int:
+        """Answer what Asterisk still resends to ``port`` (e.g. a BYE to a callee that
+        was killed) until nothing is left, so that the SIPp about to bind the port
+        hears only its own calls. Returns how many stray requests were answered."""
+        if self._open_requests is None:
+            return 0
+        return answer_open_requests(self._open_requests, port)
 
     def stop(self) -> None:
         """Hang up everything, stop Asterisk (gracefully, then by force), remove the run folder."""
@@ -610,6 +626,8 @@ write = {write}
         )
         out = [
             "[global]\ntype=global\nendpoint_identifier_order=ip\nuser_agent=gateway-test-pbx\n"
+            # every SIP message in the log: quiet_port() reads what is unanswered
+            + ("" if "debug" in self.pjsip_global else "debug=yes\n")
             + "".join(f"{k}={v}\n" for k, v in self.pjsip_global.items()),
             f"[transport-udp]\ntype=transport\nprotocol=udp\nbind=127.0.0.1:{self.sip_port}\n",
         ]

@@ -1,32 +1,45 @@
 """Free ports on 127.0.0.1 for Asterisk, SIPp and the gateway, and whether a UDP port
-is bound."""
+is bound.
+
+A port is handed out at most once per test run: a port that served one PBX or SIPp
+may still receive retransmissions meant for it (Asterisk resends an unanswered
+request for 32 s), which a new owner would take for its own traffic (issue 8 item 16).
+"""
 
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
 from .processes import PbxError
 
 __all__ = ["free_port", "free_udp_ports", "udp_port_bound"]
 
+_handed_out: set[int] = set()  # every port free_port() returned in this process
+_lock = threading.Lock()
+
 
 def free_port(kind: str = "tcp") -> int:
-    """A port on 127.0.0.1 free right now for ``kind`` ("tcp", "udp" or "both")."""
-    for _ in range(50):
+    """A port on 127.0.0.1 free right now for ``kind`` ("tcp", "udp" or "both"),
+    never one handed out before in this process."""
+    for _ in range(200):
         with socket.socket(
             socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
         ) as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if kind != "both":
-            return port
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                u.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
+        if kind == "both":
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        with _lock:
+            if port in _handed_out:
+                continue
+            _handed_out.add(port)
+        return port
     raise PbxError("no free port")
 
 

@@ -217,6 +217,9 @@ class Sipp:
     async def start(self) -> Sipp:
         if self.proc is not None:
             return self
+        # Asterisk may still resend to this port what the previous SIPp on it left
+        # unanswered; answered here, it cannot reach (and abort) this one.
+        await asyncio.to_thread(self.pbx.quiet_port, self.port)
         cmd = self.command()
         self._stdout = self._open_stdout()
         self.proc = await asyncio.create_subprocess_exec(

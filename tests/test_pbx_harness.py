@@ -1,0 +1,58 @@
+"""The real-PBX harness itself (tests/support/pbx/): a SIPp phone started on an
+endpoint's port hears only its own calls, whatever the previous phone on that port
+left unanswered (issue 8 item 16)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.support.pbx import CallResult, Pbx, free_port
+from tests.support.pbx.ports import free_udp_ports
+
+pytestmark = [pytest.mark.pbx, pytest.mark.timeout(120)]
+
+NUMBER = "15551234567"
+
+
+def explain(*results: CallResult) -> str:
+    return "\n".join(r.summary() for r in results)
+
+
+async def answered_call_with_a_dead_callee(pbx: Pbx) -> None:
+    """A call whose callee (the carrier) dies after answering: when the phone hangs
+    up, Asterisk sends the carrier a BYE that nobody answers, and retransmits it to
+    the carrier's port for 32 s (SIP timer F)."""
+    carrier = await pbx.uas("carrier").started()
+    call = asyncio.create_task(pbx.call("alice", NUMBER, hold=2))
+    for _ in range(100):  # until both legs are up
+        if len(await asyncio.to_thread(pbx.channels)) == 2:
+            break
+        await asyncio.sleep(0.05)
+    carrier.kill()
+    await carrier.result()
+    phone = await call
+    assert phone.final_code == 200 and phone.bye_from == "phone", explain(phone)
+    assert await asyncio.to_thread(pbx.wait_no_channels, 10)
+
+
+async def test_a_new_callee_on_a_port_does_not_hear_the_last_calls_retransmissions(make_pbx):
+    pbx = make_pbx(gw_agi=f"127.0.0.1:{free_port()}", fail_policy="open")
+    await answered_call_with_a_dead_callee(pbx)
+    # The next carrier on the same port, as the next test of a module would start it.
+    carrier = await pbx.uas("carrier").started()
+    await asyncio.sleep(4.5)  # longer than SIP's T2 (4 s): a live BYE is resent by then
+    assert carrier.proc.returncode is None, explain(await carrier.result())
+    phone = await pbx.call("alice", NUMBER, hold=1)
+    seen = await carrier.result()
+    assert phone.final_code == 200 and seen.final_code == 200, explain(phone, seen)
+    assert seen.messages[0].first_line.startswith("INVITE "), explain(seen)
+
+
+def test_ports_are_never_handed_out_twice_in_a_run():
+    # 2,000 ports drawn from the kernel's ~28,000 ephemeral ones: without the
+    # registry some would repeat (birthday bound: all but certain)
+    ports = [free_port("udp") for _ in range(1000)] + free_udp_ports(500, set())
+    ports += [free_port("both") for _ in range(500)]
+    assert len(set(ports)) == len(ports) == 2000
