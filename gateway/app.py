@@ -40,6 +40,19 @@ def embedded_data_path(config: Config) -> pathlib.Path:
     return pathlib.Path(config.data_dir).resolve() / "pgdata"
 
 
+def instance_name(config: Config) -> str:
+    """The name of this process in ``calls.owner`` and the heartbeat table. Stable across
+    restarts (the configured name, else hostname and AGI port: one listener per port on a
+    node), so that a restarted gateway adopts its dead incarnation's calls at start
+    instead of waiting for its heartbeat to expire. With AGI port 0 nothing is stable:
+    a name of its own per process."""
+    if config.instance_name:
+        return config.instance_name
+    if config.agi_port:
+        return f"{socket.gethostname()}-{config.agi_port}"
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 class StartupError(Exception):
     """The gateway cannot start; the message says which component and why."""
 
@@ -65,8 +78,7 @@ class Gateway:
         self.http_port: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
-        # names this process in calls.owner and in the heartbeat table
-        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.instance_id = instance_name(config)
 
     # ---- start and stop ------------------------------------------------------------------
 
@@ -100,7 +112,10 @@ class Gateway:
         self.views = Views(self.repo, clock=self.clock)
         self.calls = CallService(self.rater, Recovery(self.repo), metrics=self.metrics,
                                  renew_before_seconds=cfg.renew_before_seconds,
-                                 instance_id=self.instance_id)
+                                 instance_id=self.instance_id,
+                                 heartbeat_seconds=cfg.heartbeat_seconds,
+                                 settle_grace_seconds=cfg.settle_grace_seconds,
+                                 ring_allowance_seconds=cfg.ring_allowance_seconds)
         await self.repo.heartbeat(self.instance_id)
         self.agi = AgiServer(self.calls.routes(), host=cfg.agi_host, port=cfg.agi_port,
                              allowed_peers=cfg.agi_allowed_peers or None,
@@ -113,7 +128,8 @@ class Gateway:
                                f"{exc.strerror}") from exc
         if cfg.ami_host:
             self.ami = AmiClient(cfg.ami_host, cfg.ami_port, cfg.ami_username, cfg.ami_secret,
-                                 observe=self.metrics.observe_ami_handler)
+                                 observe=self.metrics.observe_ami_handler,
+                                 on_event_dropped=self.metrics.count_ami_event_dropped)
             self.calls.attach_ami(self.ami)
             try:
                 await self.ami.start()
@@ -123,8 +139,10 @@ class Gateway:
         # (without AMI, from the PBX's CDR table only)
         await self.calls.reconcile()
         if self.ami is not None:
-            # after each AMI reconnect the PBX may have changed while we were blind
-            self.ami.on_connect(self.calls.reconcile)
+            # after each AMI reconnect, and after dropped events, the PBX may have changed
+            # while we were blind
+            self.ami.on_connect(self.calls.resync)
+            self.ami.on_events_lost(self.calls.resync)
         self._tasks.append(asyncio.create_task(
             self.calls.run_reconciler(cfg.reconcile_interval_seconds), name="reconciler"))
         self._tasks.append(asyncio.create_task(self.calls.run_heartbeat(), name="heartbeat"))

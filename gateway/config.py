@@ -48,6 +48,14 @@ class Config:
     slice_seconds: int = 300
     renew_before_seconds: int = 30  # renew this long before a slice ends
     reconcile_interval_seconds: int = 60
+    # recovery (docs/operations.md, "what happens when..."): an open call past its funded
+    # end plus this grace is settled from the PBX's record, else by the estimate
+    settle_grace_seconds: int = 60
+    ring_allowance_seconds: int = 300  # longest ringing, for calls never seen answered
+    # this process in calls.owner and the heartbeat table; empty: <hostname>-<agi_port>,
+    # so that a restarted gateway knows its previous incarnation's calls as its own
+    instance_name: str = ""
+    heartbeat_seconds: int = 5  # expires after 4 beats: another process adopts
     # logging: auto = readable on a terminal, JSON lines otherwise
     log_format: str = "auto"
     log_level: str = "info"
@@ -215,6 +223,11 @@ def check(cfg: Config) -> None:
         raise ConfigError("slice_seconds must be from 1 to 86400")
     if not 1 <= cfg.renew_before_seconds:
         raise ConfigError("renew_before_seconds must be at least 1")
+    if cfg.heartbeat_seconds < 1:
+        raise ConfigError("heartbeat_seconds must be at least 1")
+    if cfg.settle_grace_seconds < 0 or cfg.ring_allowance_seconds < 0:
+        raise ConfigError("settle_grace_seconds and ring_allowance_seconds must not be "
+                          "negative")
     if cfg.log_format not in ("auto", "json", "console"):
         raise ConfigError("log_format must be auto, json or console")
     if cfg.log_level not in ("debug", "info", "warning", "error"):

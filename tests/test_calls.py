@@ -10,6 +10,7 @@ import pytest
 
 from gateway import dialplan_variables as var
 from gateway.agi import AgiReply, parse_environment
+from gateway.ami import AMI_ACTION_FAILED, AMI_DISCONNECTED, AmiError
 from gateway.ami.events import Cdr, CoreShowChannel, DialEnd
 from gateway.billing.rater import Rater
 from gateway.billing.recovery import Recovery
@@ -229,7 +230,8 @@ async def test_reconcile_settles_from_cdr_adopts_live_and_estimates(admin, servi
         "INSERT INTO cdr (uniqueid, billsec, disposition) VALUES ('gone-cdr', 100, 'ANSWERED')")
     clock.advance(seconds=40)
     counts = await fresh.reconcile()
-    assert counts == {"adopted": 1, "settled": 1, "released": 0, "estimated": 1, "kept": 0}
+    assert {k: counts[k] for k in ("adopted", "settled", "released", "estimated", "kept")} \
+        == {"adopted": 1, "settled": 1, "released": 0, "estimated": 1, "kept": 0}
     rows = {r["pbx_uniqueid"]: r for r in await repo.pool.fetch("SELECT * FROM calls")}
     assert (rows["gone-cdr"]["state"], rows["gone-cdr"]["billed_seconds"],
             rows["gone-cdr"]["settled_by"]) == ("settled", 120, "reconcile-cdr")
@@ -298,3 +300,182 @@ async def test_one_canonical_line_per_decision_and_settlement_with_the_call_ids(
     assert decisions[0]["uniqueid"] == "u-log" and decisions[0]["agi"] == "outbound"
     assert decisions[0]["call_id"] == s.vars[var.CALL_ID]
     assert (settlements[0]["uniqueid"], settlements[0]["billed_seconds"]) == ("u-log", 60)
+
+
+# restart and recovery (issue 8 items 3 and 8) -------------------------------------------
+
+def test_the_instance_name_is_stable_per_node_and_port():
+    from gateway.app import instance_name
+    from gateway.config import Config
+
+    assert instance_name(Config(agi_port=4573)) == instance_name(Config(agi_port=4573))
+    assert instance_name(Config(agi_port=4573)) != instance_name(Config(agi_port=4574))
+    assert instance_name(Config(instance_name="gw-a", agi_port=4573)) == "gw-a"
+    assert instance_name(Config(agi_port=0)) != instance_name(Config(agi_port=0))
+
+
+async def test_restart_adopts_its_previous_incarnations_calls_at_once(admin, service, repo):
+    await standard_tenant(admin)
+    await service.agi_outbound(Session("outbound", "2125550100", "alice", uniqueid="mine"))
+    await service.on_dial_end(answer("mine", "PJSIP/carrier-mine"))
+    # killed a moment ago: its heartbeat is fresh, and the restart has the same name
+    await repo.pool.execute("UPDATE calls SET owner = 'node1-4573'")
+    await repo.heartbeat("node1-4573")
+    again = CallService(service.rater, Recovery(repo), instance_id="node1-4573")
+    ami = FakeAmi()
+    again.attach_ami(ami)
+    ami.channels = [
+        CoreShowChannel(channel="PJSIP/alice-1", uniqueid="mine", linkedid="mine"),
+        CoreShowChannel(channel="PJSIP/carrier-mine", uniqueid="peer", linkedid="mine"),
+    ]
+    counts = await again.reconcile()
+    assert counts["adopted"] == 1
+    await asyncio.sleep(0.05)
+    # the deadline is put where the funding ends at once (the dead process may have
+    # renewed without moving it), then renewals go on
+    assert [s[:2] for s in ami.setvars] == [("PJSIP/carrier-mine", "TIMEOUT(absolute)")]
+    assert 290 <= float(ami.setvars[0][2]) <= 300
+    await again.stop()
+    await service.stop()
+
+
+async def test_an_expired_heartbeat_triggers_reconciliation_at_once(admin, service, repo):
+    await standard_tenant(admin)
+    await service.agi_outbound(Session("outbound", "2125550100", "alice", uniqueid="orphan"))
+    await repo.pool.execute("UPDATE calls SET owner = 'gw-other'")
+    await repo.heartbeat("gw-other")
+    me = CallService(service.rater, Recovery(repo), instance_id="gw-me",
+                     heartbeat_seconds=0.1)
+    ami = FakeAmi()
+    me.attach_ami(ami)
+    ami.channels = [CoreShowChannel(channel="PJSIP/alice-1", uniqueid="orphan",
+                                    linkedid="orphan")]
+    assert (await me.reconcile())["kept"] == 1  # its owner is alive
+    beat = asyncio.create_task(me.run_heartbeat())
+    try:
+        await asyncio.sleep(0.25)
+        await repo.pool.execute("UPDATE gateway_instances SET last_seen = now()"
+                                " - interval '1 minute' WHERE id = 'gw-other'")
+        for _ in range(40):  # no reconcile timer runs: only the heartbeat can do it
+            if me.live:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        beat.cancel()
+    assert [c.uniqueid for c in me.live.values()] == ["orphan"]
+    await me.stop()
+    await service.stop()
+
+
+async def test_status_warns_while_the_pbx_writes_no_cdr_rows(admin, service, repo, clock):
+    await standard_tenant(admin)
+    await service.reconcile()
+    assert service.last_reconcile["cdr_table"] == "unverified"  # nothing to check against yet
+    for uid in ("r-1", "r-2"):
+        s = Session("outbound", "2125550100", "alice", uniqueid=uid)
+        await service.agi_outbound(s)
+        await service.agi_hangup(Session("hangup", s.vars[var.CALL_ID], "30500", "ANSWER",
+                                         "30"))
+    clock.advance(seconds=61)  # cdr_pgsql writes at hangup; a minute covers it
+    await service.reconcile()
+    assert service.last_reconcile["cdr_table"] == "missing"
+    assert "cdr_pgsql" in service.last_reconcile["cdr_table_reason"]
+    await repo.pool.execute("INSERT INTO cdr (uniqueid, billsec, disposition)"
+                            " VALUES ('r-2', 30, 'ANSWERED')")
+    await service.reconcile()
+    assert service.last_reconcile["cdr_table"] == "up"
+
+
+# ---- the AMI link down around a renewal (issue 8 item 7) ------------------------------------
+
+
+class FlakyAmi(FakeAmi):
+    """A fake AMI link that can be down, and that reads back the deadlines it was sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = False
+        self.deadlines: dict[str, float] = {}  # channel -> loop time of its hangup
+
+    async def setvar(self, channel, variable, value):
+        if self.down:
+            raise AmiError(AMI_DISCONNECTED, "AMI 127.0.0.1:5038 not connected (disconnected)")
+        await super().setvar(channel, variable, value)
+        self.deadlines[channel] = asyncio.get_running_loop().time() + float(value)
+
+    async def getvar(self, channel, variable):
+        if self.down:
+            raise AmiError(AMI_DISCONNECTED, "AMI 127.0.0.1:5038 not connected (disconnected)")
+        if channel not in self.deadlines:
+            raise AmiError(AMI_ACTION_FAILED, "Getvar failed: No such channel")
+        return f"{self.deadlines[channel] - asyncio.get_running_loop().time():.3f}"
+
+
+async def per_second_service(admin, repo, clock, ami, slice_seconds=3):
+    await standard_tenant(admin)
+    await admin.set_rates([{"kind": "domestic_overage", "prefix": "1",
+                            "price_per_minute": "0.02", "first_increment": 1,
+                            "increment": 1}])
+    svc = CallService(Rater(repo, clock=clock, slice_seconds=slice_seconds),
+                      Recovery(repo), renew_before_seconds=30)
+    svc.attach_ami(ami)
+    return svc
+
+
+async def test_a_deadline_move_that_failed_is_sent_again_once_the_link_is_back(
+        admin, repo, clock):
+    ami = FlakyAmi()
+    svc = await per_second_service(admin, repo, clock, ami)
+    s = Session("outbound", "2125550100", "alice", uniqueid="u-7")
+    await svc.agi_outbound(s)
+    await svc.on_dial_end(answer("u-7", "PJSIP/carrier-00000007"))
+    [call] = svc.live.values()
+    ami.down = True  # the renewal at ~2 s reserves, and its deadline move fails
+    await asyncio.sleep(2.4)
+    assert call.funded_seconds == 6 and ami.setvars == []
+    assert svc.metrics.deadline_moves.labels("failed")._value.get() >= 1
+    ami.down = False  # back 0.6 s before the PBX's old deadline
+    await asyncio.sleep(0.5)
+    [(channel, variable, value, sent_at)] = ami.setvars
+    assert (channel, variable) == ("PJSIP/carrier-00000007", "TIMEOUT(absolute)")
+    # the time left when it was sent (it counts from arrival), not when it was reserved
+    left = call.answered_mono + 6 - sent_at
+    assert abs(float(value) - left) < 0.05 and float(value) < 3.7
+    assert not call.deadline_behind
+    await svc.agi_hangup(Session("hangup", s.vars[var.CALL_ID], "3000", "ANSWER", "3"))
+    await svc.stop()
+
+
+async def test_a_deadline_move_stops_retrying_once_the_funding_has_run_out(admin, repo, clock):
+    ami = FlakyAmi()
+    svc = await per_second_service(admin, repo, clock, ami)
+    s = Session("outbound", "2125550100", "alice", uniqueid="u-8")
+    await svc.agi_outbound(s)
+    await svc.on_dial_end(answer("u-8", "PJSIP/carrier-00000008"))
+    [call] = svc.live.values()
+    ami.down = True  # down for good: the PBX cuts at 3 s, and no end report reaches us
+    await asyncio.sleep(6.5)
+    assert call.renew_task.done()  # no renewal for a call the PBX has cut
+    assert call.funded_seconds == 6
+    await svc.stop()
+
+
+async def test_resync_reads_each_deadline_back_and_corrects_those_out_of_step(
+        admin, repo, clock):
+    ami = FlakyAmi()
+    svc = await per_second_service(admin, repo, clock, ami, slice_seconds=20)
+    for n in (1, 2, 3):
+        await svc.agi_outbound(Session("outbound", "2125550100", "alice", uniqueid=f"u-{n}"))
+        await svc.on_dial_end(answer(f"u-{n}", f"PJSIP/carrier-0000000{n}"))
+    now = asyncio.get_running_loop().time()
+    ami.deadlines = {"PJSIP/carrier-00000001": now + 20,  # right
+                     "PJSIP/carrier-00000002": now + 4}  # a move that never arrived
+    # carrier-00000003: "No such channel", the call ended while the link was down
+    counts = await svc.live_calls.resync_deadlines()
+    assert counts == {"checked": 3, "corrected": 1, "gone": 1}
+    [(channel, _, value, _)] = ami.setvars
+    assert channel == "PJSIP/carrier-00000002" and 19 < float(value) <= 20
+    assert svc.metrics.deadline_moves.labels("corrected")._value.get() == 1
+    ami.down = True  # the link gone again: stop, the next login runs it again
+    assert (await svc.live_calls.resync_deadlines())["checked"] == 1
+    await svc.stop()

@@ -63,6 +63,27 @@ class CdrRecord:
         return self.billsec if self.disposition == "ANSWERED" else 0
 
 
+@dataclass(frozen=True)
+class CdrTableCheck:
+    """Is the PBX writing its records into the ``cdr`` table (cdr_pgsql)? Exact recovery
+    of calls that end while no gateway listens depends on it (docs/billing.md)."""
+
+    state: str  # up: recent calls have their record; missing: none has; unverified
+    checked: int  # recent answered calls looked at
+    recorded: int  # of those, with a row in cdr
+
+    def view(self) -> dict[str, Any]:
+        reasons = {
+            "up": "the PBX writes its records (cdr_pgsql) into table cdr",
+            "missing": "none of the last answered calls has a record in table cdr: "
+                       "load cdr_pgsql (docs/billing.md, Recovery); calls that end while "
+                       "the gateway is down are billed by estimate until then",
+            "unverified": "no answered call settled recently to check table cdr against",
+        }
+        return {"state": self.state, "reason": reasons[self.state],
+                "checked_calls": self.checked, "recorded_calls": self.recorded}
+
+
 class Recovery:
     """Reads for reconciliation, and this process's heartbeat."""
 
@@ -87,6 +108,16 @@ class Recovery:
             return None
         return CdrRecord(billsec=row["billsec"] or 0, disposition=row["disposition"] or "")
 
+    async def cdr_table_check(self, now: dt.datetime) -> CdrTableCheck:
+        """Look for the PBX's records of the last answered calls settled from a minute
+        to a week ago (cdr_pgsql writes a call's row at its hangup; a minute covers the
+        write). Any one record found is enough: cdr_pgsql is loaded and writing."""
+        checked, recorded = await self._repo.cdr_coverage(
+            now, settled_before=dt.timedelta(seconds=60),
+            settled_after=dt.timedelta(days=7))
+        state = "unverified" if checked == 0 else "up" if recorded else "missing"
+        return CdrTableCheck(state, checked, recorded)
+
     async def live_instances(self, within_seconds: float) -> set[str]:
         """Gateway processes that sent a heartbeat within the last ``within_seconds``."""
         return await self._repo.live_instances(within_seconds)
@@ -96,4 +127,4 @@ class Recovery:
         await self._repo.heartbeat(instance_id)
 
 
-__all__ = ["CdrRecord", "OpenCall", "Recovery"]
+__all__ = ["CdrRecord", "CdrTableCheck", "OpenCall", "Recovery"]

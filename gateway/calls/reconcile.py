@@ -4,7 +4,10 @@
     start / AMI reconnect / a timer -> adopt calls still up, settle those that ended
                                        while we were away from the PBX's CDR table,
                                        estimate or release what left no record
-    every few seconds               -> heartbeat: other processes leave our calls alone
+    a call past its funded end      -> settled from its record, else by the estimate:
+      plus the grace                   nothing stays reserved forever, AMI or not
+    every few seconds               -> heartbeat: other processes leave our calls alone;
+                                       one whose heartbeat expires -> reconcile at once
 
 The PBX's own record settles a call whichever way it arrives: as an AMI ``Cdr`` event
 while we listen, or from the ``cdr`` table when we were not listening.
@@ -13,14 +16,15 @@ while we listen, or from the ``cdr`` table when we were not listening.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
 
 from ..ami.events import Cdr, CoreShowChannel
-from ..billing.rater import Rater
-from ..billing.recovery import OpenCall, Recovery
+from ..billing.rater import MAX_BILLABLE, Rater
+from ..billing.recovery import CdrTableCheck, OpenCall, Recovery
 from .live import LiveCall, LiveCalls
 
 log = structlog.get_logger("gateway.calls")
@@ -37,17 +41,24 @@ class Reconciler:
 
     def __init__(self, rater: Rater, recovery: Recovery, live: LiveCalls, *,
                  stale_after_seconds: int, instance_id: str | None,
-                 heartbeat_seconds: float, monotonic: Callable[[], float]):
+                 heartbeat_seconds: float, monotonic: Callable[[], float],
+                 settle_grace_seconds: int = 60, ring_allowance_seconds: int = 300):
         self.rater = rater
         self.recovery = recovery
         self.live = live
         self.stale_after = stale_after_seconds
         self.instance_id = instance_id
         self.heartbeat_seconds = heartbeat_seconds
+        # a process whose heartbeat is older than this is gone: its calls are adoptable
+        self.heartbeat_expiry = heartbeat_seconds * 4
+        self.settle_grace = dt.timedelta(seconds=settle_grace_seconds)
+        self.ring_allowance = dt.timedelta(seconds=ring_allowance_seconds)
         self.monotonic = monotonic
         self.ami: ChannelsLink | None = None  # no AMI: from the CDR table only
         self.last_reconcile: dict[str, Any] = {}
+        self.cdr_table: CdrTableCheck | None = None  # None: not checked yet
         self._running = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ---- the PBX's record, live ---------------------------------------------------------
 
@@ -74,7 +85,8 @@ class Reconciler:
             return await self._reconcile()
 
     async def _reconcile(self) -> dict[str, int]:
-        counts = {"adopted": 0, "settled": 0, "released": 0, "estimated": 0, "kept": 0}
+        counts = {"adopted": 0, "settled": 0, "released": 0, "estimated": 0, "expired": 0,
+                  "kept": 0, "forgotten": 0}
         channels: list[CoreShowChannel] | None = None
         if self.ami is not None:
             try:
@@ -83,10 +95,12 @@ class Reconciler:
                 log.warning("reconcile_no_channels", error=str(exc))
         up = {c.uniqueid for c in channels or []}
         # calls of other gateway processes that are still alive stay theirs
-        others = await self.recovery.live_instances(self.heartbeat_seconds * 4)
+        others = await self.recovery.live_instances(self.heartbeat_expiry)
         others.discard(self.instance_id or "")
         now = self.rater.clock()
-        for call in await self.recovery.open_calls():
+        tracked_before = set(self.live.by_id)
+        open_calls = await self.recovery.open_calls()
+        for call in open_calls:
             uniqueid = call.pbx_uniqueid
             age = (now - call.authorised_at).total_seconds()
             tracked = call.call_id in self.live.by_id
@@ -97,7 +111,8 @@ class Reconciler:
                 else:
                     counts["kept"] += 1
                 continue
-            if tracked and (channels is None or age < self.stale_after):
+            over = now >= self.ends_by(call)
+            if tracked and channels is not None and age < self.stale_after:
                 counts["kept"] += 1
                 continue
             cdr = await self.recovery.cdr(uniqueid) if uniqueid else None
@@ -106,19 +121,62 @@ class Reconciler:
                 await self.live.settle(call.call_id, billable, by="reconcile-cdr")
                 counts["settled" if billable else "released"] += 1
             elif channels is not None and age >= self.stale_after:
-                # Not on the PBX and no record of it: the call ended unseen. Bill at most
-                # what it could have talked, from the answer we saw, else nothing.
-                billable = 0
-                if call.answered_at is not None:
-                    billable = min(call.funded_seconds,
-                                   int((now - call.answered_at).total_seconds()))
+                # Not on the PBX and no record of it: the call ended unseen.
+                billable = self.estimate(call, now)
                 await self.live.settle(call.call_id, billable, by="reconcile-estimate")
                 counts["estimated" if billable else "released"] += 1
+            elif over:
+                # Without AMI we cannot ask the PBX, but past its funded end and the grace
+                # the PBX has cut it: settle by the same estimate (docs/billing.md).
+                billable = self.estimate(call, now)
+                await self.live.settle(call.call_id, billable, by="reconcile-expired")
+                counts["expired"] += 1
             else:
                 counts["kept"] += 1
-        self.last_reconcile = {"at": now.isoformat(), **counts}
-        log.info("reconciled", **counts)
+        # the table of live calls keeps no call the database says is over
+        open_ids = {c.call_id for c in open_calls}
+        for call_id in tracked_before - open_ids:
+            gone = self.live.by_id.get(call_id)
+            if gone is not None:
+                self.live.untrack(gone)
+                counts["forgotten"] += 1
+        await self._check_cdr_table(now)
+        # /status shows this: a missing CDR table is a warning there
+        cdr_table = self.cdr_table.view() if self.cdr_table else {"state": "unverified",
+                                                                   "reason": "check failed"}
+        self.last_reconcile = {"at": now.isoformat(), **counts,
+                               "cdr_table": cdr_table["state"],
+                               "cdr_table_reason": cdr_table["reason"]}
+        log.info("reconciled", **counts, cdr_table=cdr_table["state"])
         return counts
+
+    def ends_by(self, call: OpenCall) -> dt.datetime:
+        """When the PBX has surely ended ``call``: its funded end (from the answer we
+        saw; from the longest ringing allowed when we saw none) plus the grace. An
+        unrated call has no funded end: a week, the longest call report accepted."""
+        start = call.answered_at or call.authorised_at + self.ring_allowance
+        talk = call.funded_seconds if call.rated else MAX_BILLABLE
+        return start + dt.timedelta(seconds=talk) + self.settle_grace
+
+    @staticmethod
+    def estimate(call: OpenCall, now: dt.datetime) -> int:
+        """Billable seconds of a call that ended and left no record: from the answer we
+        saw to now, at most what it had funded (the PBX cut it there); never seen
+        answered, nothing."""
+        if call.answered_at is None:
+            return 0
+        return max(0, min(call.funded_seconds, int((now - call.answered_at).total_seconds())))
+
+    async def _check_cdr_table(self, now: dt.datetime) -> None:
+        try:
+            check = await self.recovery.cdr_table_check(now)
+        except Exception as exc:  # noqa: BLE001 - a warning only; try again next round
+            log.warning("cdr_table_check_failed", error=str(exc))
+            return
+        if check.state == "missing" and (self.cdr_table is None
+                                         or self.cdr_table.state != "missing"):
+            log.warning("cdr_table_missing", **check.view())
+        self.cdr_table = check
 
     def _adopt(self, open_call: OpenCall, channels: list[CoreShowChannel]) -> None:
         """A call still up that this process does not know (we restarted): track it,
@@ -143,7 +201,22 @@ class Reconciler:
             call.dest_channel = peer.channel if peer else None
         self.live.track(call)
         log.info("adopted", call_id=str(call.call_id), answered=call.answered_at is not None)
-        self.live.start_renewals(call)
+        if call.dest_channel and call.rated and self.live.ami is not None:
+            # the dead process may have renewed in the database and died before moving
+            # the PBX's deadline: put it where the funding ends now, then keep renewing
+            self._spawn(self._resync_then_renew(call))
+        else:
+            self.live.start_renewals(call)
+
+    async def _resync_then_renew(self, call: LiveCall) -> None:
+        await self.live._move_deadline(call)  # noqa: SLF001 - same package, one job
+        if call.call_id in self.live.by_id:
+            self.live.start_renewals(call)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def run_reconciler(self, interval: float) -> None:
         """Reconcile every ``interval`` seconds, forever."""
@@ -157,13 +230,28 @@ class Reconciler:
     # ---- heartbeat ----------------------------------------------------------------------
 
     async def run_heartbeat(self) -> None:
-        """Tell other gateway processes sharing the database that this one is alive."""
+        """Tell other gateway processes sharing the database that this one is alive, and
+        reconcile at once when another one's heartbeat expires (or it stopped and said
+        so): its calls still up are adopted in time for their next renewal."""
+        alive: set[str] = set()
         while True:
             try:
                 await self.recovery.heartbeat(self.instance_id or "")
+                now_alive = await self.recovery.live_instances(self.heartbeat_expiry)
+                gone = alive - now_alive
+                alive = now_alive
+                if gone:
+                    log.info("gateway_instance_gone", instances=sorted(gone))
+                    self._spawn(self._reconcile_logged())
             except Exception as exc:  # noqa: BLE001 - try again at the next beat
                 log.warning("heartbeat_failed", error=str(exc))
             await asyncio.sleep(self.heartbeat_seconds)
+
+    async def _reconcile_logged(self) -> None:
+        try:
+            await self.reconcile()
+        except Exception:  # noqa: BLE001 - the timer tries again
+            log.exception("reconcile_failed")
 
 
 __all__ = ["ChannelsLink", "Reconciler"]

@@ -33,6 +33,8 @@ class AmiLink(Protocol):
 
     async def setvar(self, channel: str, variable: str, value: str) -> None: ...
 
+    async def getvar(self, channel: str, variable: str) -> str: ...
+
     async def live_channels(self) -> list[CoreShowChannel]: ...
 
 
@@ -48,6 +50,8 @@ class CallService:
         stale_after_seconds: int = 15,
         instance_id: str | None = None,
         heartbeat_seconds: float = 5.0,
+        settle_grace_seconds: int = 60,
+        ring_allowance_seconds: int = 300,
     ):
         self.rater = rater
         self.metrics = metrics or Metrics()
@@ -58,7 +62,9 @@ class CallService:
         self.reconciler = Reconciler(rater, recovery, self.live_calls,
                                      stale_after_seconds=stale_after_seconds,
                                      instance_id=instance_id,
-                                     heartbeat_seconds=heartbeat_seconds, monotonic=monotonic)
+                                     heartbeat_seconds=heartbeat_seconds, monotonic=monotonic,
+                                     settle_grace_seconds=settle_grace_seconds,
+                                     ring_allowance_seconds=ring_allowance_seconds)
         # the entry points, by the job that owns them
         self.agi_outbound = self.agi_routes.agi_outbound
         self.agi_inbound = self.agi_routes.agi_inbound
@@ -84,6 +90,13 @@ class CallService:
         ami.on(DialEnd, self.on_dial_end)
         ami.on(Cdr, self.on_cdr)
         ami.on(Hangup, self.on_hangup)
+
+    async def resync(self) -> None:
+        """After an AMI reconnect, or once events were dropped: the PBX went on while we
+        were blind. Deadlines first (a call may be seconds from a deadline that a failed
+        move left too early), then reconcile (settle what ended, adopt what is up)."""
+        await self.live_calls.resync_deadlines()
+        await self.reconcile()
 
     async def stop(self) -> None:
         """Stop renewing; reservations stay in the database for the next start."""

@@ -594,6 +594,25 @@ class Repository:
             pbx_uniqueid,
         )
 
+    async def cdr_coverage(self, now: dt.datetime, *, settled_before: dt.timedelta,
+                           settled_after: dt.timedelta, limit: int = 10
+                           ) -> tuple[int, int]:
+        """Of the last ``limit`` answered calls settled between ``settled_after`` and
+        ``settled_before`` ago: how many, and how many have a row in ``cdr``."""
+        r = await self._fetchrow(
+            "SELECT count(*) AS checked, count(cdr.uniqueid) AS recorded FROM ("
+            "  SELECT pbx_uniqueid FROM calls WHERE state = 'settled'"
+            "   AND billable_seconds > 0 AND pbx_uniqueid IS NOT NULL"
+            "   AND ended_at <= $1::timestamptz - $2::interval"
+            "   AND ended_at > $1::timestamptz - $3::interval"
+            "  ORDER BY ended_at DESC LIMIT $4) AS recent"
+            " LEFT JOIN LATERAL (SELECT uniqueid FROM cdr WHERE cdr.uniqueid ="
+            "  recent.pbx_uniqueid LIMIT 1) AS cdr ON true",
+            now, settled_before, settled_after, limit,
+        )
+        assert r is not None
+        return r["checked"], r["recorded"]
+
     # ---- gateway processes -----------------------------------------------------------
 
     async def heartbeat(self, instance_id: str) -> None:
