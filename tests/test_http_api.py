@@ -17,7 +17,9 @@ from structlog.testing import capture_logs
 
 from gateway.app import Gateway
 from gateway.billing import schemas as s
+from gateway.billing import views
 from gateway.billing.provisioning import Provisioning
+from gateway.errors import InvalidInput
 from gateway.http import api
 from gateway.http.openapi import document
 from gateway.store.repository import Repository
@@ -625,3 +627,24 @@ def test_month_parsing():
         with pytest.raises(Exception) as info:
             api.parse_month(bad)
         assert info.value.code == "INVALID_MONTH"
+
+
+def test_schema_check_names_the_entity_and_returns_only_given_fields():
+    with pytest.raises(InvalidInput) as info:
+        s.check(s.TenantCreate, {"id": "x", "name": "X", "country": "CA", "colour": 1},
+                where="tenants[0]")
+    assert (info.value.code, info.value.field) == ("UNKNOWN_FIELD", "tenants[0].colour")
+    with pytest.raises(InvalidInput) as info:
+        s.check(s.UserCreate, {"id": "erin", "sip_endpoint": "erin"}, where="users[3]")
+    assert (info.value.code, info.value.field) == ("MISSING_FIELD", "users[3].usage_location")
+    assert s.check(s.TenantCreate, {"id": "x", "name": "X", "country": "CA"}) == {
+        "id": "x", "name": "X", "country": "CA"}  # Provisioning applies the defaults
+    assert s.check(s.UserPatch, {"extension": None}) == {"extension": None}
+
+
+def test_response_schemas_are_the_views_fields():
+    components: dict[str, Any] = {}
+    call = s.json_schema(views.Call, components)
+    assert set(call["properties"]) == {f.name for f in dataclasses.fields(views.Call)}
+    assert "owner" not in call["properties"] and call["additionalProperties"] is False
+    assert document()["components"]["schemas"]["Call"] == call
