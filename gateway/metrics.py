@@ -38,6 +38,10 @@ class Metrics:
         self.deadline_moves = Counter("gateway_deadline_moves",
                                       "PBX hangup deadlines moved, by result", ["result"],
                                       registry=r)
+        self.ami_events_dropped = Counter(
+            "gateway_ami_events_dropped", "AMI events dropped because the backlog was full "
+            "(each overflow is followed by a re-sync from the PBX), by event", ["event"],
+            registry=r)
         # How long the PBX waits on us: a slow AGI route delays the call's setup, a slow
         # AMI handler delays every event queued behind it (they run one at a time).
         self.agi_handler_latency = Histogram(
@@ -61,6 +65,10 @@ class Metrics:
     def observe_ami_handler(self, event: str, seconds: float) -> None:
         """The handlers of one AMI event ran for ``seconds`` (the AMI client reports it)."""
         self.ami_handler_latency.labels(event).observe(seconds)
+
+    def count_ami_event_dropped(self, event: str) -> None:
+        """The AMI client dropped ``event``: its backlog was full."""
+        self.ami_events_dropped.labels(event).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -405,7 +405,7 @@ async def test_wrong_secret_on_reconnect_is_logged_and_retried(fake, make_client
     with capture_logs() as logs:
         fake.secret = "rotated"
         fake.drop()
-        await eventually(lambda: fake.failed_logins >= 3)
+        await eventually(lambda: fake.failed_logins >= 4)
         assert client.state != "connected"
         fake.secret = SECRET
         await eventually(lambda: client.state == "connected")
@@ -414,7 +414,9 @@ async def test_wrong_secret_on_reconnect_is_logged_and_retried(fake, make_client
     assert len(failures) >= 3
     assert {e["code"] for e in failures} == {AMI_LOGIN_FAILED}
     assert all(e["log_level"] == "error" for e in failures)
-    delays = [e["retry_in"] for e in failures]
+    # logged at attempts 1, 2, 4...: a long outage leaves a few lines, not one per try
+    assert [e["attempt"] for e in failures][:3] == [1, 2, 4]
+    delays = [e["retry_within"] for e in failures]
     assert delays[:3] == [0.04, 0.08, 0.08]  # doubled, then capped at backoff_max
     assert SECRET not in repr(logs)
     assert client.reconnects == 1
@@ -619,3 +621,75 @@ async def test_stop_logs_off_and_stops_reconnecting(fake, make_client):
     assert caught.value.code == AMI_DISCONNECTED
     await asyncio.sleep(0.15)  # three back-off periods
     assert len(fake.conns) == 1
+
+
+# -- a gateway that cannot keep up: a bounded backlog, counted drops, a re-sync ------------
+
+
+async def test_a_full_event_backlog_drops_counts_and_resyncs_once_drained(fake, make_client):
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def slow(event: dict[str, str]) -> None:
+        await release.wait()  # the gateway is stuck (e.g. the database is slow)
+        handled.append(event["Uniqueid"])
+
+    dropped: list[str] = []
+    resyncs: list[int] = []
+    client = make_client(max_event_backlog=5, on_event_dropped=dropped.append)
+    client.on_event("DialEnd", slow)
+    client.on_events_lost(lambda: resyncs.append(client.event_backlog))
+    await client.start()
+
+    for n in range(50):
+        await fake.event({"Event": "DialEnd", "Uniqueid": f"u-{n}", "DialStatus": "ANSWER"})
+    # events nobody handles take no place in the backlog and are never "dropped"
+    for n in range(200):
+        await fake.event({"Event": "VarSet", "Variable": f"V{n}", "Value": "x"})
+    # one being handled, five waiting, the rest dropped and counted
+    await eventually(lambda: client.events_dropped == 44)
+    await client.action({"Action": "Ping"})  # actions still answered: the reader never blocks
+    status = client.status()
+    assert (status["event_backlog"], status["max_event_backlog"]) == (5, 5)
+    assert (status["events_dropped"], status["resyncs_after_drops"]) == (44, 0)
+    assert dropped == ["DialEnd"] * 44
+    assert resyncs == []  # no re-sync while the stale backlog would overtake it
+
+    release.set()
+    await eventually(lambda: len(resyncs) == 1)
+    assert resyncs[0] <= 2  # ran once the backlog was down to half its bound
+    await eventually(lambda: len(handled) == 6)
+    # the first five, then whichever found the place the handler freed; in arrival order
+    assert handled[:5] == [f"u-{n}" for n in range(5)]
+    assert handled == sorted(handled, key=lambda u: int(u[2:]))
+    assert client.status()["resyncs_after_drops"] == 1
+    await asyncio.sleep(0.05)
+    assert len(resyncs) == 1  # once per overflow
+
+
+async def test_getvar_returns_the_value_and_empty_when_unset(fake, make_client):
+    async def getvar(conn, action):
+        value = "8.916" if action["Channel"] == "PJSIP/carrier-00000001" else ""
+        await conn.reply(action, Variable=action["Variable"], Value=value)
+
+    fake.scripts["getvar"] = getvar
+    client = make_client()
+    await client.start()
+    assert await client.getvar("PJSIP/carrier-00000001", "TIMEOUT(absolute)") == "8.916"
+    assert await client.getvar("PJSIP/alice-00000000", "TIMEOUT(absolute)") == ""
+    assert fake.received[-1]["Variable"] == "TIMEOUT(absolute)"
+
+
+async def test_an_action_refused_while_down_cuts_a_long_back_off_short(fake, make_client):
+    client = make_client(backoff_initial=0.05, backoff_max=5.0)
+    await client.start()
+    fake.secret = "rotated"  # every reconnect is refused: the back-off grows
+    fake.drop()
+    await eventually(lambda: fake.failed_logins >= 5, within=5.0)  # next wait: 1.6 s
+    fake.secret = SECRET
+    with pytest.raises(AmiError) as caught:
+        await client.action({"Action": "Setvar"})  # e.g. a deadline move, retried
+    assert caught.value.code == AMI_DISCONNECTED
+    started = time.monotonic()
+    await eventually(lambda: client.state == "connected", within=1.0)
+    assert time.monotonic() - started < 0.5

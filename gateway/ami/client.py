@@ -69,6 +69,11 @@ _TERMINATOR = b"\r\n\r\n"
 _READ_LIMIT = 1024 * 1024
 _SUCCESS_RESPONSES = frozenset({"success", "follows", "goodbye"})
 _LOGOFF_TIMEOUT = 1.0
+# Events waiting for their handlers, at most. Only events someone handles are queued
+# (DialEnd, Hangup, Cdr for the gateway: a few per call), so this is minutes of a busy
+# PBX's calls; past it the gateway is not keeping up and events are dropped, counted,
+# and the ``on_events_lost`` callbacks re-sync from the PBX instead.
+DEFAULT_MAX_EVENT_BACKLOG = 10_000
 
 
 class AmiError(Exception):
@@ -188,9 +193,13 @@ class AmiClient:
         backoff_max: float = 10.0,
         logger: Any = None,
         observe: Callable[[str, float], None] | None = None,
+        max_event_backlog: int = DEFAULT_MAX_EVENT_BACKLOG,
+        on_event_dropped: Callable[[str], None] | None = None,
     ):
         """``observe(event, seconds)``, when given, hears how long the handlers of each
-        handled event ran (e.g. a metrics histogram)."""
+        handled event ran (e.g. a metrics histogram). At most ``max_event_backlog``
+        events wait for their handlers; ``on_event_dropped(event)`` hears of each one
+        dropped beyond that (e.g. a metrics counter)."""
         self._host = host
         self._port = port
         self._username = username
@@ -203,13 +212,20 @@ class AmiClient:
         self._address = f"{host}:{port}"
         self._log = logger if logger is not None else structlog.get_logger("gateway.ami")
         self._observe = observe
+        self._max_event_backlog = max(1, max_event_backlog)
+        self._on_event_dropped = on_event_dropped
 
         self.state: str = "disconnected"
         self.last_error: str | None = None
         self.reconnects: int = 0
+        self.events_dropped: int = 0  # since start: the gateway could not keep up
+        self.resyncs_after_drops: int = 0  # ``on_events_lost`` runs started
 
         self._handlers: dict[str, list[EventCallback]] = {}
         self._connect_callbacks: list[ConnectCallback] = []
+        self._events_lost_callbacks: list[ConnectCallback] = []
+        self._lost_events = False  # dropped since the last re-sync started
+        self._link_wanted = asyncio.Event()  # an action was refused for want of a link
         self._events: asyncio.Queue[dict[str, str]] | None = None
         self._link: _Link | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -249,6 +265,16 @@ class AmiClient:
         """
         self._connect_callbacks.append(callback)
 
+    def on_events_lost(self, callback: ConnectCallback) -> None:
+        """Run ``callback()`` after events were dropped because the backlog was full.
+
+        It runs once per overflow, when the backlog has come down to half its bound
+        (a re-sync from the PBX while the queue is still full would be overtaken by
+        the stale events behind it). Like ``on_connect`` callbacks, it runs in a task
+        bound to the current link; a reconnect runs ``on_connect`` instead.
+        """
+        self._events_lost_callbacks.append(callback)
+
     # -- lifetime ----------------------------------------------------------------
 
     async def start(self) -> None:
@@ -262,7 +288,7 @@ class AmiClient:
         """
         if self._supervisor is not None:
             raise RuntimeError("AmiClient already started")
-        self._events = asyncio.Queue()
+        self._events = asyncio.Queue(self._max_event_backlog)
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="ami-dispatch")
         try:
             link = await self._connect_once(reconnect=False)
@@ -310,6 +336,9 @@ class AmiClient:
             "reconnects": self.reconnects,
             "ami_version": link.version if link is not None else None,
             "event_backlog": self.event_backlog,
+            "max_event_backlog": self._max_event_backlog,
+            "events_dropped": self.events_dropped,
+            "resyncs_after_drops": self.resyncs_after_drops,
         }
 
     @property
@@ -354,6 +383,17 @@ class AmiClient:
             fields["Cause"] = str(int(cause))
         await self.action(fields)
 
+    async def getvar(self, channel: str, variable: str) -> str:
+        """A channel variable's (or function's) value; ``""`` when it is unset.
+
+        On Asterisk 22, ``TIMEOUT(absolute)`` reads as the seconds left before the
+        channel's hangup deadline (``"8.916"``), or ``"0"`` when it has none; a gone
+        channel fails with ``AMI_ACTION_FAILED`` ``No such channel``.
+        """
+        response = await self.action({"Action": "Getvar", "Channel": channel,
+                                      "Variable": variable})
+        return _get(response, "Value") or ""
+
     async def core_show_channels(self) -> list[dict[str, str]]:
         """All live channels, one ``CoreShowChannel`` event each."""
         return await self.action_list(
@@ -369,6 +409,7 @@ class AmiClient:
     def _require_link(self) -> _Link:
         link = self._link
         if link is None or link.closed or self.state != "connected":
+            self._link_wanted.set()  # cut the back-off short: someone is waiting
             raise AmiError(AMI_DISCONNECTED, f"AMI {self._address} not connected ({self.state})")
         return link
 
@@ -462,7 +503,7 @@ class AmiClient:
         attempt = 0
         while True:
             self.state = "disconnected"
-            await asyncio.sleep(delay)
+            await self._back_off(delay)
             attempt += 1
             try:
                 return await self._connect_once(reconnect=True)
@@ -470,6 +511,8 @@ class AmiClient:
                 self.state = "disconnected"
                 self.last_error = str(exc)
                 delay = min(delay * 2, self._backoff_max)
+                if attempt & (attempt - 1):
+                    continue  # logged at attempts 1, 2, 4, 8...: a long outage, a few lines
                 log = self._log.error if exc.code == AMI_LOGIN_FAILED else self._log.warning
                 log(
                     "ami.reconnect_failed",
@@ -477,8 +520,21 @@ class AmiClient:
                     code=exc.code,
                     error=exc.message,
                     attempt=attempt,
-                    retry_in=delay,
+                    retry_within=delay,
                 )
+
+    async def _back_off(self, delay: float) -> None:
+        """Wait ``delay`` before the next attempt, unless an action is refused for want of
+        a link meanwhile: then try again after ``backoff_initial`` already. A deadline
+        move waiting on the link (it retries twice a second) must not wait out a long
+        back-off, or the PBX cuts a funded call; with nobody waiting, a PBX that is down
+        is not hammered."""
+        self._link_wanted.clear()
+        await asyncio.sleep(min(delay, self._backoff_initial))
+        if delay > self._backoff_initial and not self._link_wanted.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay - self._backoff_initial):
+                    await self._link_wanted.wait()
 
     def _link_lost(self, link: _Link, reason: str) -> None:
         """Tear a link down once: fail its pending actions, stop its tasks."""
@@ -543,14 +599,17 @@ class AmiClient:
                 self._log.warning("ami.ping_refused", ami=self._address, error=exc.message)
 
     async def _run_on_connect(self) -> None:
-        for callback in list(self._connect_callbacks):
+        await self._run_callbacks(self._connect_callbacks)
+
+    async def _run_callbacks(self, callbacks: list[ConnectCallback]) -> None:
+        for callback in list(callbacks):
             try:
                 result = callback()
                 if inspect.isawaitable(result):
                     await result
             except Exception:
                 self._log.exception(
-                    "ami.on_connect_failed", ami=self._address, callback=_name_of(callback)
+                    "ami.callback_failed", ami=self._address, callback=_name_of(callback)
                 )
 
     # -- internals: messages ------------------------------------------------------
@@ -613,8 +672,45 @@ class AmiClient:
             return
 
         # Everything else is a real event, even if it echoes a pending ActionID.
-        if self._events is not None:
-            self._events.put_nowait(message)
+        if self._events is not None and self._handled(event):
+            try:
+                self._events.put_nowait(message)
+            except asyncio.QueueFull:
+                self._drop(event)
+
+    def _handled(self, event: str) -> bool:
+        """Whether any handler wants ``event``: the others need no place in the queue."""
+        return event.lower() in self._handlers or "*" in self._handlers
+
+    def _drop(self, event: str) -> None:
+        """The backlog is full: the handlers are not keeping up with the PBX. Blocking the
+        reader instead would also hold up the answers to our own actions (a deadline
+        move), so the event is dropped, counted, and a re-sync follows."""
+        self.events_dropped += 1
+        if not self._lost_events:
+            self._lost_events = True
+            self._log.error("ami.events_dropped", ami=self._address, ami_event=event,
+                            max_event_backlog=self._max_event_backlog,
+                            events_dropped=self.events_dropped)
+        if self._on_event_dropped is not None:
+            self._on_event_dropped(event)
+
+    def _resync_after_drops(self) -> None:
+        """Once the backlog is down to half its bound after an overflow, run the
+        ``on_events_lost`` callbacks (in a task of the link, like ``on_connect``)."""
+        assert self._events is not None
+        if not self._lost_events or self._events.qsize() > self._max_event_backlog // 2:
+            return
+        self._lost_events = False
+        link = self._link
+        if link is None or link.closed:
+            return  # the next login re-syncs through ``on_connect``
+        self.resyncs_after_drops += 1
+        self._log.warning("ami.resync_after_dropped_events", ami=self._address,
+                          events_dropped=self.events_dropped)
+        if self._events_lost_callbacks:
+            link.tasks.add(asyncio.create_task(
+                self._run_callbacks(self._events_lost_callbacks), name="ami-on-events-lost"))
 
     @staticmethod
     def _on_response(pending: _Pending, message: dict[str, str]) -> None:
@@ -659,6 +755,7 @@ class AmiClient:
                     )
             if handlers and self._observe is not None:
                 self._observe(name, time.perf_counter() - started)
+            self._resync_after_drops()
 
 
 def _name_of(callback: Any) -> str:

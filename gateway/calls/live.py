@@ -8,6 +8,11 @@
 The PBX enforces the funded end on its own: the dialplan dials with ``L(funded ms)``,
 which puts a hangup deadline on the callee channel at answer. The gateway only moves
 that deadline further when it has reserved more time.
+
+A move can fail (the AMI link is down). The PBX then keeps the earlier deadline, which
+is safe but cuts a call that is paid for, so a failed move is sent again until it gets
+through or the funding has run out, and after every AMI reconnect each answered call's
+deadline is read back from the PBX and corrected (``resync_deadlines``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from ..ami.client import AMI_ACTION_FAILED
 from ..ami.events import DialEnd, Hangup
 from ..billing.rater import Rater
 from ..errors import GatewayError
@@ -29,11 +35,27 @@ from ..metrics import Metrics
 
 log = structlog.get_logger("gateway.calls")
 
+DEADLINE = "TIMEOUT(absolute)"  # on the callee channel; seconds from when it arrives
+# A failed deadline move is sent again this often while the call is funded: once the
+# AMI link is back, the call's deadline is right within this time.
+DEADLINE_RETRY_SECONDS = 0.5
+# The PBX's deadline read back may differ from ours by the time between the answer and
+# our DialEnd handling, and by the read's own delay: beyond this it is corrected.
+DEADLINE_TOLERANCE_SECONDS = 1.0
+
 
 class DeadlineLink(Protocol):
-    """What moving a deadline needs from the AMI link."""
+    """What moving and checking a deadline needs from the AMI link."""
 
     async def setvar(self, channel: str, variable: str, value: str) -> None: ...
+
+    async def getvar(self, channel: str, variable: str) -> str: ...
+
+
+def _channel_gone(exc: Exception) -> bool:
+    """The PBX answered that the channel no longer exists: the call has ended."""
+    return (getattr(exc, "code", None) == AMI_ACTION_FAILED
+            and "no such channel" in str(exc).lower())
 
 
 @dataclass
@@ -57,6 +79,14 @@ class LiveCall:
     answered_mono: float | None = None
     source: str = ""
     renew_task: asyncio.Task[None] | None = None
+    # the funded seconds whose end the PBX's deadline is known to be at (None: unknown,
+    # e.g. an adopted call); behind ``funded_seconds`` while a move has not got through
+    deadline_sent_for: int | None = None
+    deadline_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def deadline_behind(self) -> bool:
+        return self.deadline_sent_for != self.funded_seconds
 
     def view(self, now_mono: float) -> dict[str, Any]:
         """The call as ``/status`` shows it."""
@@ -143,6 +173,7 @@ class LiveCalls:
         call.answered_mono = self.monotonic()
         call.answered_at = self.rater.clock()
         call.dest_channel = event.dest_channel
+        call.deadline_sent_for = call.funded_seconds  # Dial's L() set it at answer
         call.linkedid = call.linkedid or event.linkedid
         try:
             await self.rater.answered(call.call_id, call.answered_at)
@@ -187,22 +218,95 @@ class LiveCalls:
                 return  # the PBX ends the call at the deadline it already has
             self.metrics.reservations.labels("granted").inc()
             call.funded_seconds = renewal.funded_seconds
-            await self._move_deadline(call)
+            if not await self._move_deadline(call):
+                return  # the PBX cut the call at its old deadline; its end report settles
 
-    async def _move_deadline(self, call: LiveCall) -> None:
-        """TIMEOUT(absolute) counts from when it arrives: send the time left now."""
+    def _funded_left(self, call: LiveCall) -> float:
         assert call.answered_mono is not None and call.funded_seconds is not None
+        return call.answered_mono + call.funded_seconds - self.monotonic()
+
+    async def _move_deadline(self, call: LiveCall) -> bool:
+        """Move the PBX's deadline to the funded end; while that fails (AMI down), try
+        again every ``DEADLINE_RETRY_SECONDS`` as long as the call is funded. False when
+        the funding ran out first: the PBX has then cut the call at its earlier deadline."""
+        failures = 0
+        while True:
+            async with call.deadline_lock:
+                if not call.deadline_behind:  # a re-sync after a reconnect was quicker
+                    return True
+                if self._funded_left(call) <= 0:
+                    log.warning("deadline_never_moved", call_id=str(call.call_id),
+                                funded_seconds=call.funded_seconds,
+                                pbx_deadline_for=call.deadline_sent_for)
+                    return False
+                if await self._send_deadline(call, "ok", quiet=failures > 0):
+                    return True
+            failures += 1
+            await asyncio.sleep(DEADLINE_RETRY_SECONDS)
+
+    async def _send_deadline(self, call: LiveCall, result: str, *, quiet: bool = False) -> bool:
+        """Send the time left now (TIMEOUT(absolute) counts from when it arrives); called
+        under ``call.deadline_lock``. True when the PBX has it, or has no such channel
+        any more (nothing left to move); False when it should be tried again."""
         assert self.ami is not None and call.dest_channel is not None
-        remaining = call.answered_mono + call.funded_seconds - self.monotonic()
+        funded = call.funded_seconds
+        remaining = self._funded_left(call)
         try:
-            await self.ami.setvar(call.dest_channel, "TIMEOUT(absolute)",
-                                  f"{max(remaining, 0.5):.3f}")
-            self.metrics.deadline_moves.labels("ok").inc()
-            log.info("deadline_moved", call_id=str(call.call_id), remaining=round(remaining, 3),
-                     funded_seconds=call.funded_seconds)
+            await self.ami.setvar(call.dest_channel, DEADLINE, f"{max(remaining, 0.5):.3f}")
         except Exception as exc:  # noqa: BLE001 - the old, earlier deadline stays: safe
+            if _channel_gone(exc):
+                call.deadline_sent_for = funded
+                log.info("deadline_channel_gone", call_id=str(call.call_id))
+                return True
             self.metrics.deadline_moves.labels("failed").inc()
-            log.warning("deadline_move_failed", call_id=str(call.call_id), error=str(exc))
+            # retried twice a second: one warning per call, the retries at debug level
+            (log.debug if quiet else log.warning)(
+                "deadline_move_failed", call_id=str(call.call_id), error=str(exc),
+                retry_every=DEADLINE_RETRY_SECONDS)
+            return False
+        call.deadline_sent_for = funded
+        self.metrics.deadline_moves.labels(result).inc()
+        log.info("deadline_moved", call_id=str(call.call_id), remaining=round(remaining, 3),
+                 funded_seconds=funded, result=result)
+        return True
+
+    async def resync_deadlines(self) -> dict[str, int]:
+        """After the AMI link is back (or events were lost): read each answered call's
+        deadline from the PBX and send the time left *now* where it does not match the
+        funding (a move that failed meanwhile, or one whose answer was lost with the
+        link). Stops at the first sign the link is gone again: the next login re-runs it."""
+        counts = {"checked": 0, "corrected": 0, "gone": 0}
+        if self.ami is None:
+            return counts
+        for call in list(self.by_id.values()):
+            if (not call.rated or call.answered_mono is None or call.funded_seconds is None
+                    or not call.dest_channel or call.call_id not in self.by_id):
+                continue
+            async with call.deadline_lock:
+                if self._funded_left(call) <= 0:
+                    continue
+                counts["checked"] += 1
+                try:
+                    value = await self.ami.getvar(call.dest_channel, DEADLINE)
+                except Exception as exc:  # noqa: BLE001 - decided below
+                    if _channel_gone(exc):
+                        counts["gone"] += 1
+                        continue
+                    if getattr(exc, "code", None) != AMI_ACTION_FAILED:
+                        log.warning("deadline_resync_stopped", error=str(exc), **counts)
+                        return counts  # the link is gone again
+                    value = ""  # the PBX would not tell: send it anyway
+                pbx_left = _seconds(value)
+                left = self._funded_left(call)
+                if pbx_left is not None and abs(pbx_left - left) <= DEADLINE_TOLERANCE_SECONDS:
+                    call.deadline_sent_for = call.funded_seconds
+                    continue
+                log.warning("deadline_out_of_step", call_id=str(call.call_id),
+                            pbx_seconds_left=value, funded_seconds_left=round(left, 3))
+                if await self._send_deadline(call, "corrected"):
+                    counts["corrected"] += 1
+        log.info("deadlines_resynced", **counts)
+        return counts
 
     # ---- the call ends -------------------------------------------------------------------
 
@@ -229,3 +333,13 @@ class LiveCalls:
         self.metrics.settlements.labels(by, result.outcome).inc()
         if call is not None:
             self.untrack(call)
+
+
+def _seconds(value: str) -> float | None:
+    """TIMEOUT(absolute) as read back: seconds left, or None when the channel has no
+    deadline ("0") or the value is not a number."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None
