@@ -26,6 +26,7 @@ from .billing.recovery import Recovery
 from .billing.views import Views
 from .calls.service import CallService
 from .config import Config
+from .dialplan_variables import HANGUP_ROUTE
 from .errors import Unavailable
 from .metrics import Metrics
 from .store.migrate import migrate
@@ -120,6 +121,8 @@ class Gateway:
         self.agi = AgiServer(self.calls.routes(), host=cfg.agi_host, port=cfg.agi_port,
                              allowed_peers=cfg.agi_allowed_peers or None,
                              max_sessions=cfg.agi_max_sessions,
+                             # a hangup report settles money: decisions are refused first
+                             reserved_routes=(HANGUP_ROUTE,),
                              observe=self.metrics.observe_agi_handler)
         try:
             await self.agi.start()

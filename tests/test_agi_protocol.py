@@ -174,6 +174,7 @@ def test_environment_script_falls_back_to_request_url():
         ["channel: PJSIP/x"],  # no agi_ prefix
         ["agi_: x"],
         ["agi_channel: a", "agi_channel: b"],  # repeated key
+        ["agi_arg_1: alice\x00"],  # NUL: never from Asterisk, refused by PostgreSQL
     ],
 )
 def test_environment_rejects_malformed_lines(lines):
@@ -533,6 +534,57 @@ async def test_max_sessions_rejects_instead_of_queueing(serve):
     assert first.commands == ['SET VARIABLE GW_DECISION "ALLOW"']
     assert server.stats["sessions_total"] == 1
     assert server.stats["sessions_active"] == 0
+
+
+async def test_hangup_reports_are_served_while_decisions_are_busy(serve):
+    """A hangup report settles money: at max_sessions decisions it still runs (in the
+    reserve), a new decision is refused once its route is read, and only past
+    max_sessions + reserved_sessions is a connection refused unread."""
+    release = asyncio.Event()
+    entered: list[str] = []
+
+    async def held(session: AgiSession) -> None:
+        entered.append(session.request.script)
+        await release.wait()
+
+    server = await serve({"outbound": held, "hangup": held}, max_sessions=1,
+                         reserved_routes=("hangup",), reserved_sessions=1)
+    decision = await FakeAsterisk.connect(server.port)
+    await decision.send(env_block("outbound"))
+    for _ in range(100):
+        if entered:
+            break
+        await asyncio.sleep(0.01)
+
+    refused = await call(server.port, script="outbound")  # decisions are full
+    assert refused.commands == [] and server.stats["rejected_busy"] == 1
+    assert server.stats["rejected_busy_unread"] == 0
+
+    report = await FakeAsterisk.connect(server.port)
+    await report.send(env_block("hangup"))
+    for _ in range(100):
+        if entered == ["outbound", "hangup"]:
+            break
+        await asyncio.sleep(0.01)
+    assert entered == ["outbound", "hangup"]
+
+    # max_sessions + reserved_sessions connections open: the next is refused unread
+    unread = await FakeAsterisk.connect(server.port)
+    assert await unread.wait_closed(within=1.0)
+    assert server.stats["rejected_busy"] == 2 and server.stats["rejected_busy_unread"] == 1
+
+    release.set()
+    assert await decision.wait_closed() and await report.wait_closed()
+    assert server.stats["sessions_active"] == 0
+    again = await call(server.port, script="outbound")  # the decision slot is free again
+    assert again.commands == [] and entered[-1] == "outbound"
+    assert server.stats["rejected_busy"] == 2
+
+
+def test_the_reserve_defaults_to_a_fifth_of_max_sessions():
+    assert AgiServer({}, max_sessions=500, reserved_routes=("hangup",))._reserved_sessions == 100
+    assert AgiServer({}, max_sessions=5, reserved_routes=("hangup",))._reserved_sessions == 10
+    assert AgiServer({}, max_sessions=500)._reserved_sessions == 0
 
 
 # --- server: routes and handlers --------------------------------------------------------

@@ -130,8 +130,9 @@ def parse_environment(lines: Iterable[str]) -> AgiRequest:
     """Build a request from the ``agi_key: value`` lines of the environment block.
 
     Line terminators are stripped; an empty line ends the block (anything after it is
-    ignored). A line that is not ``agi_<key>: <value>``, or a repeated key, raises
-    :class:`AgiProtocolError`.
+    ignored). A line that is not ``agi_<key>: <value>``, a repeated key, or a NUL
+    character (Asterisk writes C strings: a NUL cannot come from it, and PostgreSQL
+    refuses it in text) raises :class:`AgiProtocolError`.
     """
     env: dict[str, str] = {}
     numbered_args: dict[int, str] = {}
@@ -139,6 +140,8 @@ def parse_environment(lines: Iterable[str]) -> AgiRequest:
         line = _strip_eol(raw_line)
         if line == "":
             break
+        if "\x00" in line:
+            raise AgiProtocolError(f"NUL in an AGI environment line: {line!r}", raw=line)
         key, sep, value = line.partition(":")
         if not sep or not key.startswith("agi_") or len(key) == len("agi_") or " " in key:
             raise AgiProtocolError(f"not an AGI environment line: {line!r}", raw=line)

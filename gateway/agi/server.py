@@ -53,6 +53,7 @@ _STAT_KEYS = (
     "sessions_total",
     "rejected_peer",
     "rejected_busy",
+    "rejected_busy_unread",
     "protocol_errors",
     "timeouts",
     "handler_errors",
@@ -230,6 +231,8 @@ class AgiServer:
         port: int = 4573,
         allowed_peers: Collection[str] | None = None,
         max_sessions: int = 500,
+        reserved_routes: Collection[str] = (),
+        reserved_sessions: int | None = None,
         max_line_bytes: int = 8192,
         max_headers: int = 256,
         header_timeout: float = 5.0,
@@ -239,7 +242,15 @@ class AgiServer:
         observe: Callable[[str, float], None] | None = None,
     ) -> None:
         """``observe(route, seconds)``, when given, hears how long each route handler ran
-        (e.g. a metrics histogram); the server itself keeps no timings."""
+        (e.g. a metrics histogram); the server itself keeps no timings.
+
+        ``max_sessions`` bounds the sessions of ordinary routes (the call decisions);
+        ``reserved_routes`` (the hangup report, which settles money) may use
+        ``reserved_sessions`` more (default: a fifth of ``max_sessions``, at least 10), so
+        that a burst of decisions cannot refuse a settlement. Past ``max_sessions +
+        reserved_sessions`` connections at once, a new one is refused before its route is
+        read (``rejected_busy_unread``); below that, a decision past ``max_sessions`` is
+        refused once its route is read, and a reserved route always runs."""
         if PING_ROUTE in routes:
             raise ValueError(f"route {PING_ROUTE!r} is built in")
         self._routes = dict(routes)
@@ -247,6 +258,11 @@ class AgiServer:
         self._port = port
         self._allowed = None if allowed_peers is None else _parse_networks(allowed_peers)
         self._max_sessions = max_sessions
+        self._reserved_routes = frozenset(reserved_routes)
+        if reserved_sessions is None:
+            reserved_sessions = max(10, max_sessions // 5) if self._reserved_routes else 0
+        self._reserved_sessions = reserved_sessions
+        self._ordinary_active = 0  # sessions running a route that is not reserved
         self._max_line_bytes = max_line_bytes
         self._max_headers = max_headers
         self._header_timeout = header_timeout
@@ -281,7 +297,7 @@ class AgiServer:
             limit=self._max_line_bytes,
             # A burst of calls must not wait in the kernel: Asterisk gives up on a
             # FastAGI connect after about 2 s and applies its fail policy.
-            backlog=max(128, self._max_sessions),
+            backlog=max(128, self._max_sessions + self._reserved_sessions),
         )
         self._log.info("agi.listening", host=self._host, port=self.port)
 
@@ -342,15 +358,20 @@ class AgiServer:
             self.stats["rejected_peer"] += 1
             log.warning("agi.peer_rejected")
             return
-        if self.stats["sessions_active"] >= self._max_sessions:
+        if self.stats["sessions_active"] >= self._max_sessions + self._reserved_sessions:
+            # Refused unread: this may be a hangup report (the reconciliation settles
+            # its call later; see docs/operations.md).
             self.stats["rejected_busy"] += 1
-            log.warning("agi.busy", max_sessions=self._max_sessions)
+            self.stats["rejected_busy_unread"] += 1
+            log.warning("agi.busy", route=None, max_sessions=self._max_sessions,
+                        reserved_sessions=self._reserved_sessions)
             return
 
         self.stats["sessions_active"] += 1
         self.stats["sessions_total"] += 1
         started = time.monotonic()
         session: AgiSession | None = None
+        ordinary = False
         deadline = asyncio.timeout(self._session_timeout)
         try:
             async with deadline:
@@ -358,6 +379,15 @@ class AgiServer:
                 log = log.bind(
                     uniqueid=request.uniqueid, channel=request.channel, script=request.script
                 )
+                if request.script not in self._reserved_routes:
+                    if self._ordinary_active >= self._max_sessions:
+                        # Send nothing: the dialplan denies a call without a decision.
+                        self.stats["rejected_busy"] += 1
+                        log.warning("agi.busy", route=request.script,
+                                    max_sessions=self._max_sessions)
+                        return
+                    ordinary = True
+                    self._ordinary_active += 1
                 session = AgiSession(
                     reader,
                     writer,
@@ -390,6 +420,8 @@ class AgiServer:
             log.exception("agi.handler_error")
         finally:
             self.stats["sessions_active"] -= 1
+            if ordinary:
+                self._ordinary_active -= 1
             log.debug(
                 "agi.session_end",
                 duration_ms=round((time.monotonic() - started) * 1000),
