@@ -31,6 +31,7 @@ import phonenumbers
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
 from ..errors import InvalidInput
+from . import views as v
 
 #: A money amount in a request: a decimal string (an integer is accepted too).
 Money = NewType("Money", str)
@@ -219,8 +220,6 @@ class AutoRechargeSettings:
 
 # ---- response envelopes (the items are billing.views) -------------------------------------
 
-from . import views as v  # noqa: E402 - after the request models, which need nothing of it
-
 
 @dataclasses.dataclass(frozen=True)
 class Error:
@@ -389,7 +388,9 @@ def check(model: type, data: Any, *, where: str = "") -> dict[str, Any]:
 _NAMED = {"countries": countries, "timezones": timezones}
 
 
-def _constraints(schema: Mapping[str, Any]) -> dict[str, Any]:
+def constraints(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """Published constraints with the named ones filled in: ``enum="countries"`` and
+    ``"timezones"`` become their lists, ``pattern="e164"`` the E.164 pattern."""
     out = dict(schema)
     if isinstance(out.get("enum"), str):
         out["enum"] = _NAMED[out["enum"]]()
@@ -429,7 +430,7 @@ def json_schema(model: type, components: dict[str, Any]) -> dict[str, Any]:
     required: list[str] = []
     for f in dataclasses.fields(model):
         prop = _type_schema(hints[f.name], components)
-        extra = _constraints(f.metadata.get("schema", {}))
+        extra = constraints(f.metadata.get("schema", {}))
         if "items" in extra and prop.get("type") == "array":
             extra["items"] = {**prop["items"], **extra["items"]}
         if "anyOf" in prop and extra:

@@ -40,7 +40,7 @@ def _operation(name: str, path: str, op: api.Operation,
     if op.query:
         out["parameters"] = [
             {"name": n, "in": "query", "required": False,
-             "schema": schemas._constraints(api.QUERY[n])} for n in op.query]
+             "schema": schemas.constraints(api.QUERY[n])} for n in op.query]
     errors = set(op.errors)
     if op.body is not None:
         media = op.body if isinstance(op.body, dict) else {"application/json": op.body}
@@ -72,7 +72,7 @@ def _document() -> dict[str, Any]:
         if params:
             item["parameters"] = [
                 {"name": n, "in": "path", "required": True,
-                 "schema": schemas._constraints(api.PATH_PARAMS[n])} for n in params]
+                 "schema": schemas.constraints(api.PATH_PARAMS[n])} for n in params]
         op = handler.operation  # type: ignore[attr-defined]
         item[method.lower()] = _operation(handler.__name__, path, op, components)
     paths["/openapi.json"] = {"get": {
