@@ -472,10 +472,36 @@ async def test_resync_reads_each_deadline_back_and_corrects_those_out_of_step(
                      "PJSIP/carrier-00000002": now + 4}  # a move that never arrived
     # carrier-00000003: "No such channel", the call ended while the link was down
     counts = await svc.live_calls.resync_deadlines()
-    assert counts == {"checked": 3, "corrected": 1, "gone": 1}
+    assert counts == {"answers_found": 0, "checked": 3, "corrected": 1, "gone": 1}
     [(channel, _, value, _)] = ami.setvars
     assert channel == "PJSIP/carrier-00000002" and 19 < float(value) <= 20
     assert svc.metrics.deadline_moves.labels("corrected")._value.get() == 1
     ami.down = True  # the link gone again: stop, the next login runs it again
     assert (await svc.live_calls.resync_deadlines())["checked"] == 1
+    await svc.stop()
+
+
+async def test_resync_finds_a_call_answered_while_the_link_was_down(admin, repo, clock):
+    ami = FlakyAmi()
+    svc = await per_second_service(admin, repo, clock, ami, slice_seconds=3)
+    s = Session("outbound", "2125550100", "alice", uniqueid="u-9")
+    await svc.agi_outbound(s)
+    [call] = svc.live.values()
+    # its DialEnd was lost with the link: the PBX shows the callee up with the deadline
+    # L() put on it at answer, 1 s ago
+    ami.channels = [
+        CoreShowChannel(uniqueid="u-9", channel="PJSIP/alice-00000009", linkedid="u-9"),
+        CoreShowChannel(uniqueid="u-10", channel="PJSIP/carrier-0000000a", linkedid="u-9"),
+        CoreShowChannel(uniqueid="u-11", channel="PJSIP/bob-0000000b", linkedid="u-11")]
+    ami.deadlines = {"PJSIP/carrier-0000000a": asyncio.get_running_loop().time() + 2.0}
+    counts = await svc.live_calls.resync_deadlines()
+    assert counts["answers_found"] == 1 and counts["corrected"] == 0
+    assert call.dest_channel == "PJSIP/carrier-0000000a"
+    assert abs(asyncio.get_running_loop().time() - call.answered_mono - 1.0) < 0.1
+    row = await repo.pool.fetchrow("SELECT state FROM calls WHERE id = $1", call.call_id)
+    assert row["state"] == "answered"
+    await asyncio.sleep(1.5)  # renewed at 2 s of talk, and the deadline moved to 6 s
+    [(channel, _, value, _)] = ami.setvars
+    assert channel == "PJSIP/carrier-0000000a" and 3.5 < float(value) <= 4.0
+    await svc.agi_hangup(Session("hangup", s.vars[var.CALL_ID], "2500", "ANSWER", "2"))
     await svc.stop()

@@ -12,7 +12,9 @@ that deadline further when it has reserved more time.
 A move can fail (the AMI link is down). The PBX then keeps the earlier deadline, which
 is safe but cuts a call that is paid for, so a failed move is sent again until it gets
 through or the funding has run out, and after every AMI reconnect each answered call's
-deadline is read back from the PBX and corrected (``resync_deadlines``).
+deadline is read back from the PBX and corrected (``resync_deadlines``). A call
+answered while the link was down (its ``DialEnd`` lost) is found there too: its callee
+channel carries the deadline ``L()`` put on it at answer.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Protocol
 import structlog
 
 from ..ami.client import AMI_ACTION_FAILED
-from ..ami.events import DialEnd, Hangup
+from ..ami.events import CoreShowChannel, DialEnd, Hangup
 from ..billing.rater import Rater
 from ..errors import GatewayError
 from ..metrics import Metrics
@@ -50,6 +52,8 @@ class DeadlineLink(Protocol):
     async def setvar(self, channel: str, variable: str, value: str) -> None: ...
 
     async def getvar(self, channel: str, variable: str) -> str: ...
+
+    async def live_channels(self) -> list[CoreShowChannel]: ...
 
 
 def _channel_gone(exc: Exception) -> bool:
@@ -275,8 +279,13 @@ class LiveCalls:
         deadline from the PBX and send the time left *now* where it does not match the
         funding (a move that failed meanwhile, or one whose answer was lost with the
         link). Stops at the first sign the link is gone again: the next login re-runs it."""
-        counts = {"checked": 0, "corrected": 0, "gone": 0}
+        counts = {"answers_found": 0, "checked": 0, "corrected": 0, "gone": 0}
         if self.ami is None:
+            return counts
+        try:
+            counts["answers_found"] = await self._find_unseen_answers()
+        except Exception as exc:  # noqa: BLE001 - the link is gone again
+            log.warning("deadline_resync_stopped", error=str(exc), **counts)
             return counts
         for call in list(self.by_id.values()):
             if (not call.rated or call.answered_mono is None or call.funded_seconds is None
@@ -307,6 +316,52 @@ class LiveCalls:
                     counts["corrected"] += 1
         log.info("deadlines_resynced", **counts)
         return counts
+
+    async def _find_unseen_answers(self) -> int:
+        """Calls answered while we did not hear it (``DialEnd`` lost with the link, or
+        dropped): the PBX put the first slice's deadline on the callee's channel at
+        answer, so a callee channel of the call with a deadline means answered, and its
+        time left says how long ago. Mark them answered and start their renewals."""
+        assert self.ami is not None
+        ringing = [c for c in self.by_id.values()
+                   if c.rated and c.answered_mono is None and c.uniqueid and c.funded_seconds]
+        if not ringing:
+            return 0
+        channels = await self.ami.live_channels()
+        found = 0
+        for call in ringing:
+            caller = next((c for c in channels if c.uniqueid == call.uniqueid), None)
+            if caller is None or not caller.linkedid:
+                continue  # ended: its end report or reconciliation settles it
+            for peer in channels:
+                if (peer.linkedid != caller.linkedid or peer.uniqueid == call.uniqueid
+                        or not peer.channel):
+                    continue
+                try:
+                    left = _seconds(await self.ami.getvar(peer.channel, DEADLINE))
+                except Exception as exc:  # noqa: BLE001 - gone meanwhile, or link lost
+                    if _channel_gone(exc):
+                        continue
+                    raise
+                if left is None or call.answered_mono is not None:
+                    continue  # still ringing (no deadline yet), or DialEnd came meanwhile
+                assert call.funded_seconds is not None
+                talked = max(0.0, call.funded_seconds - left)
+                call.answered_mono = self.monotonic() - talked
+                call.answered_at = self.rater.clock() - dt.timedelta(seconds=talked)
+                call.dest_channel = peer.channel
+                call.linkedid = call.linkedid or caller.linkedid
+                call.deadline_sent_for = call.funded_seconds
+                log.warning("answer_found", call_id=str(call.call_id),
+                            dest_channel=peer.channel, talked=round(talked, 3))
+                try:
+                    await self.rater.answered(call.call_id, call.answered_at)
+                except Exception:  # noqa: BLE001 - the call goes on; reconcile will see it
+                    log.exception("mark_answered_failed", call_id=str(call.call_id))
+                self.start_renewals(call)
+                found += 1
+                break
+        return found
 
     # ---- the call ends -------------------------------------------------------------------
 

@@ -124,6 +124,10 @@ async def test_short_ami_cut_around_the_renewal_does_not_cut_the_funded_call(
     trunk = await pbx.uas("carrier").started()
     phone_task = asyncio.create_task(pbx.call("alice", DOMESTIC, hold=25, max_wait=60))
     call = await answered(gw)
+    await at(call, 2.0)
+    # what the re-sync relies on: the PBX reads the callee's deadline back as seconds left
+    left = float(await gw.ami.getvar(call.dest_channel, "TIMEOUT(absolute)"))
+    assert abs(left - (SLICE - 2.0)) < 0.5, left
     await at(call, 5.0)
     proxy.cut()  # down across the renewal at 7 s
     await at(call, 8.5)
@@ -160,4 +164,26 @@ async def test_long_ami_cut_past_the_deadline_the_pbx_cuts_at_the_funded_end(
     # nothing waits on the link any more: the back-off (at most 10 s) paces the reconnect
     await eventually(lambda: gw.ami.state == "connected", within=12)
     assert gw.calls.live == {}
+    await assert_invariants(repo.pool)
+
+
+async def test_call_answered_while_the_ami_link_is_down_is_found_and_renewed(
+        pbx, gateway, repo):
+    gw, proxy = gateway, gateway.proxy
+    loop = asyncio.get_running_loop()
+    trunk = await pbx.uas("carrier", ring_ms=2000).started()
+    phone_task = asyncio.create_task(pbx.call("alice", DOMESTIC, hold=20, max_wait=60))
+    await eventually(lambda: len(gw.calls.live) == 1, within=10)
+    [call] = gw.calls.live.values()
+    decided = loop.time()
+    proxy.cut()  # the callee answers ~2 s later: its DialEnd is lost with the link
+    await asyncio.sleep(max(0.0, decided + 5.0 - loop.time()))
+    assert call.answered_mono is None
+    proxy.restore()  # ~3 s into the first 10 s slice: the re-sync finds the answer
+    phone = await phone_task
+    trunk_seen = await trunk.result()
+    assert phone.bye_from == "phone" and phone.talk >= 19.5, explain(phone, trunk_seen)
+    row = await settled_call(repo)
+    assert row["state"] == "settled" and 20 <= row["billed_seconds"] <= 22, dict(row)
+    assert row["funded_seconds"] >= 20
     await assert_invariants(repo.pool)
