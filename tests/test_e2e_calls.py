@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.pbx, pytest.mark.db]
 DOMESTIC = "2125550100"  # New York, domestic for a Canadian user
 UK = "+442079460000"  # London, 0.05 / min in the scenario's rates
 FRANCE = "+33142685300"  # no rate
+NAMED_PHONE = "front.desk-2"  # an endpoint name with '.' and '-', dialled by name
 
 
 def explain(*results: CallResult) -> str:
@@ -49,6 +50,7 @@ def e2e_pbx(pbx_root, agi_port, database_url, db_pool):  # noqa: F811
     # db_pool has run the migrations: cdr_pgsql must find its table when it loads
     # (Asterisk 22.10 aborts with a double free when the table is missing)
     pbx = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{agi_port}",
+              phones=("alice", "bob", "carol", "dave", NAMED_PHONE),
               extra_config={"cdr_pgsql.conf": cdr_pgsql_conf(database_url)},
               load=("cdr_pgsql.so",))
     pbx.start()
@@ -160,6 +162,31 @@ async def test_internal_call_without_licence_connects_unbilled(pbx, start_gatewa
     assert (call["route"], call["reason"], call["charged_amount"]) == ("internal", "INTERNAL",
                                                                       0)
     assert await pool_row(repo) == (0, 0)
+
+
+async def test_internal_call_to_a_sip_user_name_with_dot_and_dash(pbx, start_gateway, admin,
+                                                                  repo):
+    # issue 8 item 9: the shipped dialplan sent no name that starts with a letter to the
+    # gateway (404 from the PBX), and the gateway compared "frontdesk-2" with the names
+    await standard_tenant(admin)
+    await admin.create_user("front", TENANT, sip_endpoint=NAMED_PHONE, usage_location="CA")
+    await start_gateway()
+    desk = await callee(pbx, NAMED_PHONE)
+    phone = await pbx.call("carol", NAMED_PHONE, hold=2)  # carol holds no licence
+    desk_seen = await desk.result()
+    assert phone.final_code == 200 and desk_seen.final_code == 200, explain(phone, desk_seen)
+    [call] = await settled(repo)
+    assert (call["destination"], call["route"], call["reason"], call["state"]) == (
+        NAMED_PHONE, "internal", "INTERNAL", "settled")
+    assert (call["funded_seconds"], call["charged_amount"], call["sources"]) == (0, 0, [])
+    assert await pool_row(repo) == (0, 0)
+    await ledger_agrees(repo)
+    # A ',' would split the AGI arguments (the call asked for as if alice dialled it):
+    # the PBX refuses such a name or number itself, and the gateway hears of none.
+    for dialled in (f"{NAMED_PHONE},alice", "2125550100,alice"):
+        phone = await pbx.call("carol", dialled, scenario="expect_error")
+        assert phone.final_code == 484, explain(phone)
+    assert len(await repo.pool.fetch("SELECT id FROM calls")) == 1
 
 
 # 4 ----------------------------------------------------------------------------------------

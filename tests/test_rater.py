@@ -55,6 +55,31 @@ async def test_row2_internal_extension_sip_user_and_number(admin, rater, repo):
 async def test_row2_other_tenants_extension_is_not_internal(admin, rater):
     await standard_tenant(admin)
     await standard_tenant(admin, tenant="other", prefix="o-")
+async def test_row2_sip_user_names_with_dot_or_dash_are_internal(admin, rater, repo):
+    # issue 8 item 9: the dialled name was normalised like a phone number ("front.desk"
+    # became "frontdesk") before it was compared with endpoint names
+    await standard_tenant(admin)
+    await admin.create_user("front", TENANT, sip_endpoint="maple.front-desk",
+                            usage_location="CA")
+    await admin.create_user("lab", TENANT, sip_endpoint="lab-2", usage_location="CA")
+    await admin.create_user("frontdesk", TENANT, sip_endpoint="frontdesk",
+                            usage_location="CA")
+    for caller in ("carol", "alice"):  # no licence, and a Calling Plan licence
+        for dialled, target in (("maple.front-desk", "maple.front-desk"),
+                                ("lab-2", "lab-2"), ("frontdesk", "frontdesk")):
+            d = await rater.authorise_outbound(caller, dialled)
+            assert (d.allow, d.reason, d.route, d.target) == (
+                True, Reason.INTERNAL, Route.INTERNAL, target), (caller, dialled)
+            assert d.funded_seconds is None
+            call = await repo.find_call(d.call_id)
+            assert (call["destination"], call["route"], call["state"]) == (
+                dialled, "internal", "authorised")
+    # a name that is nobody's is not internal, and separators still do not make one
+    d = await rater.authorise_outbound("alice", "front.desk")
+    assert (d.allow, d.reason) == (False, Reason.INVALID_NUMBER)
+    assert await pool_row(repo) == (0, 0)
+
+
     d = await rater.authorise_outbound("o-carol", "+15145550100")  # acme's number
     assert d.reason is Reason.NO_LICENSE
 

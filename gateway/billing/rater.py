@@ -77,7 +77,7 @@ class Rater:
             return self._emergency(dialled, sip_endpoint)
         row = None
         if sip_endpoint and len(sip_endpoint) <= 80:
-            row = await self.repo.find_caller(sip_endpoint, dialled)
+            row = await self.repo.find_caller(sip_endpoint, dialled, raw)
         if row is None:
             ruling = rules.decide_outbound(None, dialled, Classified(NumberClass.INVALID))
             return self._log(Decision(False, ruling.reason, None, destination=dialled),
@@ -94,8 +94,12 @@ class Rater:
                  if e164 == classified.e164),
                 None,
             )
+        # A SIP user name is compared as dialled: normalising "front.desk" like a phone
+        # number would make it "frontdesk", someone else's name or nobody's.
+        raw = (dialled or "")[:MAX_DIALLED + 1]
         ctx = CallerContext(user=row.user, tenant=row.tenant, internal_target=internal)
-        ruling = rules.decide_outbound(ctx, dialled, classified)
+        # a call to a SIP user name records the name as dialled, not its normalised form
+        ruling = rules.decide_outbound(ctx, raw if internal == raw else dialled, classified)
         if ruling.reason is Reason.EMERGENCY:
             return self._emergency(dialled, sip_endpoint)
         return await self._record(ruling, ctx.tenant.id, ctx.user.id, Direction.OUTBOUND,

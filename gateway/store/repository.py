@@ -139,9 +139,15 @@ class Repository:
 
     # ---- the call path -------------------------------------------------------------
 
-    async def find_caller(self, sip_endpoint: str, dialled: str) -> CallerRow | None:
+    async def find_caller(self, sip_endpoint: str, dialled: str,
+                          dialled_as_typed: str | None = None) -> CallerRow | None:
         """One round trip: the caller, their tenant and licences, and whether the
-        dialled string is one of the tenant's own extensions, users or numbers."""
+        dialled string is one of the tenant's own extensions, users or numbers.
+        ``dialled`` is normalised (extensions and numbers are compared with it);
+        endpoint names are compared with ``dialled_as_typed``, since '.' and '-' are
+        part of a name (default: ``dialled``)."""
+        if dialled_as_typed is None:
+            dialled_as_typed = dialled
         digits = "".join(_DIGITS.findall(dialled or ""))
         suffix = digits[-7:] if digits else None
         r = await self._fetchrow(
@@ -152,7 +158,7 @@ class Repository:
                          WHERE la.user_id = u.id) AS licences,
                    (SELECT u2.sip_endpoint FROM users u2
                     WHERE u2.tenant_id = u.tenant_id
-                      AND (u2.extension = $2 OR u2.sip_endpoint = $2)
+                      AND (u2.extension = $2 OR u2.sip_endpoint = $4)
                     ORDER BY u2.extension = $2 DESC LIMIT 1) AS internal_user,
                    ARRAY(SELECT ROW(pn.e164, coalesce(pu.sip_endpoint, pn.target))
                          FROM phone_numbers pn LEFT JOIN users pu ON pu.id = pn.user_id
@@ -169,6 +175,7 @@ class Repository:
         if r is None:
             return None
         user = User(
+            dialled_as_typed,
             id=r["user_id"],
             tenant_id=r["tenant_id"],
             sip_endpoint=r["sip_endpoint"],
