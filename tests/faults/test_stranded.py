@@ -16,9 +16,9 @@ from gateway.billing.rater import Rater
 from gateway.billing.recovery import Recovery
 from gateway.calls.service import CallService
 from tests.faults.invariants import assert_invariants
+from tests.support.calls import FakeAmi, Session
 from tests.support.ledger import pool_row
 from tests.support.tenant import standard_tenant
-from tests.test_calls import FakeAmi, Session
 
 pytestmark = [pytest.mark.faults, pytest.mark.db]
 
