@@ -52,9 +52,6 @@ async def test_row2_internal_extension_sip_user_and_number(admin, rater, repo):
     assert await pool_row(repo) == (0, 0)
 
 
-async def test_row2_other_tenants_extension_is_not_internal(admin, rater):
-    await standard_tenant(admin)
-    await standard_tenant(admin, tenant="other", prefix="o-")
 async def test_row2_sip_user_names_with_dot_or_dash_are_internal(admin, rater, repo):
     # issue 8 item 9: the dialled name was normalised like a phone number ("front.desk"
     # became "frontdesk") before it was compared with endpoint names
@@ -80,6 +77,9 @@ async def test_row2_sip_user_names_with_dot_or_dash_are_internal(admin, rater, r
     assert await pool_row(repo) == (0, 0)
 
 
+async def test_row2_other_tenants_extension_is_not_internal(admin, rater):
+    await standard_tenant(admin)
+    await standard_tenant(admin, tenant="other", prefix="o-")
     d = await rater.authorise_outbound("o-carol", "+15145550100")  # acme's number
     assert d.reason is Reason.NO_LICENSE
 

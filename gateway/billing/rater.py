@@ -71,6 +71,9 @@ class Rater:
         linkedid: str | None = None,
     ) -> Decision:
         """Billing rules §6, outbound, for a call from ``sip_endpoint`` to ``dialled``."""
+        # A SIP user name is compared as dialled: normalising "front.desk" like a phone
+        # number would make it "frontdesk", someone else's name or nobody's.
+        raw = (dialled or "")[:MAX_DIALLED + 1]
         dialled = numbers.normalise(dialled)[:MAX_DIALLED + 1]
         # Row 1 first, before any I/O: emergency calls go whatever the rater's health.
         if numbers.is_emergency(dialled, None):
@@ -94,9 +97,6 @@ class Rater:
                  if e164 == classified.e164),
                 None,
             )
-        # A SIP user name is compared as dialled: normalising "front.desk" like a phone
-        # number would make it "frontdesk", someone else's name or nobody's.
-        raw = (dialled or "")[:MAX_DIALLED + 1]
         ctx = CallerContext(user=row.user, tenant=row.tenant, internal_target=internal)
         # a call to a SIP user name records the name as dialled, not its normalised form
         ruling = rules.decide_outbound(ctx, raw if internal == raw else dialled, classified)

@@ -171,11 +171,11 @@ class Repository:
             sip_endpoint,
             dialled,
             suffix,
+            dialled_as_typed,
         )
         if r is None:
             return None
         user = User(
-            dialled_as_typed,
             id=r["user_id"],
             tenant_id=r["tenant_id"],
             sip_endpoint=r["sip_endpoint"],
