@@ -11,12 +11,18 @@ import pytest
 from gateway import dialplan_variables as var
 from gateway.agi import AgiReply, parse_environment
 from gateway.ami import AMI_ACTION_FAILED, AMI_DISCONNECTED, AmiError
+from gateway.ami import client as ami_client
 from gateway.ami.events import Cdr, CoreShowChannel, DialEnd
 from gateway.billing.rater import Rater
 from gateway.billing.recovery import Recovery
 from gateway.calls.service import CallService
+from tests.support.ami import SECRET as AMI_SECRET
+from tests.support.ami import USERNAME as AMI_USERNAME
+from tests.support.ami import FakeAmi as FakeAmiServer
+from tests.support.gateway import running_gateway
 from tests.support.ledger import ledger_agrees, pool_row
 from tests.support.tenant import TENANT, standard_tenant
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.db
 
@@ -505,3 +511,41 @@ async def test_resync_finds_a_call_answered_while_the_link_was_down(admin, repo,
     assert channel == "PJSIP/carrier-0000000a" and 3.5 < float(value) <= 4.0
     await svc.agi_hangup(Session("hangup", s.vars[var.CALL_ID], "2500", "ANSWER", "2"))
     await svc.stop()
+
+
+# ---- the gateway not keeping up with AMI events (issue 8 item 15) ---------------------------
+
+
+async def test_a_flood_of_ami_events_is_dropped_counted_and_followed_by_a_resync(
+        repo, database_url, monkeypatch):
+    monkeypatch.setattr(ami_client, "DEFAULT_MAX_EVENT_BACKLOG", 20)
+    pbx = FakeAmiServer()
+    listed: list[float] = []  # each CoreShowChannels: a reconciliation asking the PBX
+
+    async def core_show_channels(conn, action):
+        listed.append(asyncio.get_running_loop().time())
+        await conn.reply(action, EventList="start")
+        await conn.send({"Event": "CoreShowChannelsComplete", "ActionID": action["ActionID"],
+                         "EventList": "Complete", "ListItems": "0"})
+
+    pbx.scripts["coreshowchannels"] = core_show_channels
+    await pbx.start()
+    try:
+        async with running_gateway(database_url, ami_host="127.0.0.1", ami_port=pbx.port,
+                                   ami_username=AMI_USERNAME, ami_secret=AMI_SECRET) as gw:
+            assert len(listed) == 1  # the reconciliation at start
+            # each Cdr of a call no gateway knows costs a database look-up: the PBX
+            # sends them faster than that
+            for n in range(300):
+                await pbx.event({"Event": "Cdr", "UniqueID": f"9.{n}",
+                                 "Disposition": "ANSWERED", "BillableSeconds": "5"})
+            await eventually(lambda: gw.ami.events_dropped > 0, within=10)
+            await eventually(lambda: len(listed) == 2, within=10)  # the re-sync reconciled
+            status = gw.ami_status()
+            assert status["resyncs_after_drops"] == 1
+            assert 0 < status["events_dropped"] < 300 and status["max_event_backlog"] == 20
+            metrics = gw.metrics.render().decode()
+            assert (f'gateway_ami_events_dropped_total{{event="Cdr"}} '
+                    f'{float(status["events_dropped"])}') in metrics
+    finally:
+        await pbx.close()

@@ -190,16 +190,22 @@ class AmiClient:
         ping_interval: float = 10.0,
         connect_timeout: float = 5.0,
         backoff_initial: float = 0.5,
-        backoff_max: float = 10.0,
+        backoff_max: float = 2.0,
         logger: Any = None,
         observe: Callable[[str, float], None] | None = None,
-        max_event_backlog: int = DEFAULT_MAX_EVENT_BACKLOG,
+        max_event_backlog: int | None = None,
         on_event_dropped: Callable[[str], None] | None = None,
     ):
         """``observe(event, seconds)``, when given, hears how long the handlers of each
         handled event ran (e.g. a metrics histogram). At most ``max_event_backlog``
-        events wait for their handlers; ``on_event_dropped(event)`` hears of each one
-        dropped beyond that (e.g. a metrics counter)."""
+        (default ``DEFAULT_MAX_EVENT_BACKLOG``) events wait for their handlers;
+        ``on_event_dropped(event)`` hears of each one dropped beyond that (e.g. a
+        metrics counter).
+
+        The reconnect back-off stops growing at ``backoff_max`` (2 s): while the link
+        is down, calls answered are not heard (their renewals wait for the re-sync
+        after the login), so the link must not stay down long after the PBX is back;
+        a refused connection every 2 s costs a PBX nothing."""
         self._host = host
         self._port = port
         self._username = username
@@ -212,7 +218,7 @@ class AmiClient:
         self._address = f"{host}:{port}"
         self._log = logger if logger is not None else structlog.get_logger("gateway.ami")
         self._observe = observe
-        self._max_event_backlog = max(1, max_event_backlog)
+        self._max_event_backlog = max(1, max_event_backlog or DEFAULT_MAX_EVENT_BACKLOG)
         self._on_event_dropped = on_event_dropped
 
         self.state: str = "disconnected"

@@ -12,6 +12,7 @@ checks it):
 - ``gateway``: ``running_gateway``, a real gateway on free ports, and its tokens;
 - ``http``: ``Client``, JSON over HTTP to that gateway, and ``floats_in``;
 - ``agi``: ``agi_outbound``, a fake Asterisk placing one FastAGI request;
+- ``ami``: ``FakeAmi``, a fake Asterisk Manager Interface server;
 - ``waiting``: ``eventually``, wait (bounded) for another task's work;
 - ``pbx``: the real Asterisk 22 and SIPp (``Pbx``, ``Sipp``, SIP traces).
 """
