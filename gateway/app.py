@@ -76,6 +76,8 @@ class Gateway:
         self.agi: AgiServer | None = None
         self.ami: AmiClient | None = None
         self.http_runner: Any = None
+        self.http_server: asyncio.Server | None = None
+        self.http_guard: Any = None
         self.http_port: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
@@ -159,17 +161,29 @@ class Gateway:
         from aiohttp import web
 
         from .http.app import build_app
+        from .http.guard import ConnectionGuard, connection_cap, raise_descriptor_limit
 
-        self.http_runner = web.AppRunner(build_app(self), access_log=None)
+        cfg = self.config
+        # HTTP and AGI share the process's descriptors: take what the system allows, and
+        # cap HTTP connections so that the AGI listener always has its sessions
+        soft, _ = raise_descriptor_limit()
+        self.http_guard = ConnectionGuard(
+            max_connections=connection_cap(cfg.http_max_connections, soft,
+                                           cfg.agi_max_sessions),
+            header_timeout=cfg.http_header_timeout_seconds)
+        self.http_runner = web.AppRunner(
+            build_app(self, self.http_guard, cfg.http_request_timeout_seconds),
+            access_log=None)
         await self.http_runner.setup()
-        site = web.TCPSite(self.http_runner, self.config.http_host, self.config.http_port)
+        self.http_guard.factory = self.http_runner.server
         try:
-            await site.start()
+            self.http_server = await asyncio.get_running_loop().create_server(
+                self.http_guard, cfg.http_host, cfg.http_port)
         except OSError as exc:
-            raise StartupError(f"http: cannot listen on {self.config.http_host}:"
-                               f"{self.config.http_port}: {exc.strerror}") from exc
-        server = site._server  # the bound port, useful with http_port = 0
-        self.http_port = server.sockets[0].getsockname()[1] if server else None
+            raise StartupError(f"http: cannot listen on {cfg.http_host}:"
+                               f"{cfg.http_port}: {exc.strerror}") from exc
+        # the bound port, useful with http_port = 0
+        self.http_port = self.http_server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         """Stop taking calls, finish AGI sessions in flight, keep reservations of calls
@@ -177,6 +191,8 @@ class Gateway:
         log.info("gateway_stopping")
         if self.agi is not None:
             await self.agi.stop(grace=5.0)
+        if self.http_server is not None:
+            self.http_server.close()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
         for task in self._tasks:

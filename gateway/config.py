@@ -42,6 +42,9 @@ class Config:
     # HTTP
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    http_max_connections: int = 256  # lowered at start to leave AGI its descriptors
+    http_header_timeout_seconds: int = 10  # a request header must arrive within this
+    http_request_timeout_seconds: int = 60  # one request, body and answer included
     admin_token: str = ""
     read_token: str = ""  # empty: /status and /metrics open (bind them to loopback)
     # rating
@@ -207,6 +210,12 @@ def check(cfg: Config) -> None:
         if parts is None or parts.scheme not in ("postgresql", "postgres") or not hostname \
                 and "host=" not in parts.query:
             raise ConfigError("database_url must look like postgresql://user@host:5432/name")
+    if cfg.http_max_connections < 1:
+        raise ConfigError("http_max_connections must be at least 1")
+    if not 1 <= cfg.http_header_timeout_seconds <= 3600:
+        raise ConfigError("http_header_timeout_seconds must be from 1 to 3600")
+    if not 1 <= cfg.http_request_timeout_seconds <= 3600:
+        raise ConfigError("http_request_timeout_seconds must be from 1 to 3600")
     for name in ("agi_port", "ami_port", "http_port"):
         port = getattr(cfg, name)
         if not 0 <= port <= 65535:

@@ -20,6 +20,7 @@ from ..metrics import CONTENT_TYPE_LATEST
 from . import api
 from .auth import Unauthorized, require_read
 from .bodies import error_body, json_response
+from .guard import ConnectionGuard, bounded
 from .keys import GATEWAY, STARTED_AT
 from .status import status_document
 
@@ -30,7 +31,7 @@ MAX_BODY = 16 * 1024 * 1024  # a large rate sheet as CSV
 
 _HTTP_CODES = {400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN",
                404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE",
-               415: "UNSUPPORTED_MEDIA_TYPE"}
+               408: "REQUEST_TIMEOUT", 415: "UNSUPPORTED_MEDIA_TYPE"}
 
 
 @web.middleware
@@ -134,11 +135,16 @@ def _static_handler() -> Any:
     return static_file
 
 
-def build_app(gateway: Any) -> web.Application:
+def build_app(gateway: Any, guard: ConnectionGuard | None = None,
+              request_timeout: float = 60.0) -> web.Application:
     """The aiohttp application of one gateway. ``gateway`` is the composition root
     (gateway.app.Gateway) or anything with its attributes: config, provisioning, views,
-    calls, metrics, readiness(), ami_status()."""
-    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
+    calls, metrics, readiness(), ami_status(). With a ``guard`` (the listener's connection
+    guard), each request stops its connection's header clock and is bounded in time."""
+    middlewares: list[Any] = [errors_as_json]
+    if guard is not None:
+        middlewares.append(bounded(guard, request_timeout))
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[GATEWAY] = gateway
     app[STARTED_AT] = dt.datetime.now(dt.UTC)
     app.router.add_get("/healthz", healthz)

@@ -32,6 +32,9 @@ async def status_document(gateway: Any, started_at: dt.datetime) -> dict[str, An
         "last_reconcile": (calls.last_reconcile or None) if calls is not None else None,
         "config": gateway.config.public(),
     }
+    guard = getattr(gateway, "http_guard", None)
+    if guard is not None:  # open, refused and timed-out HTTP connections
+        doc["http"] = guard.stats()
     doc["tenants"], doc["tenants_error"] = await _tenants(gateway)
     return doc
 

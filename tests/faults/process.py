@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -18,7 +19,10 @@ from tests.support.pbx import free_port
 
 
 class GatewayProcess:
-    def __init__(self, **config: Any):
+    def __init__(self, *, nofile: int | None = None, **config: Any):
+        """``nofile``: the process's open-files limit, soft and hard (the gateway cannot
+        raise it), to put it at the descriptor limit."""
+        self.nofile = nofile
         self.http_port = free_port()
         self.config = {"http_port": self.http_port, "log_format": "json",
                        "log_level": "info", **config}
@@ -36,9 +40,16 @@ class GatewayProcess:
 
     async def start(self, ready_within: float = 30.0) -> GatewayProcess:
         self._log = self.log_path.open("ab")
+        limit = self.nofile
+
+        def lower_limit() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "serve", env=self.env(),
-            stdout=self._log, stderr=self._log, start_new_session=True)
+            stdout=self._log, stderr=self._log, start_new_session=True,
+            preexec_fn=lower_limit)
         await self.wait_ready(ready_within)
         return self
 
