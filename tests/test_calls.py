@@ -402,10 +402,13 @@ class FlakyAmi(FakeAmi):
         super().__init__()
         self.down = False
         self.deadlines: dict[str, float] = {}  # channel -> loop time of its hangup
+        self.gone: set[str] = set()  # channels hung up
 
     async def setvar(self, channel, variable, value):
         if self.down:
             raise AmiError(AMI_DISCONNECTED, "AMI 127.0.0.1:5038 not connected (disconnected)")
+        if channel in self.gone:
+            raise AmiError(AMI_ACTION_FAILED, "Setvar failed: No such channel")
         await super().setvar(channel, variable, value)
         self.deadlines[channel] = asyncio.get_running_loop().time() + float(value)
 
@@ -463,6 +466,22 @@ async def test_a_deadline_move_stops_retrying_once_the_funding_has_run_out(admin
     await asyncio.sleep(6.5)
     assert call.renew_task.done()  # no renewal for a call the PBX has cut
     assert call.funded_seconds == 6
+    await svc.stop()
+
+
+async def test_no_renewal_once_the_pbx_says_the_callee_channel_is_gone(admin, repo, clock):
+    ami = FlakyAmi()
+    svc = await per_second_service(admin, repo, clock, ami)
+    s = Session("outbound", "2125550100", "alice", uniqueid="u-12")
+    await svc.agi_outbound(s)
+    await svc.on_dial_end(answer("u-12", "PJSIP/carrier-0000000c"))
+    [call] = svc.live.values()
+    ami.gone.add("PJSIP/carrier-0000000c")  # hung up, and its end reports are lost
+    await asyncio.sleep(4.5)  # renewed at 2 s; would have been again at 5 s... no more
+    assert call.renew_task.done()
+    reserves = await repo.pool.fetchval(
+        "SELECT count(*) FROM ledger WHERE entry = 'reserve' AND call_id = $1", call.call_id)
+    assert reserves == 2  # the first slice and the renewal that found the channel gone
     await svc.stop()
 
 

@@ -223,7 +223,7 @@ class LiveCalls:
             self.metrics.reservations.labels("granted").inc()
             call.funded_seconds = renewal.funded_seconds
             if not await self._move_deadline(call):
-                return  # the PBX cut the call at its old deadline; its end report settles
+                return  # the call is over on the PBX; its end report settles it
 
     def _funded_left(self, call: LiveCall) -> float:
         assert call.answered_mono is not None and call.funded_seconds is not None
@@ -232,7 +232,8 @@ class LiveCalls:
     async def _move_deadline(self, call: LiveCall) -> bool:
         """Move the PBX's deadline to the funded end; while that fails (AMI down), try
         again every ``DEADLINE_RETRY_SECONDS`` as long as the call is funded. False when
-        the funding ran out first: the PBX has then cut the call at its earlier deadline."""
+        the call is over: the funding ran out first (the PBX has then cut the call at its
+        earlier deadline), or the PBX has no such channel any more."""
         failures = 0
         while True:
             async with call.deadline_lock:
@@ -243,15 +244,16 @@ class LiveCalls:
                                 funded_seconds=call.funded_seconds,
                                 pbx_deadline_for=call.deadline_sent_for)
                     return False
-                if await self._send_deadline(call, "ok", quiet=failures > 0):
-                    return True
+                sent = await self._send_deadline(call, "ok", quiet=failures > 0)
+                if sent != "failed":
+                    return sent == "sent"
             failures += 1
             await asyncio.sleep(DEADLINE_RETRY_SECONDS)
 
-    async def _send_deadline(self, call: LiveCall, result: str, *, quiet: bool = False) -> bool:
+    async def _send_deadline(self, call: LiveCall, result: str, *, quiet: bool = False) -> str:
         """Send the time left now (TIMEOUT(absolute) counts from when it arrives); called
-        under ``call.deadline_lock``. True when the PBX has it, or has no such channel
-        any more (nothing left to move); False when it should be tried again."""
+        under ``call.deadline_lock``. ``sent``; ``gone`` when the PBX has no such channel
+        any more (nothing left to move); ``failed`` when it should be tried again."""
         assert self.ami is not None and call.dest_channel is not None
         funded = call.funded_seconds
         remaining = self._funded_left(call)
@@ -261,18 +263,18 @@ class LiveCalls:
             if _channel_gone(exc):
                 call.deadline_sent_for = funded
                 log.info("deadline_channel_gone", call_id=str(call.call_id))
-                return True
+                return "gone"
             self.metrics.deadline_moves.labels("failed").inc()
             # retried twice a second: one warning per call, the retries at debug level
             (log.debug if quiet else log.warning)(
                 "deadline_move_failed", call_id=str(call.call_id), error=str(exc),
                 retry_every=DEADLINE_RETRY_SECONDS)
-            return False
+            return "failed"
         call.deadline_sent_for = funded
         self.metrics.deadline_moves.labels(result).inc()
         log.info("deadline_moved", call_id=str(call.call_id), remaining=round(remaining, 3),
                  funded_seconds=funded, result=result)
-        return True
+        return "sent"
 
     async def resync_deadlines(self) -> dict[str, int]:
         """After the AMI link is back (or events were lost): read each answered call's
@@ -312,7 +314,7 @@ class LiveCalls:
                     continue
                 log.warning("deadline_out_of_step", call_id=str(call.call_id),
                             pbx_seconds_left=value, funded_seconds_left=round(left, 3))
-                if await self._send_deadline(call, "corrected"):
+                if await self._send_deadline(call, "corrected") == "sent":
                     counts["corrected"] += 1
         log.info("deadlines_resynced", **counts)
         return counts
