@@ -5,11 +5,19 @@ left unanswered (issue 8 item 16)."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from tests.support.pbx import CallResult, Pbx, free_port
-from tests.support.pbx.ports import free_udp_ports
+from tests.support.pbx.ports import (
+    SIP_PORTS,
+    SIPP_BLOCK,
+    free_sip_port,
+    free_sipp_block,
+    free_udp_ports,
+    release_sipp_block,
+)
 
 pytestmark = [pytest.mark.pbx, pytest.mark.timeout(120)]
 
@@ -53,6 +61,16 @@ async def test_a_new_callee_on_a_port_does_not_hear_the_last_calls_retransmissio
 def test_ports_are_never_handed_out_twice_in_a_run():
     # 2,000 ports drawn from the kernel's ~28,000 ephemeral ones: without the
     # registry some would repeat (birthday bound: all but certain)
-    ports = [free_port("udp") for _ in range(1000)] + free_udp_ports(500, set())
-    ports += [free_port("both") for _ in range(500)]
-    assert len(set(ports)) == len(ports) == 2000
+    ports = [free_port("udp") for _ in range(1000)] + [free_port("both") for _ in range(500)]
+    sip = free_udp_ports(500, set())
+    assert len(set(ports + sip)) == len(ports + sip) == 2000
+
+
+def test_sip_ports_are_outside_the_ephemeral_range_and_asterisks_rtp_range():
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for port in (*free_udp_ports(20, set()), free_sip_port()):
+        assert port in SIP_PORTS and not low <= port <= high and not 20000 <= port <= 30000
+    a, b = free_sipp_block(), free_sipp_block()
+    assert abs(a - b) >= SIPP_BLOCK and not set(range(a, a + 8)) & set(range(b, b + 8))
+    release_sipp_block(a)
+    release_sipp_block(b)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from .ports import free_port, free_udp_ports
+from .ports import free_port, free_sip_port, free_udp_ports
 from .processes import PbxError, group_alive, track, untrack
 from .sipp import CallResult, Sipp
 from .transactions import OpenRequests, answer_open_requests
@@ -273,7 +273,7 @@ class Pbx:
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
         self.ami_secret = secrets.token_hex(12)
         self.ami_port = free_port("tcp")
-        self.sip_port = free_port("both")
+        self.sip_port = free_sip_port()
         ports = free_udp_ports(len(self.phones) + len(self.trunks), {self.sip_port})
         self.ports = dict(zip((*self.phones, *self.trunks), ports, strict=True))
         self._write_config()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .ports import free_port, udp_port_bound
+from .ports import free_sipp_block, release_sipp_block, udp_port_bound
 from .processes import PbxError, track, untrack
 from .siptrace import SipMessage, parse_message_trace
 
@@ -152,6 +152,7 @@ class Sipp:
         self.host_dir = pbx.run_dir / "sipp" / tag
         self.guest_dir = f"{pbx.guest_dir}/sipp/{tag}"
         self._result: CallResult | None = None
+        self._block: int | None = None  # control and media ports (ports.free_sipp_block)
 
     def _write_scenario(self) -> str:
         text = (SCENARIO_DIR / f"{self.scenario}.xml").read_text()
@@ -170,8 +171,9 @@ class Sipp:
         pbx = self.pbx
         # SIPp's own ports: control socket and media ports must not collide with
         # other SIPp processes running at the same time.
-        cp = free_port("udp")
-        mp = free_port("both")
+        if self._block is None:
+            self._block = free_sipp_block()
+        cp, mp = self._block, self._block + 2
         return [
             "chroot",
             str(pbx.root),
@@ -267,6 +269,8 @@ class Sipp:
         finally:
             untrack(self.proc)
             self.pbx._sipps.discard(self)
+            if self._block is not None:
+                release_sipp_block(self._block)
             with contextlib.suppress(Exception):
                 self._stdout.close()
         msgs_path = self.host_dir / "messages.log"
