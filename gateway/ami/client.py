@@ -3,7 +3,9 @@
 The client knows nothing about billing. It connects, logs in (``Events: on``, so
 ``system`` events such as ``FullyBooted`` arrive too), delivers events to handlers
 in arrival order, sends actions with a deadline, detects a dead link with ``Ping``
-and reconnects in the background with exponential back-off.
+and reconnects in the background with exponential back-off. Events wait for their
+handlers in a bounded backlog; past its bound they are dropped, counted, and the
+``on_events_lost`` callbacks re-sync once it has drained.
 
 Why not panoramisk's ``Manager``
 --------------------------------
@@ -248,6 +250,7 @@ class AmiClient:
         Names match case-insensitively. Handlers run one at a time, in arrival
         order, outside the socket reader. A handler that needs long work should
         start its own task. Exceptions are logged and the next handler still runs.
+        Events no handler wants are not queued at all.
         List items that answer our own list actions (``CoreShowChannel``…) go to
         the action, not to handlers.
         """
