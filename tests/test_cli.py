@@ -20,6 +20,7 @@ from gateway.config import Config, load
 from tests.support.agi import agi_outbound
 from tests.support.database import dump_tables
 from tests.support.gateway import READ, running_gateway
+from tests.support.ledger import ledger_agrees
 from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = pytest.mark.db
@@ -180,6 +181,29 @@ async def test_provisioning_converges_on_what_the_file_says(run, db_pool, admin,
                     "business_voice": 1}
     number = await admin.repo.find_inbound_number("+18005550199")
     assert number.target == "bob"
+
+
+async def test_a_deleted_user_in_the_file_again_is_reactivated_with_its_history(
+        run, admin, rater, tmp_path):
+    # issue 8 item 4: deleting bob cascaded to his add-on counter, so provisioning him
+    # again gave the month's used add-on minutes back
+    v1 = tmp_path / "v1.toml"
+    v1.write_text(V1)
+    assert (await run("provision", str(v1)))[0] == 0
+    await admin.set_rates([{"kind": "international", "prefix": "44",
+                            "price_per_minute": "0.10"}])
+    call = await rater.authorise_outbound("bob", "+442079460000")
+    await rater.settle(call.call_id, 290)  # 300 s of add-on minutes
+    await admin.delete_user("bob")
+    assert await admin.repo.find_user("bob") is None
+    rc, out, err = await run("provision", str(v1))
+    assert rc == 0, err
+    assert "acme: user bob reactivated" in out
+    assert "acme: user bob: assigned international_calling_plan" in out
+    usage = await admin.usage(TENANT)
+    [addon] = usage["international_addon"]
+    assert (addon["user_id"], addon["used_seconds"]) == ("bob", 300)
+    await ledger_agrees(admin.repo)
 
 
 BAD_FILES = [

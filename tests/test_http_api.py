@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
@@ -26,6 +27,7 @@ from gateway.store.repository import Repository
 from tests.support.database import TABLES, dump_tables
 from tests.support.gateway import ADMIN, NOW, READ, running_gateway
 from tests.support.http import Client, floats_in
+from tests.support.ledger import ledger_agrees
 from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = pytest.mark.db
@@ -191,6 +193,67 @@ async def test_user_lifecycle_and_licences(client, acme, repo):
     assert (await client("GET", "/api/v1/users/erin")).status == 404
 
 
+async def test_deleting_a_user_deactivates_it_and_keeps_its_history(client, acme, rater, repo,
+                                                                    db_pool):
+    # issue 8 item 4: DELETE cascaded to the user's add-on counter, so re-creating the
+    # user gave the month's used add-on minutes back, and its open calls could no longer
+    # be settled
+    uk = "+442079460000"
+
+    async def addon_used() -> dict[str, int]:
+        r = await client("GET", f"/api/v1/tenants/{TENANT}/usage")
+        return {a["user_id"]: a["used_seconds"] for a in r.body["international_addon"]}
+
+    talked = await rater.authorise_outbound("bob", uk)
+    await rater.settle(talked.call_id, 290)  # 300 s of add-on minutes used
+    still_up = await rater.authorise_outbound("bob", uk)
+    assert still_up.allow and still_up.funded_seconds
+    r = await client("DELETE", "/api/v1/users/bob")
+    assert r.status == 409 and r.error["code"] == "USER_HAS_OPEN_CALLS", r.body
+    assert (await client("GET", "/api/v1/users/bob")).body["licences"] == [
+        "business_voice_calling_plan", "international_calling_plan"]
+    await rater.settle(still_up.call_id, 50)  # the open call settles as usual
+    assert await addon_used() == {"bob": 360}
+
+    assert (await client("DELETE", "/api/v1/users/bob")).status == 204
+    assert (await client("GET", "/api/v1/users/bob")).status == 404
+    r = await client("DELETE", "/api/v1/users/bob")
+    assert r.status == 404 and r.error["code"] == "UNKNOWN_USER"
+    # the history stays: calls, counters (shown while the month lasts), ledger
+    assert await addon_used() == {"bob": 360}
+    assert len(await repo.pool.fetch("SELECT 1 FROM calls WHERE user_id = 'bob'")) == 2
+    # a deactivated user is an unknown caller, and no internal destination any more
+    d = await rater.authorise_outbound("bob", uk)
+    assert (d.allow, d.reason.value) == (False, "UNKNOWN_CALLER")
+    assert (await rater.authorise_outbound("alice", "102")).reason.value != "INTERNAL"
+    # its licences went back to the tenant; the database refuses to delete the row
+    r = await client("GET", f"/api/v1/tenants/{TENANT}/subscriptions")
+    assigned = {x["sku"]: x["assigned"] for x in r.body["subscriptions"]}
+    assert assigned["international_calling_plan"] == 0
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await db_pool.execute("DELETE FROM users WHERE id = 'bob'")
+
+    # its id in another tenant is refused; in its own tenant it reactivates the user
+    await client("POST", "/api/v1/tenants", {"id": "other", "name": "Other", "country": "CA"})
+    r = await client("POST", "/api/v1/tenants/other/users",
+                     {"id": "bob", "sip_endpoint": "bob2", "usage_location": "CA"})
+    assert r.status == 409 and r.error["code"] == "USER_OF_OTHER_TENANT", r.body
+    r = await client("POST", f"/api/v1/tenants/{TENANT}/users",
+                     {"id": "bob", "sip_endpoint": "bob", "usage_location": "CA",
+                      "extension": "102"})
+    assert r.status == 201 and r.body["licences"] == [], r.body
+    r = await client("POST", f"/api/v1/tenants/{TENANT}/users",
+                     {"id": "bob", "sip_endpoint": "bob", "usage_location": "CA"})
+    assert r.status == 409 and r.error["code"] == "DUPLICATE"
+    for sku in ("business_voice_calling_plan", "international_calling_plan"):
+        assert (await client("PUT", f"/api/v1/users/bob/licences/{sku}")).status == 200
+    assert await addon_used() == {"bob": 360}  # not given back
+    again = await rater.authorise_outbound("bob", uk)
+    await rater.settle(again.call_id, 60)
+    assert await addon_used() == {"bob": 420}
+    await ledger_agrees(repo)
+
+
 async def test_licences_never_exceed_the_purchase(client, acme, repo):
     # 2 business_voice bought, dave holds one: carol may take the second, erin none
     await acme.create_user("erin", TENANT, "erin", "CA")
@@ -222,6 +285,19 @@ async def test_numbers(client, acme, repo):
     assert await repo.find_inbound_number("+18005550199") is None
     r = await client("DELETE", "/api/v1/numbers/+15145550177")
     assert r.status == 404 and r.error["code"] == "UNKNOWN_NUMBER"
+
+
+async def test_deleting_a_number_leaves_its_calls_whole(client, acme, rater, repo):
+    # a number bears no history (issue 8 item 4): a toll-free call still up on it
+    # settles after the number is gone, and the calls keep the number they went to
+    call = await rater.authorise_inbound("+18005550199", "2125550100")
+    assert call.allow and call.funded_seconds
+    assert (await client("DELETE", "/api/v1/numbers/+18005550199")).status == 204
+    await rater.settle(call.call_id, 61)
+    row = await repo.find_call(call.call_id)
+    assert (row["state"], row["destination"], row["charged_amount"]) == (
+        "settled", "+18005550199", Decimal("0.06"))
+    await ledger_agrees(repo)
 
 
 # ---- rates and allotments ---------------------------------------------------------------

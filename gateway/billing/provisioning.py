@@ -188,7 +188,10 @@ class Provisioning:
 
     async def create_user(self, id: str, tenant_id: str, sip_endpoint: str,
                           usage_location: str, extension: str | None = None,
-                          display_name: str = "") -> None:
+                          display_name: str = "") -> bool:
+        """Create the user; the id of a deactivated user of the same tenant reactivates
+        it with these details and its history (no licences, no numbers: assign them
+        again). True when it reactivated one."""
         _need(id, _USER_ID, "id", "1-128 letters, digits, '_', '.', '@' or '-'")
         _need(sip_endpoint, _ENDPOINT, "sip_endpoint", "a PJSIP endpoint name")
         if extension is not None:
@@ -198,7 +201,7 @@ class Provisioning:
                                code="INVALID_DISPLAY_NAME", field="display_name")
         check_country(usage_location, "usage_location")
         await self._tenant_exists(tenant_id)
-        await self.repo.create_user(
+        return await self.repo.create_user(
             User(id=id, tenant_id=tenant_id, sip_endpoint=sip_endpoint,
                  usage_location=usage_location, extension=extension),
             display_name,
@@ -234,7 +237,12 @@ class Provisioning:
         return dict(r)
 
     async def delete_user(self, user_id: str) -> None:
-        await self.repo.delete_user(user_id)
+        """Deactivate the user: provisioning never deletes what bears history (its calls,
+        ledger entries and add-on counters). Its licences return to the tenant, its
+        numbers ring nobody, its endpoint name and extension are free for another user,
+        and its phone is an unknown caller (UNKNOWN_CALLER). Refused with
+        USER_HAS_OPEN_CALLS while one of its calls is open."""
+        await self.repo.deactivate_user(user_id, self.clock())
 
     async def assign_licence(self, user_id: str, sku: str) -> None:
         """Assign one licence; never more than the tenant purchased (billing rules §2)."""
@@ -298,6 +306,9 @@ class Provisioning:
         await self.repo.add_number(e164, tenant_id, kind.value, user_id, target)
 
     async def delete_number(self, e164: str) -> None:
+        """Delete the number outright: it bears no history (each call keeps its own copy
+        of the numbers it went between, and the ledger never names a number), and a call
+        still open on it settles as if the number were there."""
         await self.repo.delete_number(e164)
 
     def _rate_row(self, r: dict[str, Any], tenant_id: str | None, line: str = "") -> tuple:

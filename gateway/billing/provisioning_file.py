@@ -244,9 +244,10 @@ async def _tenant(provisioning: Provisioning, t: dict[str, Any],
         row = found[u["id"]]
         with _Where(f"users[{j}] {u['id']}"):
             if row is None:
-                await provisioning.create_user(u["id"], tid, u["sip_endpoint"], u["usage_location"],
-                                        u.get("extension"), u.get("display_name", ""))
-                changed(f"user {u['id']} created")
+                reactivated = await provisioning.create_user(
+                    u["id"], tid, u["sip_endpoint"], u["usage_location"], u.get("extension"),
+                    u.get("display_name", ""))
+                changed(f"user {u['id']} {'reactivated' if reactivated else 'created'}")
                 held: set[str] = set()
             else:
                 if row["sip_endpoint"] != u["sip_endpoint"]:

@@ -189,8 +189,9 @@ async def put_subscription(request: web.Request) -> web.Response:
 # ---- users and licences -----------------------------------------------------------------
 
 
-@operation("Create a user", "users", body=s.UserCreate, ok=201, returns=v.User,
-           errors=(404, 409, 422))
+@operation("Create a user; the id of a deactivated user of the same tenant reactivates it "
+           "with its history (licences and numbers are assigned again)", "users",
+           body=s.UserCreate, ok=201, returns=v.User, errors=(404, 409, 422))
 async def create_user(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
     body = s.check(s.UserCreate, await read_json(request))
@@ -220,8 +221,9 @@ async def patch_user(request: web.Request) -> web.Response:
     return json_response(await _views(request).user(user_id))
 
 
-@operation("Delete a user (its licences return to the tenant)", "users", ok=204,
-           errors=(404,))
+@operation("Deactivate a user: its calls, ledger and counters stay, its licences return "
+           "to the tenant, its numbers ring nobody; 409 USER_HAS_OPEN_CALLS while a call "
+           "is open", "users", ok=204, errors=(404, 409))
 async def delete_user(request: web.Request) -> web.Response:
     await _admin(request).delete_user(request.match_info["user_id"])
     return web.Response(status=204)

@@ -157,7 +157,7 @@ class Repository:
                    ARRAY(SELECT la.sku FROM licence_assignments la
                          WHERE la.user_id = u.id) AS licences,
                    (SELECT u2.sip_endpoint FROM users u2
-                    WHERE u2.tenant_id = u.tenant_id
+                    WHERE u2.tenant_id = u.tenant_id AND u2.deactivated_at IS NULL
                       AND (u2.extension = $2 OR u2.sip_endpoint = $4)
                     ORDER BY u2.extension = $2 DESC LIMIT 1) AS internal_user,
                    ARRAY(SELECT ROW(pn.e164, coalesce(pu.sip_endpoint, pn.target))
@@ -166,7 +166,8 @@ class Repository:
                            AND reverse(pn.e164) LIKE reverse($3::text) || '%'
                          LIMIT 20) AS numbers
             FROM users u JOIN tenants t ON t.id = u.tenant_id
-            WHERE u.sip_endpoint = $1
+            -- a deactivated user is unknown to the call path (UNKNOWN_CALLER)
+            WHERE u.sip_endpoint = $1 AND u.deactivated_at IS NULL
             """,
             sip_endpoint,
             dialled,
@@ -300,13 +301,14 @@ class Repository:
         await self._update("tenants", "id", tenant_id, fields, "UNKNOWN_TENANT")
 
     async def _update(self, table: str, key: str, key_value: Any, fields: dict[str, Any],
-                      missing_code: str) -> None:
-        # Column names come from the callers' fixed whitelists, never from input.
+                      missing_code: str, *, only: str = "true") -> None:
+        # Column names and ``only`` come from the callers' fixed text, never from input.
         if not fields:
             return
         sets = ", ".join(f"{col} = ${i + 2}" for i, col in enumerate(fields))
         status = await self._execute(
-            f"UPDATE {table} SET {sets} WHERE {key} = $1", key_value, *fields.values()
+            f"UPDATE {table} SET {sets} WHERE {key} = $1 AND {only}", key_value,
+            *fields.values()
         )
         if status.endswith(" 0"):
             raise NotFound(f"no such {table[:-1]}: {key_value}", code=missing_code)
@@ -353,32 +355,73 @@ class Repository:
             tenant_id,
         )
 
-    async def create_user(self, u: User, display_name: str) -> None:
-        await self._execute(
-            "INSERT INTO users (id, tenant_id, display_name, sip_endpoint, extension,"
-            " usage_location) VALUES ($1, $2, $3, $4, $5, $6)",
-            u.id, u.tenant_id, display_name, u.sip_endpoint, u.extension, u.usage_location,
-        )
+    async def create_user(self, u: User, display_name: str) -> bool:
+        """Insert the user, or reactivate a deactivated user of the same tenant with these
+        details (its history is its own again). True when it reactivated one."""
+        async with self.transaction() as conn:
+            old = await conn.fetchrow(
+                "SELECT tenant_id, deactivated_at FROM users WHERE id = $1 FOR UPDATE", u.id)
+            if old is None:
+                await conn.execute(
+                    "INSERT INTO users (id, tenant_id, display_name, sip_endpoint, extension,"
+                    " usage_location) VALUES ($1, $2, $3, $4, $5, $6)",
+                    u.id, u.tenant_id, display_name, u.sip_endpoint, u.extension,
+                    u.usage_location,
+                )
+                return False
+            if old["deactivated_at"] is None:
+                raise Conflict(f"already exists: user {u.id}", code="DUPLICATE", field="id")
+            if old["tenant_id"] != u.tenant_id:
+                # its calls and ledger entries belong to that tenant's history
+                raise Conflict(f"user id {u.id} was a user of tenant {old['tenant_id']}",
+                               code="USER_OF_OTHER_TENANT", field="id")
+            await conn.execute(
+                "UPDATE users SET display_name = $2, sip_endpoint = $3, extension = $4,"
+                " usage_location = $5, deactivated_at = NULL WHERE id = $1",
+                u.id, display_name, u.sip_endpoint, u.extension, u.usage_location,
+            )
+            return True
 
     async def update_user(self, user_id: str, fields: dict[str, Any]) -> None:
-        await self._update("users", "id", user_id, fields, "UNKNOWN_USER")
+        await self._update("users", "id", user_id, fields, "UNKNOWN_USER",
+                           only="deactivated_at IS NULL")
 
-    async def delete_user(self, user_id: str) -> None:
-        status = await self._execute("DELETE FROM users WHERE id = $1", user_id)
-        if status.endswith(" 0"):
-            raise NotFound(f"no such user: {user_id}", code="UNKNOWN_USER")
+    async def deactivate_user(self, user_id: str, now: dt.datetime) -> None:
+        """What "deleting" a user does: it keeps its row, calls, ledger entries and
+        counters; its licences return to the tenant and its numbers ring nobody. Refused
+        while the user has a call open (its settlement needs the user as it is)."""
+        async with self.transaction() as conn:
+            found = await conn.fetchval(
+                "SELECT true FROM users WHERE id = $1 AND deactivated_at IS NULL FOR UPDATE",
+                user_id)
+            if not found:
+                raise NotFound(f"no such user: {user_id}", code="UNKNOWN_USER")
+            open_calls = await conn.fetchval(
+                "SELECT count(*) FROM calls WHERE user_id = $1"
+                " AND state IN ('authorised', 'answered')", user_id)
+            if open_calls:
+                raise Conflict(f"user {user_id} has {open_calls} open call(s); deactivate "
+                               "it once they have ended", code="USER_HAS_OPEN_CALLS")
+            await conn.execute("DELETE FROM licence_assignments WHERE user_id = $1", user_id)
+            await conn.execute("UPDATE phone_numbers SET user_id = NULL WHERE user_id = $1",
+                               user_id)
+            await conn.execute("UPDATE users SET deactivated_at = $2 WHERE id = $1",
+                               user_id, now)
 
     async def find_user(self, user_id: str) -> asyncpg.Record | None:
+        """An active user (a deactivated one is found by nobody but ``create_user``)."""
         return await self._fetchrow(
             "SELECT u.*, ARRAY(SELECT sku FROM licence_assignments la WHERE la.user_id = u.id"
-            " ORDER BY sku) AS licences FROM users u WHERE u.id = $1",
+            " ORDER BY sku) AS licences FROM users u"
+            " WHERE u.id = $1 AND u.deactivated_at IS NULL",
             user_id,
         )
 
     async def list_users(self, tenant_id: str) -> list[asyncpg.Record]:
         return await self._fetch(
             "SELECT u.*, ARRAY(SELECT sku FROM licence_assignments la WHERE la.user_id = u.id"
-            " ORDER BY sku) AS licences FROM users u WHERE u.tenant_id = $1 ORDER BY u.id",
+            " ORDER BY sku) AS licences FROM users u"
+            " WHERE u.tenant_id = $1 AND u.deactivated_at IS NULL ORDER BY u.id",
             tenant_id,
         )
 
@@ -388,7 +431,8 @@ class Repository:
         async with self.transaction() as conn:
             user = await conn.fetchrow(
                 "SELECT u.*, t.country AS tenant_country FROM users u"
-                " JOIN tenants t ON t.id = u.tenant_id WHERE u.id = $1", user_id,
+                " JOIN tenants t ON t.id = u.tenant_id"
+                " WHERE u.id = $1 AND u.deactivated_at IS NULL", user_id,
             )
             if user is None:
                 raise NotFound(f"no such user: {user_id}", code="UNKNOWN_USER")
@@ -429,7 +473,9 @@ class Repository:
                          target: str | None) -> None:
         async with self.transaction() as conn:
             if user_id is not None:
-                owner = await conn.fetchval("SELECT tenant_id FROM users WHERE id = $1", user_id)
+                owner = await conn.fetchval(
+                    "SELECT tenant_id FROM users WHERE id = $1 AND deactivated_at IS NULL",
+                    user_id)
                 if owner is None:
                     raise NotFound(f"no such user: {user_id}", code="UNKNOWN_USER",
                                    field="user_id")
@@ -557,10 +603,14 @@ class Repository:
             SELECT u.id AS user_id, gw_addon_capacity(u.id) AS capacity_seconds,
                    coalesce(a.used_seconds, 0) AS used_seconds,
                    coalesce(a.reserved_seconds, 0) AS reserved_seconds
-            FROM users u JOIN licence_assignments la
-              ON la.user_id = u.id AND la.sku = 'international_calling_plan'
-            LEFT JOIN addon_usage a ON a.user_id = u.id AND a.month = $2
-            WHERE u.tenant_id = $1 ORDER BY u.id
+            FROM users u LEFT JOIN addon_usage a ON a.user_id = u.id AND a.month = $2
+            -- holders of the add-on, and whoever used it this month (a user who has
+            -- given it back, or been deactivated, keeps the minutes counted)
+            WHERE u.tenant_id = $1
+              AND (a.user_id IS NOT NULL
+                   OR EXISTS (SELECT 1 FROM licence_assignments la WHERE la.user_id = u.id
+                              AND la.sku = 'international_calling_plan'))
+            ORDER BY u.id
             """,
             tenant_id, month,
         )
