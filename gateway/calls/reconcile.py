@@ -79,8 +79,9 @@ class Reconciler:
 
     async def reconcile(self) -> dict[str, int]:
         """Bring the database in line with the PBX: adopt calls still up, settle those that
-        ended while we were away from the PBX's CDR, release what never connected.
-        One run at a time (start, AMI reconnects and the timer may overlap)."""
+        ended while we were away from the PBX's CDR, release what never connected, close
+        what is past its funded end (the rule of docs/billing.md, "Recovery").
+        One run at a time (start, AMI reconnects, heartbeats and the timer may overlap)."""
         async with self._running:
             return await self._reconcile()
 
@@ -111,7 +112,6 @@ class Reconciler:
                 else:
                     counts["kept"] += 1
                 continue
-            over = now >= self.ends_by(call)
             if tracked and channels is not None and age < self.stale_after:
                 counts["kept"] += 1
                 continue
@@ -125,7 +125,7 @@ class Reconciler:
                 billable = self.estimate(call, now)
                 await self.live.settle(call.call_id, billable, by="reconcile-estimate")
                 counts["estimated" if billable else "released"] += 1
-            elif over:
+            elif now >= self.ends_by(call):
                 # Without AMI we cannot ask the PBX, but past its funded end and the grace
                 # the PBX has cut it: settle by the same estimate (docs/billing.md).
                 billable = self.estimate(call, now)
