@@ -155,3 +155,17 @@ async def test_unanswered_call_of_a_live_gateway_is_released_once_expired(admin,
     clock.advance(seconds=RING + 300 + GRACE + 1)
     assert (await me.reconcile())["expired"] == 1
     await assert_invariants(repo.pool)
+
+
+async def test_an_unrated_call_holds_nothing_and_is_closed_only_after_a_week(admin, repo,
+                                                                           clock):
+    await standard_tenant(admin)
+    svc = service(repo, clock)  # no AMI
+    await svc.agi_outbound(Session("outbound", "102", "carol", uniqueid="internal"))
+    clock.advance(days=6)  # an internal call has no funded end: it may still be up
+    assert (await svc.reconcile())["kept"] == 1
+    clock.advance(days=1, seconds=RING + GRACE + 1)
+    assert (await svc.reconcile())["expired"] == 1
+    row = await repo.pool.fetchrow("SELECT * FROM calls")
+    assert (row["route"], row["state"], row["billed_seconds"]) == ("internal", "released", 0)
+    await assert_invariants(repo.pool)
