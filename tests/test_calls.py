@@ -359,10 +359,17 @@ async def test_an_expired_heartbeat_triggers_reconciliation_at_once(admin, servi
     assert (await me.reconcile())["kept"] == 1  # its owner is alive
     beat = asyncio.create_task(me.run_heartbeat())
     try:
-        await asyncio.sleep(0.25)
+        # the loop has seen the other process alive: our first beat is written, and a
+        # few more beats went by
+        for _ in range(100):
+            if await repo.pool.fetchval(
+                    "SELECT count(*) FROM gateway_instances WHERE id = 'gw-me'"):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
         await repo.pool.execute("UPDATE gateway_instances SET last_seen = now()"
                                 " - interval '1 minute' WHERE id = 'gw-other'")
-        for _ in range(40):  # no reconcile timer runs: only the heartbeat can do it
+        for _ in range(100):  # no reconcile timer runs: only the heartbeat can do it
             if me.live:
                 break
             await asyncio.sleep(0.05)
