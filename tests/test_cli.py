@@ -194,7 +194,7 @@ async def test_a_deleted_user_in_the_file_again_is_reactivated_with_its_history(
                             "price_per_minute": "0.10"}])
     call = await rater.authorise_outbound("bob", "+442079460000")
     await rater.settle(call.call_id, 290)  # 300 s of add-on minutes
-    await admin.delete_user("bob")
+    await admin.deactivate_user("bob")
     assert await admin.repo.find_user("bob") is None
     rc, out, err = await run("provision", str(v1))
     assert rc == 0, err

@@ -510,6 +510,6 @@ async def test_calls_api_bad_input(admin, rater, repo):
 
 async def test_inbound_number_whose_user_was_deleted_is_unallocated(admin, rater):
     await standard_tenant(admin)
-    await admin.delete_user("alice")  # +15145550100 was alice's
+    await admin.deactivate_user("alice")  # +15145550100 was alice's
     d = await rater.authorise_inbound("+15145550100", "2125550100")
     assert (d.allow, d.reason) == (False, Reason.UNKNOWN_NUMBER)

@@ -236,7 +236,7 @@ class Provisioning:
             raise NotFound(f"no such user: {user_id}", code="UNKNOWN_USER")
         return dict(r)
 
-    async def delete_user(self, user_id: str) -> None:
+    async def deactivate_user(self, user_id: str) -> None:
         """Deactivate the user: provisioning never deletes what bears history (its calls,
         ledger entries and add-on counters). Its licences return to the tenant, its
         numbers ring nobody, its endpoint name and extension are free for another user,

@@ -225,7 +225,7 @@ async def patch_user(request: web.Request) -> web.Response:
            "to the tenant, its numbers ring nobody; 409 USER_HAS_OPEN_CALLS while a call "
            "is open", "users", ok=204, errors=(404, 409))
 async def delete_user(request: web.Request) -> web.Response:
-    await _admin(request).delete_user(request.match_info["user_id"])
+    await _admin(request).deactivate_user(request.match_info["user_id"])
     return web.Response(status=204)
 
 
