@@ -202,6 +202,8 @@ class Gateway:
                 await task
         if self.calls is not None:
             await self.calls.stop()
+        if self.rater is not None:
+            await self.rater.stop()  # voids of lost authorisations still retrying
         if self.ami is not None:
             await self.ami.stop()
         if self.repo is not None:

@@ -3,14 +3,17 @@ settlement, periods and the ledger."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from decimal import Decimal
 
 import pytest
 
-from gateway.errors import Conflict, InvalidInput, NotFound
+from gateway.billing.rater import Rater
+from gateway.errors import Conflict, InvalidInput, NotFound, Unavailable
 from gateway.rating.model import Reason, Route, Source
+from gateway.store.repository import Repository
 from tests.support.ledger import ledger_agrees, pool_row
 from tests.support.tenant import TENANT, standard_tenant
 
@@ -393,32 +396,87 @@ async def recharges(repo):
         "SELECT d_balance, month FROM ledger WHERE entry = 'recharge' ORDER BY id")
 
 
+PARIS = "+33142685300"  # at 0.25 / min below: a 300 s slice reserves 1.25
+
+
+async def paris_rate(admin):
+    await admin.set_rates([{"kind": "international", "prefix": "33",
+                            "price_per_minute": "0.25"}])
+
+
+async def test_auto_recharge_when_a_reservation_crosses_the_threshold(admin, rater, repo):
+    # billing rules §5: "whenever the available balance falls below the threshold";
+    # this reservation leaves 4.00 available under a 5.00 threshold
+    await standard_tenant(admin, wallet="5.25")
+    await paris_rate(admin)
+    await admin.set_auto_recharge(TENANT, enabled=True, threshold="5", amount="10",
+                                  monthly_cap=3)
+    d = await rater.authorise_outbound("alice", PARIS)
+    assert d.allow and d.funded_seconds == 300
+    assert [r["d_balance"] for r in await recharges(repo)] == [Decimal(10)]
+    assert await wallet(repo) == (Decimal("15.25"), Decimal("1.25"))
+    await ledger_agrees(repo)
+
+
+async def test_auto_recharge_when_a_renewal_crosses_the_threshold(admin, rater, repo):
+    await standard_tenant(admin, wallet="7.50")
+    await paris_rate(admin)
+    await admin.set_auto_recharge(TENANT, enabled=True, threshold="5", amount="10",
+                                  monthly_cap=3)
+    d = await rater.authorise_outbound("alice", PARIS)  # 6.25 available
+    assert (await rater.renew(d.call_id)).slice_seconds == 300  # 5.00: not below
+    assert await recharges(repo) == []
+    assert (await rater.renew(d.call_id)).slice_seconds == 300  # 3.75: below
+    rows = await repo.pool.fetch("SELECT call_id FROM ledger WHERE entry = 'recharge'")
+    assert [r["call_id"] for r in rows] == [d.call_id]
+    assert await wallet(repo) == (Decimal("17.50"), Decimal("3.75"))
+    await rater.settle(d.call_id, 800)
+    await ledger_agrees(repo)
+
+
 async def test_auto_recharge_once_per_crossing_with_monthly_cap(admin, rater, repo, clock):
-    await standard_tenant(admin, wallet="1.00")
-    await admin.set_auto_recharge(TENANT, enabled=True, threshold="0.80", amount="0.50",
+    await standard_tenant(admin, wallet="5.25")
+    await paris_rate(admin)
+    await admin.set_auto_recharge(TENANT, enabled=True, threshold="5", amount="0.50",
                                   monthly_cap=2)
-    await admin.set_allotment("CA", "domestic", 0)
+    calls = []
 
-    async def call(seconds):
-        d = await rater.authorise_outbound("alice", "+442079460000")  # 0.05 / min
+    async def reserve():
+        d = await rater.authorise_outbound("alice", PARIS)
         assert d.allow
-        await rater.settle(d.call_id, seconds)
+        calls.append(d.call_id)
 
-    await call(240)  # 1.00 - 0.20 = 0.80: not below the threshold
-    assert len(await recharges(repo)) == 0
-    await call(60)  # 0.75 < 0.80 -> one recharge to 1.25
-    assert [r["d_balance"] for r in await recharges(repo)] == [Decimal("0.5")]
-    assert await wallet(repo) == (Decimal("1.25"), 0)
-    await call(300)  # 1.00
-    await call(240)  # 0.80: not below
-    await call(60)  # 0.75 -> second recharge (cap 2) -> 1.25
-    await call(300)  # 1.00
-    await call(300)  # 0.75 -> cap reached, no third recharge
+    await reserve()  # 5.25 -> 4.00: a crossing -> recharge -> 4.50, still below
+    assert len(await recharges(repo)) == 1
+    await reserve()  # 4.50 -> 3.25: the same crossing, no second recharge
+    assert len(await recharges(repo)) == 1
+    for call_id in calls:  # back above the threshold (5.75): the next fall is a crossing
+        await rater.release(call_id)
+    await reserve()  # 5.75 -> 4.50 -> recharge (cap 2) -> 5.00: not below
     assert len(await recharges(repo)) == 2
-    assert await wallet(repo) == (Decimal("0.75"), 0)
+    await reserve()  # 5.00 -> 3.75: a crossing, but the month's cap is reached
+    assert len(await recharges(repo)) == 2
     clock.now = dt.datetime(2026, 12, 15, tzinfo=dt.UTC)  # a new month: the cap resets
-    await call(60)
+    await reserve()  # 3.75 -> 2.50: the crossing the cap held back is recharged now
+    assert [r["month"] for r in await recharges(repo)] == [
+        dt.date(2026, 11, 1), dt.date(2026, 11, 1), dt.date(2026, 12, 1)]
+    for call_id in calls[2:]:
+        await rater.release(call_id)
+    assert await wallet(repo) == (Decimal("6.75"), 0)
+    await ledger_agrees(repo)
+
+
+async def test_fifty_concurrent_reservations_crossing_recharge_at_most_the_cap(
+        admin, rater, repo):
+    await standard_tenant(admin, wallet="20")
+    await admin.set_auto_recharge(TENANT, enabled=True, threshold="15", amount="1",
+                                  monthly_cap=3)
+    # each reserves 0.25: 50 of them cross the threshold again after each recharge
+    decisions = await asyncio.gather(*(rater.authorise_outbound("alice", "+442079460000")
+                                       for _ in range(50)))
+    assert all(d.allow for d in decisions)
     assert len(await recharges(repo)) == 3
+    assert await wallet(repo) == (Decimal(23), Decimal("12.5"))
     await ledger_agrees(repo)
 
 
@@ -430,6 +488,128 @@ async def test_auto_recharge_refills_an_empty_wallet_at_authorisation(admin, rat
     assert d.allow and d.funded_seconds == 300
     assert await wallet(repo) == (Decimal(5), Decimal("0.25"))
     await ledger_agrees(repo)
+
+
+# ---- an authorisation whose answer was lost (issue 8 item 2) --------------------------------
+# The PBX is told GATEWAY_ERROR when the database does not answer in time, but the
+# statement may still commit there: the rater voids the call id until the database agrees.
+
+class LosesAnswers(Repository):
+    """The authorisation reaches the database (``commits``) or not, and its answer is lost."""
+
+    def __init__(self, pool, *, commits: bool):
+        super().__init__(pool)
+        self.commits = commits
+        self.sent: dict = {}
+
+    async def authorise(self, **kw):
+        self.sent = kw
+        if self.commits:
+            await super().authorise(**kw)
+        raise Unavailable("database unavailable: timeout", code="DATABASE_UNAVAILABLE")
+
+
+async def voided(rater_):
+    async with asyncio.timeout(10):
+        await rater_.wait_voided()
+
+
+async def test_a_lost_authorisation_that_committed_is_released(admin, repo, clock):
+    await standard_tenant(admin)
+    lossy = LosesAnswers(repo.pool, commits=True)
+    r = Rater(lossy, clock=clock)
+    with pytest.raises(Unavailable):
+        await r.authorise_outbound("alice", "2125550100", pbx_uniqueid="1700000000.9")
+    await voided(r)
+    row = await repo.find_call(lossy.sent["call_id"])
+    # what the PBX was told, and nothing held
+    assert (row["decision"], row["reason"], row["state"], row["settled_by"]) == (
+        "REJECT", "GATEWAY_ERROR", "released", "void")
+    assert await pool_row(repo) == (0, 0)
+    await ledger_agrees(repo)
+
+
+async def test_a_lost_authorisation_committing_late_takes_no_effect(admin, repo, clock):
+    await standard_tenant(admin)
+    lossy = LosesAnswers(repo.pool, commits=False)
+    r = Rater(lossy, clock=clock)
+    with pytest.raises(Unavailable):
+        await r.authorise_outbound("alice", "2125550100", pbx_uniqueid="1700000000.9")
+    await voided(r)
+    # the statement the client gave up on reaches the server only now
+    with pytest.raises(Conflict):
+        await repo.authorise(**lossy.sent)
+    row = await repo.find_call(lossy.sent["call_id"])
+    assert (row["decision"], row["reason"], row["state"]) == ("REJECT", "GATEWAY_ERROR",
+                                                              "rejected")
+    assert await pool_row(repo) == (0, 0)
+    await ledger_agrees(repo)
+
+
+class InFlight(LosesAnswers):
+    """The authorisation runs on ``conn`` in a transaction the test ends later."""
+
+    def __init__(self, pool, conn):
+        super().__init__(pool, commits=False)
+        self.conn = conn
+
+    async def authorise(self, **kw):
+        self.sent = kw
+        await self.conn.fetchrow(
+            "SELECT * FROM gw_authorise($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+            " $13, $14, $15, $16, $17)", kw["call_id"], kw["tenant_id"], kw["user_id"],
+            kw["direction"], kw["caller"], kw["destination"], kw["number_class"],
+            kw["decision"], kw["reason"], kw["route"], kw["pbx_uniqueid"], kw["linkedid"],
+            kw["rate_kind"], list(kw["sources"]), kw["pool_country"], kw["slice_seconds"],
+            kw["now"])
+        raise Unavailable("database unavailable: timeout", code="DATABASE_UNAVAILABLE")
+
+
+@pytest.mark.parametrize("late_outcome", ["commit", "rollback"])
+async def test_void_waits_for_an_authorisation_still_in_flight(admin, repo, clock,
+                                                               late_outcome):
+    """The void and the authorisation serialise on the call id: whichever way the one in
+    flight ends, the call ends holding nothing and says what the PBX was told."""
+    await standard_tenant(admin)
+    async with repo.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        lossy = InFlight(repo.pool, conn)
+        r = Rater(lossy, clock=clock)
+        with pytest.raises(Unavailable):
+            await r.authorise_outbound("alice", "2125550100", pbx_uniqueid="1700000000.9")
+        await asyncio.sleep(0.5)
+        assert r.voids_pending == 1  # waiting on the row the authorisation inserted
+        await (tx.commit() if late_outcome == "commit" else tx.rollback())
+    await voided(r)
+    row = await repo.find_call(lossy.sent["call_id"])
+    assert (row["decision"], row["reason"]) == ("REJECT", "GATEWAY_ERROR")
+    assert row["state"] == ("released" if late_outcome == "commit" else "rejected")
+    assert await pool_row(repo) == (0, 0)
+    await ledger_agrees(repo)
+
+
+async def test_void_is_retried_until_the_database_answers(admin, repo, clock):
+    await standard_tenant(admin)
+
+    class Flaky(LosesAnswers):
+        failures = 2
+
+        async def void_authorisation(self, **kw):
+            if self.failures:
+                self.failures -= 1
+                raise Unavailable("database unavailable: refused",
+                                  code="DATABASE_UNAVAILABLE")
+            return await super().void_authorisation(**kw)
+
+    lossy = Flaky(repo.pool, commits=True)
+    r = Rater(lossy, clock=clock)
+    with pytest.raises(Unavailable):
+        await r.authorise_outbound("alice", "2125550100")
+    await voided(r)
+    assert lossy.failures == 0
+    assert (await repo.find_call(lossy.sent["call_id"]))["state"] == "released"
+    assert await pool_row(repo) == (0, 0)
 
 
 # ---- bad input: typed errors, no partial writes ------------------------------------------

@@ -9,6 +9,7 @@ back as ``NO_RATE`` or ``NO_BALANCE``, and the returned ``Decision`` is what it 
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, Unavailable
 from ..rating import numbers, rules
 from ..rating.model import (
     CallerContext,
@@ -43,6 +44,26 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+# A lost authorisation is voided again after this long, doubling up to the maximum,
+# until the database answers.
+VOID_RETRY_FIRST = 0.25
+VOID_RETRY_MAX = 5.0
+
+
+@dataclass(frozen=True)
+class _Void:
+    """What voiding one lost authorisation needs: enough to write its tombstone."""
+
+    call_id: uuid.UUID
+    tenant_id: str
+    direction: str
+    caller: str
+    destination: str
+    number_class: str
+    pbx_uniqueid: str | None
+    linkedid: str | None
+
+
 @dataclass(frozen=True)
 class Renewal:
     """What renewing one call reserved."""
@@ -59,6 +80,8 @@ class Rater:
         self.repo = repo
         self.clock = clock
         self.slice_seconds = slice_seconds
+        # voids in progress, by call id (see _void_later)
+        self._voids: dict[uuid.UUID, asyncio.Task[None]] = {}
 
     # ---- authorisation ---------------------------------------------------------------
 
@@ -128,25 +151,34 @@ class Rater:
                       direction: Direction, caller: str, pbx_uniqueid: str | None,
                       linkedid: str | None) -> Decision:
         call_id = uuid.uuid4()
-        result = await self.repo.authorise(
-            call_id=call_id,
-            tenant_id=tenant_id,
-            user_id=user_id,
-            direction=direction.value,
-            caller=caller,
-            destination=ruling.destination[:MAX_DIALLED],
-            number_class=ruling.number_class.value,
-            decision="ALLOW" if ruling.allow else "REJECT",
-            reason=ruling.reason.value,
-            route=ruling.route.value if ruling.route else None,
-            pbx_uniqueid=pbx_uniqueid,
-            linkedid=linkedid,
-            rate_kind=ruling.rate_kind.value if ruling.rate_kind else None,
-            sources=[s.value for s in ruling.sources],
-            pool_country=ruling.pool_country,
-            slice_seconds=self.slice_seconds,
-            now=self.clock(),
-        )
+        destination = ruling.destination[:MAX_DIALLED]
+        try:
+            result = await self.repo.authorise(
+                call_id=call_id,
+                tenant_id=tenant_id,
+                user_id=user_id,
+                direction=direction.value,
+                caller=caller,
+                destination=destination,
+                number_class=ruling.number_class.value,
+                decision="ALLOW" if ruling.allow else "REJECT",
+                reason=ruling.reason.value,
+                route=ruling.route.value if ruling.route else None,
+                pbx_uniqueid=pbx_uniqueid,
+                linkedid=linkedid,
+                rate_kind=ruling.rate_kind.value if ruling.rate_kind else None,
+                sources=[s.value for s in ruling.sources],
+                pool_country=ruling.pool_country,
+                slice_seconds=self.slice_seconds,
+                now=self.clock(),
+            )
+        except (Unavailable, asyncio.CancelledError):
+            # No answer from the database (timeout, lost connection, cancelled): the
+            # authorisation may still commit there, while the PBX is told GATEWAY_ERROR.
+            # Void it in the background until the database answers, so that both agree.
+            self._void_later(_Void(call_id, tenant_id, direction.value, caller, destination,
+                                   ruling.number_class.value, pbx_uniqueid, linkedid))
+            raise
         # the store's answer wins: it may have turned an allowed ruling into a rejection
         allow = result.decision == "ALLOW"
         decision = Decision(
@@ -163,6 +195,55 @@ class Rater:
             sources=ruling.sources if allow else (),
         )
         return self._log(decision, caller)
+
+    # ---- authorisations whose answer was lost ---------------------------------------------
+
+    def _void_later(self, void: _Void) -> None:
+        task = asyncio.get_running_loop().create_task(self._void_until_done(void),
+                                                      name=f"void-{void.call_id}")
+        self._voids[void.call_id] = task
+        task.add_done_callback(lambda _t: self._voids.pop(void.call_id, None))
+
+    async def _void_until_done(self, void: _Void) -> None:
+        delay = VOID_RETRY_FIRST
+        while True:
+            try:
+                outcome = await self.repo.void_authorisation(
+                    call_id=void.call_id, tenant_id=void.tenant_id, direction=void.direction,
+                    caller=void.caller, destination=void.destination,
+                    number_class=void.number_class, pbx_uniqueid=void.pbx_uniqueid,
+                    linkedid=void.linkedid, now=self.clock())
+            except Unavailable as exc:
+                log.warning("void_retrying", call_id=str(void.call_id), error=exc.message,
+                            retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, VOID_RETRY_MAX)
+                continue
+            except Exception:  # noqa: BLE001 - a definite refusal: nothing to retry
+                log.exception("void_failed", call_id=str(void.call_id))
+                return
+            log.info("authorisation_voided", call_id=str(void.call_id), outcome=outcome)
+            return
+
+    @property
+    def voids_pending(self) -> int:
+        """Authorisations whose answer was lost and that are not voided yet."""
+        return len(self._voids)
+
+    async def wait_voided(self) -> None:
+        """Return once every pending void is done (bound it with ``asyncio.timeout``)."""
+        while self._voids:
+            await asyncio.gather(*list(self._voids.values()), return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Stop voiding. A void left undone leaves at worst a call authorised and never
+        dialled: reconciliation releases it past its funded end (docs/billing.md)."""
+        tasks = list(self._voids.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            log.warning("voids_abandoned", call_ids=[str(c) for c in self._voids])
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _emergency(self, dialled: str, caller: str) -> Decision:
         return self._log(

@@ -66,12 +66,18 @@ def translate_errors() -> Any:
             asyncpg.NumericValueOutOfRangeError, asyncpg.StringDataRightTruncationError,
             asyncpg.InvalidTextRepresentationError) as exc:
         raise InvalidInput(f"invalid value: {exc}", code="INVALID_VALUE") from exc
+    except (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError) as exc:
+        # the server went away, is shutting down or starting up, or cancelled the
+        # statement (statement_timeout): the statement's transaction did not commit
+        raise Unavailable(f"database unavailable: {exc}", code="DATABASE_UNAVAILABLE") from exc
     except asyncpg.PostgresError as exc:
         if exc.sqlstate == "GW404":
             raise NotFound(str(exc), code="UNKNOWN_CALL") from exc
         raise
     except (OSError, asyncpg.InterfaceError) as exc:
-        raise Unavailable(f"database unavailable: {exc}", code="DATABASE_UNAVAILABLE") from exc
+        # a timeout says nothing in its message: name it
+        raise Unavailable(f"database unavailable: {str(exc) or type(exc).__name__}",
+                          code="DATABASE_UNAVAILABLE") from exc
 
 
 class _OneConnection:
@@ -243,6 +249,22 @@ class Repository:
             r["decision"], r["reason"], r["funded"], r["price"], r["first_increment"],
             r["increment"], r["rate_prefix"],
         )
+
+    async def void_authorisation(
+        self, *, call_id: uuid.UUID, tenant_id: str, direction: str, caller: str,
+        destination: str, number_class: str, pbx_uniqueid: str | None,
+        linkedid: str | None, now: dt.datetime,
+    ) -> str:
+        """Make an authorisation whose answer was lost say what the PBX was told
+        (``gw_void``): release it if it committed, else keep it from ever taking
+        effect. Returns 'voided', 'released' or the state the call already had."""
+        r = await self._fetchrow(
+            "SELECT gw_void($1, $2, $3, $4, $5, $6, $7, $8, $9) AS outcome",
+            call_id, tenant_id, direction, caller, destination, number_class, pbx_uniqueid,
+            linkedid, now,
+        )
+        assert r is not None
+        return r["outcome"]
 
     async def renew(self, call_id: uuid.UUID, slice_seconds: int, now: dt.datetime
                     ) -> tuple[int, int, str]:

@@ -1,0 +1,219 @@
+"""The database fails under call load (issue 8 item 2 and the fault suite's database
+cases): a PostgreSQL cluster of the test's own (``ThrowawayPostgres``), a real gateway
+in-process pointed at it, and AGI requests played as Asterisk would send them (no PBX is
+needed: what matters is what the PBX is told and what the database then holds).
+
+- Frozen (SIGSTOP) past the statement timeout: callers are told GATEWAY_ERROR within
+  the client's timeout and a second; statements sent before the freeze run when it
+  thaws, and an authorisation may then commit although the PBX was told to reject.
+  The rater voids those call ids, so every call the PBX rejected holds nothing.
+- Stopped and started again: calls during the outage are rejected GATEWAY_ERROR at
+  once (emergency calls still go), /readyz says not ready, and the pool reconnects by
+  itself when the database is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+
+from gateway.app import Gateway
+from tests.faults.invariants import assert_invariants
+from tests.faults.postgres import ThrowawayPostgres
+from tests.support.gateway import running_gateway
+from tests.support.tenant import standard_tenant
+
+pytestmark = [pytest.mark.faults, pytest.mark.db]
+
+DOMESTIC = "2125550100"
+COMMAND_TIMEOUT = 5.0  # gateway.store.pool.open_pool's client-side limit
+# what a caller may wait at worst: the client's timeout, then a second for the server
+# to acknowledge the cancellation (BoundedPool.RELEASE_TIMEOUT), and scheduling slack
+WORST_ANSWER = COMMAND_TIMEOUT + 1.0 + 1.5
+
+
+@dataclass
+class Answer:
+    uniqueid: str
+    dialled: str
+    variables: dict[str, str]
+    seconds: float
+    asked_at: float
+
+    @property
+    def reason(self) -> str:
+        return self.variables.get("GW_REASON", "")
+
+
+async def agi_outbound(port: int, endpoint: str, dialled: str) -> Answer:
+    """Play Asterisk for one outbound AGI request (with a channel uniqueid of its own, to
+    find the call afterwards); wait as long as Asterisk would, within reason."""
+    uniqueid = f"{time.time():.6f}-{uuid.uuid4().hex[:6]}"
+    asked = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    env = {"agi_network": "yes", "agi_network_script": "outbound",
+           "agi_request": f"agi://127.0.0.1:{port}/outbound",
+           "agi_channel": f"PJSIP/{endpoint}-00000001", "agi_uniqueid": uniqueid,
+           "agi_callerid": endpoint, "agi_extension": dialled,
+           "agi_arg_1": dialled, "agi_arg_2": endpoint}
+    writer.write(("".join(f"{k}: {v}\n" for k, v in env.items()) + "\n").encode())
+    variables: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(30):
+            while line := await reader.readline():
+                words = shlex.split(line.decode())
+                if words[:2] == ["SET", "VARIABLE"]:
+                    variables[words[2]] = words[3]
+                elif words[:2] == ["EXEC", "MSet"]:
+                    variables.update(pair.split("=", 1) for pair in words[2].split(","))
+                writer.write(b"200 result=1\n")
+    finally:
+        writer.close()
+    return Answer(uniqueid, dialled, variables, time.monotonic() - asked, asked)
+
+
+class Load:
+    """``workers`` callers dialling one after another until stopped."""
+
+    def __init__(self, gw: Gateway, workers: int, dialled: str = DOMESTIC):
+        self.port = gw.agi.port
+        self.dialled = dialled
+        self.answers: list[Answer] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._caller()) for _ in range(workers)]
+
+    async def _caller(self) -> None:
+        while not self._stop.is_set():
+            self.answers.append(await agi_outbound(self.port, "alice", self.dialled))
+
+    async def stop(self) -> list[Answer]:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        return self.answers
+
+
+@pytest_asyncio.fixture
+async def postgres() -> AsyncIterator[ThrowawayPostgres]:
+    pg = await asyncio.to_thread(ThrowawayPostgres().init)
+    await asyncio.to_thread(pg.start)
+    try:
+        yield pg
+    finally:
+        await asyncio.to_thread(pg.close)
+
+
+@pytest_asyncio.fixture
+async def gw(postgres: ThrowawayPostgres) -> AsyncIterator[Gateway]:
+    async with running_gateway(postgres.url, db_pool_size=4) as gateway:
+        await standard_tenant(gateway.provisioning)
+        yield gateway
+
+
+async def rejected_calls_hold_nothing(gw: Gateway, answers: list[Answer]) -> int:
+    """Every call the PBX was told to reject is rejected in the database too, holding
+    nothing; returns how many of them had reached the database."""
+    recorded = 0
+    for a in answers:
+        if a.variables.get("GW_DECISION") == "ALLOW":
+            continue
+        row = await gw.repo.find_call_by_uniqueid(a.uniqueid)
+        if row is None:
+            continue  # failed before its authorisation was sent: nothing to hold
+        recorded += 1
+        assert (row["decision"], row["state"]) in (("REJECT", "rejected"),
+                                                   ("REJECT", "released")), dict(row)
+        assert row["reason"] == a.reason, (dict(row), a.reason)
+    return recorded
+
+
+async def end_allowed_calls(gw: Gateway, answers: list[Answer]) -> None:
+    """The calls that were allowed never connected here: their hangup reports release
+    them (what the dialplan's hangup handler does; not the subject of these tests)."""
+    for a in answers:
+        if a.variables.get("GW_DECISION") == "ALLOW" and a.variables.get("GW_CALL_ID"):
+            await gw.calls.live_calls.settle(uuid.UUID(a.variables["GW_CALL_ID"]), 0,
+                                             by="agi")
+
+
+async def test_database_frozen_past_the_statement_timeout(gw: Gateway,
+                                                          postgres: ThrowawayPostgres):
+    load = Load(gw, workers=8)
+    await asyncio.sleep(1.0)
+    postgres.freeze()
+    frozen_at = time.monotonic()
+    await asyncio.sleep(COMMAND_TIMEOUT + 2.0)  # past the client's and the server's limits
+    postgres.thaw()
+    thawed_at = time.monotonic()
+    await asyncio.sleep(2.0)
+    answers = await load.stop()
+
+    # callers were answered in bounded time, and rejected while the database was frozen
+    assert max(a.seconds for a in answers) < WORST_ANSWER
+    during = [a for a in answers if frozen_at <= a.asked_at
+              and a.asked_at + a.seconds <= thawed_at]
+    assert during and {a.reason for a in during} == {"GATEWAY_ERROR"}
+    assert {a.reason for a in answers} <= {"FUNDED", "GATEWAY_ERROR"}
+    # back to normal once thawed
+    assert answers[-1].reason == "FUNDED"
+
+    # what the PBX was told is what the database holds, once the voids are through
+    async with asyncio.timeout(20):
+        await gw.rater.wait_voided()
+    await rejected_calls_hold_nothing(gw, answers)
+    await end_allowed_calls(gw, answers)
+    await assert_invariants(gw.pool)
+
+
+async def readiness(gw: Gateway) -> bool:
+    ready, _components = await gw.readiness()
+    return ready
+
+
+async def test_database_stopped_and_restarted_during_call_load(
+        gw: Gateway, postgres: ThrowawayPostgres):
+    load = Load(gw, workers=4)
+    emergency = Load(gw, workers=1, dialled="911")
+    await asyncio.sleep(1.0)
+    assert await readiness(gw)
+    await asyncio.to_thread(postgres.stop, "fast")
+    stopped_at = time.monotonic()
+    assert not await readiness(gw)
+    await asyncio.sleep(3.0)
+    assert not await readiness(gw)
+    restarted_at = time.monotonic()
+    await asyncio.to_thread(postgres.start)
+    # the pool reconnects by itself: no restart of the gateway
+    for _ in range(75):  # 15 s
+        if await readiness(gw):
+            break
+        await asyncio.sleep(0.2)
+    else:
+        pytest.fail("the gateway did not get ready again within 15 s of the restart")
+    ready_at = time.monotonic()
+    await asyncio.sleep(1.5)
+    answers = await load.stop()
+    emergencies = await emergency.stop()
+
+    during = [a for a in answers if stopped_at <= a.asked_at
+              and a.asked_at + a.seconds <= restarted_at]
+    assert during and {a.reason for a in during} == {"GATEWAY_ERROR"}
+    # refused at once: a stopped database costs the caller no wait
+    assert max(a.seconds for a in during) < 1.0
+    after = [a for a in answers if a.asked_at >= ready_at]
+    assert after and {a.reason for a in after} == {"FUNDED"}
+    assert max(a.seconds for a in answers) < WORST_ANSWER
+    # emergency calls never depend on the database
+    assert emergencies and {a.reason for a in emergencies} == {"EMERGENCY"}
+
+    async with asyncio.timeout(20):
+        await gw.rater.wait_voided()
+    await rejected_calls_hold_nothing(gw, answers)
+    await end_allowed_calls(gw, answers)
+    await assert_invariants(gw.pool)
