@@ -410,12 +410,15 @@ class FlakyAmi(FakeAmi):
         self.down = False
         self.deadlines: dict[str, float] = {}  # channel -> loop time of its hangup
         self.gone: set[str] = set()  # channels hung up
+        self.delays: list[float] = []  # seconds the next Setvars take to arrive
 
     async def setvar(self, channel, variable, value):
         if self.down:
             raise AmiError(AMI_DISCONNECTED, "AMI 127.0.0.1:5038 not connected (disconnected)")
         if channel in self.gone:
             raise AmiError(AMI_ACTION_FAILED, "Setvar failed: No such channel")
+        if self.delays:
+            await asyncio.sleep(self.delays.pop(0))  # a stalled link; it counts from arrival
         await super().setvar(channel, variable, value)
         self.deadlines[channel] = asyncio.get_running_loop().time() + float(value)
 
@@ -473,6 +476,22 @@ async def test_a_deadline_move_stops_retrying_once_the_funding_has_run_out(admin
     await asyncio.sleep(6.5)
     assert call.renew_task.done()  # no renewal for a call the PBX has cut
     assert call.funded_seconds == 6
+    await svc.stop()
+
+
+async def test_a_deadline_move_delivered_late_is_read_back_and_corrected(admin, repo, clock):
+    ami = FlakyAmi()
+    svc = await per_second_service(admin, repo, clock, ami)
+    s = Session("outbound", "2125550100", "alice", uniqueid="u-13")
+    await svc.agi_outbound(s)
+    await svc.on_dial_end(answer("u-13", "PJSIP/carrier-0000000d"))
+    [call] = svc.live.values()
+    ami.delays = [1.5]  # the renewal's move, sent at 2 s, arrives at 3.5 s: 1.5 s too far
+    await asyncio.sleep(3.8)
+    assert len(ami.setvars) == 2  # the late one, then the correction
+    assert abs(ami.deadlines["PJSIP/carrier-0000000d"] - (call.answered_mono + 6)) < 0.05
+    assert svc.metrics.deadline_moves.labels("corrected")._value.get() == 1
+    await svc.agi_hangup(Session("hangup", s.vars[var.CALL_ID], "3800", "ANSWER", "3"))
     await svc.stop()
 
 

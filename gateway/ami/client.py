@@ -550,7 +550,10 @@ class AmiClient:
         if link.closed:
             return
         link.closed = True
-        link.writer.close()
+        # Abort, not close: a close would let the kernel keep retransmitting what is
+        # unsent or unacknowledged (a Setvar TIMEOUT(absolute) among it) and deliver it
+        # whenever a stalled network heals, where it would count from that late arrival.
+        link.writer.transport.abort()
         for pending in link.pending.values():
             if not pending.future.done():
                 pending.future.set_exception(

@@ -250,13 +250,40 @@ class LiveCalls:
             failures += 1
             await asyncio.sleep(DEADLINE_RETRY_SECONDS)
 
-    async def _send_deadline(self, call: LiveCall, result: str, *, quiet: bool = False) -> str:
+    async def _check_deadline(self, call: LiveCall) -> str:
+        """Read the call's deadline back from the PBX and correct it when it is out of
+        step with the funding; called under ``call.deadline_lock``. ``in_step``,
+        ``corrected``, ``gone`` (no such channel), ``failed`` (the correction did not get
+        through) or ``link_lost`` (the read did not)."""
+        assert self.ami is not None and call.dest_channel is not None
+        try:
+            value = await self.ami.getvar(call.dest_channel, DEADLINE)
+        except Exception as exc:  # noqa: BLE001 - decided below
+            if _channel_gone(exc):
+                return "gone"
+            if getattr(exc, "code", None) != AMI_ACTION_FAILED:
+                log.warning("deadline_check_failed", call_id=str(call.call_id), error=str(exc))
+                return "link_lost"
+            value = ""  # the PBX would not tell: send it anyway
+        pbx_left = _seconds(value)
+        left = self._funded_left(call)
+        if pbx_left is not None and abs(pbx_left - left) <= DEADLINE_TOLERANCE_SECONDS:
+            call.deadline_sent_for = call.funded_seconds
+            return "in_step"
+        log.warning("deadline_out_of_step", call_id=str(call.call_id),
+                    pbx_seconds_left=value, funded_seconds_left=round(left, 3))
+        sent = await self._send_deadline(call, "corrected", verify=False)
+        return "corrected" if sent == "sent" else sent
+
+    async def _send_deadline(self, call: LiveCall, result: str, *, quiet: bool = False,
+                             verify: bool = True) -> str:
         """Send the time left now (TIMEOUT(absolute) counts from when it arrives); called
         under ``call.deadline_lock``. ``sent``; ``gone`` when the PBX has no such channel
         any more (nothing left to move); ``failed`` when it should be tried again."""
         assert self.ami is not None and call.dest_channel is not None
         funded = call.funded_seconds
         remaining = self._funded_left(call)
+        started = self.monotonic()
         try:
             await self.ami.setvar(call.dest_channel, DEADLINE, f"{max(remaining, 0.5):.3f}")
         except Exception as exc:  # noqa: BLE001 - the old, earlier deadline stays: safe
@@ -272,8 +299,14 @@ class LiveCalls:
             return "failed"
         call.deadline_sent_for = funded
         self.metrics.deadline_moves.labels(result).inc()
+        took = self.monotonic() - started
         log.info("deadline_moved", call_id=str(call.call_id), remaining=round(remaining, 3),
-                 funded_seconds=funded, result=result)
+                 funded_seconds=funded, result=result, took=round(took, 3))
+        if verify and took > DEADLINE_TOLERANCE_SECONDS:
+            # a stalled link delivered it late, and it counts from its arrival: the PBX's
+            # deadline may now be past the funded end by up to that delay
+            if await self._check_deadline(call) == "gone":
+                return "gone"
         return "sent"
 
     async def resync_deadlines(self) -> dict[str, int]:
@@ -297,25 +330,12 @@ class LiveCalls:
                 if self._funded_left(call) <= 0:
                     continue
                 counts["checked"] += 1
-                try:
-                    value = await self.ami.getvar(call.dest_channel, DEADLINE)
-                except Exception as exc:  # noqa: BLE001 - decided below
-                    if _channel_gone(exc):
-                        counts["gone"] += 1
-                        continue
-                    if getattr(exc, "code", None) != AMI_ACTION_FAILED:
-                        log.warning("deadline_resync_stopped", error=str(exc), **counts)
-                        return counts  # the link is gone again
-                    value = ""  # the PBX would not tell: send it anyway
-                pbx_left = _seconds(value)
-                left = self._funded_left(call)
-                if pbx_left is not None and abs(pbx_left - left) <= DEADLINE_TOLERANCE_SECONDS:
-                    call.deadline_sent_for = call.funded_seconds
-                    continue
-                log.warning("deadline_out_of_step", call_id=str(call.call_id),
-                            pbx_seconds_left=value, funded_seconds_left=round(left, 3))
-                if await self._send_deadline(call, "corrected") == "sent":
-                    counts["corrected"] += 1
+                outcome = await self._check_deadline(call)
+                if outcome == "link_lost":
+                    log.warning("deadline_resync_stopped", **counts)
+                    return counts
+                if outcome in ("corrected", "gone"):
+                    counts[outcome] += 1
         log.info("deadlines_resynced", **counts)
         return counts
 
