@@ -21,10 +21,14 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
 from gateway.app import Gateway
+from gateway.errors import Unavailable
+from gateway.store.pool import open_pool
+from gateway.store.repository import Repository
 from tests.faults.invariants import assert_invariants
 from tests.faults.postgres import ThrowawayPostgres
 from tests.support.gateway import running_gateway
@@ -217,3 +221,36 @@ async def test_database_stopped_and_restarted_during_call_load(
     await rejected_calls_hold_nothing(gw, answers)
     await end_allowed_calls(gw, answers)
     await assert_invariants(gw.pool)
+
+
+async def test_the_server_cancels_a_slow_statement_before_the_client_gives_up(database_url):
+    """A statement that is only slow is rolled back by the server, which says so, before
+    the client's timeout would leave its outcome unknown."""
+    pool = await open_pool(database_url, min_size=1, max_size=2, command_timeout=2.0,
+                           run_migrations=False)
+    try:
+        repo = Repository(pool)
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as e:
+            await repo._fetchrow("SELECT pg_sleep(3)")
+        assert isinstance(e.value.__cause__, asyncpg.QueryCanceledError)
+        assert time.monotonic() - started < 2.0
+        # the connection is usable at once: nothing left to cancel
+        assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()
+
+
+async def test_waiting_for_a_connection_is_bounded(database_url):
+    pool = await open_pool(database_url, min_size=1, max_size=1, command_timeout=1.0,
+                           run_migrations=False)
+    try:
+        async with pool.acquire():
+            started = time.monotonic()
+            # (asyncio.timeout only keeps the test from hanging when the bound is missing)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(3):
+                    await pool.fetchval("SELECT 1")  # the only connection is taken
+            assert time.monotonic() - started < 1.5
+    finally:
+        await pool.close()
