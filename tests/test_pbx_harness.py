@@ -34,8 +34,10 @@ async def answered_call_with_a_dead_callee(pbx: Pbx) -> None:
     the carrier's port for 32 s (SIP timer F)."""
     carrier = await pbx.uas("carrier").started()
     call = asyncio.create_task(pbx.call("alice", NUMBER, hold=2))
-    for _ in range(100):  # until both legs are up
-        if len(await asyncio.to_thread(pbx.channels)) == 2:
+    for _ in range(100):  # until both legs are answered
+        out = await pbx.acli("core show channels concise")
+        states = [line.split("!")[4] for line in out.splitlines() if line.count("!") > 4]
+        if states == ["Up", "Up"]:
             break
         await asyncio.sleep(0.05)
     carrier.kill()
