@@ -9,16 +9,20 @@ to send (garbage, truncated environments, connections dropped mid-session).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shlex
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from gateway import dialplan_variables as var
+from gateway.app import Gateway
+from gateway.config import Config
 from tests.faults.invariants import assert_invariants
-from tests.support.gateway import running_gateway
+from tests.support.clock import Clock
+from tests.support.gateway import NOW, running_gateway
 from tests.support.tenant import standard_tenant
 
 pytestmark = [pytest.mark.faults, pytest.mark.db, pytest.mark.timeout(120)]
@@ -88,6 +92,19 @@ async def hangup_report(port: int, call_id: str, answered_ms: int) -> list[str]:
     args = [call_id, str(answered_ms), "ANSWER" if answered_ms else "NOANSWER",
             str(answered_ms // 1000)]
     return await play(port, environment(var.HANGUP_ROUTE, args))
+
+
+@contextlib.asynccontextmanager
+async def gateway_with_clock(database_url: str, clock: Clock, **config) -> AsyncIterator[Gateway]:
+    """``running_gateway`` on a clock the test moves (for the reconciliation's rule)."""
+    values = dict(database_url=database_url, agi_port=0, http_port=0, ami_host="",
+                  reconcile_interval_seconds=3600, db_pool_size=4, **config)
+    gw = Gateway(Config(**values), clock=clock, configure_logs=False)
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.stop()
 
 
 async def written(pool) -> tuple[int, int]:
@@ -198,7 +215,8 @@ async def test_agi_fuzz_never_crashes_answers_well_formed_sessions_writes_nothin
         database_url, repo, admin):
     rng = random.Random(SEED)
     await standard_tenant(admin, wallet="5.00")
-    async with running_gateway(database_url, agi_max_sessions=50) as gw:
+    clock = Clock(NOW)
+    async with gateway_with_clock(database_url, clock, agi_max_sessions=50) as gw:
         port = gw.agi.port
         before = await written(repo.pool)  # no call; the wallet's top-up in the ledger
 
@@ -260,10 +278,16 @@ async def test_agi_fuzz_never_crashes_answers_well_formed_sessions_writes_nothin
         assert final[var.DECISION] == "ALLOW"
         await hangup_report(port, final[var.CALL_ID], 1_000)
 
-    # A decision whose answer never reached the PBX leaves its call open (no hangup
-    # report can name it); only those, and each holds only its own reservation until
-    # the reconciliation releases it (issue 8 item 1).
-    open_calls = await repo.pool.fetch(
-        "SELECT pbx_uniqueid FROM calls WHERE state IN ('authorised', 'answered')")
-    assert {r["pbx_uniqueid"] for r in open_calls} <= dropped_answers
-    await assert_invariants(repo.pool, all_ended=not open_calls)
+        # A decision whose answer never reached the PBX leaves its call open (no
+        # hangup report can name it): only those, each holding its own reservation ...
+        open_calls = await repo.pool.fetch(
+            "SELECT pbx_uniqueid FROM calls WHERE state IN ('authorised', 'answered')")
+        assert {r["pbx_uniqueid"] for r in open_calls} <= dropped_answers
+        assert len(open_calls) >= 20  # at least those dropped on the gateway's answer
+        await assert_invariants(repo.pool, all_ended=False)
+        # ... until reconciliation closes them past their funded end, the ringing
+        # allowance and the grace (docs/billing.md, "Recovery"): never answered, unbilled
+        clock.advance(hours=1)
+        counts = await gw.calls.reconcile()
+        assert counts["expired"] == len(open_calls), counts
+    await assert_invariants(repo.pool, all_ended=True)
