@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
@@ -176,8 +177,15 @@ async def test_database_frozen_past_the_statement_timeout(gw: Gateway,
 
 
 async def readiness(gw: Gateway) -> bool:
-    ready, _components = await gw.readiness()
-    return ready
+    """What /readyz says, over HTTP, as a load balancer or the operator sees it."""
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{gw.http_port}/readyz",
+            timeout=aiohttp.ClientTimeout(total=5)) as reply:
+        body = await reply.json()
+    assert (reply.status == 200) == (body["status"] == "ready"), body
+    if reply.status != 200:
+        assert body["failing"].keys() == {"database"}, body
+    return reply.status == 200
 
 
 async def test_database_stopped_and_restarted_during_call_load(
