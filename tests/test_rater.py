@@ -612,6 +612,27 @@ async def test_void_is_retried_until_the_database_answers(admin, repo, clock):
     assert await pool_row(repo) == (0, 0)
 
 
+async def test_a_lost_renewal_holds_its_slice_only_until_the_call_is_settled(
+        admin, repo, clock):
+    """The renewal committed but its answer was lost: the PBX's deadline stayed at the
+    first slice, so the call ends there; its settlement releases the slice in vain."""
+    await standard_tenant(admin)
+
+    class LosesRenewals(Repository):
+        async def renew(self, *a):
+            await super().renew(*a)
+            raise Unavailable("database unavailable: timeout", code="DATABASE_UNAVAILABLE")
+
+    r = Rater(LosesRenewals(repo.pool), clock=clock)
+    d = await r.authorise_outbound("alice", "2125550100")
+    with pytest.raises(Unavailable):
+        await r.renew(d.call_id)
+    assert await pool_row(repo) == (0, 600)  # held while the call may be up
+    await r.settle(d.call_id, 300)  # cut by the PBX at the deadline it had
+    assert await pool_row(repo) == (300, 0)
+    await ledger_agrees(repo)
+
+
 # ---- bad input: typed errors, no partial writes ------------------------------------------
 
 async def count_rows(repo):
