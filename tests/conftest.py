@@ -13,6 +13,7 @@ import pytest_asyncio
 
 from gateway.billing.provisioning import Provisioning
 from gateway.billing.rater import Rater
+from gateway.billing.views import Views
 from gateway.store.pool import open_pool
 from gateway.store.repository import Repository
 from tests.support.clock import Clock
@@ -58,3 +59,8 @@ def rater(repo, clock):
 @pytest.fixture
 def admin(repo, clock):
     return Provisioning(repo, clock=clock)
+
+
+@pytest.fixture
+def views(repo, clock):
+    return Views(repo, clock=clock)

@@ -16,6 +16,7 @@ from decimal import Decimal
 import pytest
 
 from gateway import cli
+from gateway.billing.views import as_dict
 from gateway.config import Config, load
 from tests.support.agi import agi_outbound
 from tests.support.database import dump_tables
@@ -57,7 +58,7 @@ def run(tmp_path, database_url, repo):  # repo: the tables start empty
 # ---- provision -----------------------------------------------------------------------------
 
 
-async def test_provisioning_the_example_twice_gives_the_same_state(run, db_pool, admin):
+async def test_provisioning_the_example_twice_gives_the_same_state(run, db_pool, admin, views):
     rc, out, err = await run("provision", str(EXAMPLE))
     assert (rc, err) == (0, ""), err
     assert "maple-dental: tenant created" in out
@@ -69,7 +70,7 @@ async def test_provisioning_the_example_twice_gives_the_same_state(run, db_pool,
     assert await dump_tables(db_pool) == first
 
     # what the file says is what exists
-    usage = await admin.usage("maple-dental")
+    usage = as_dict(await views.usage("maple-dental"))
     assert [(p["country"], p["capacity_minutes"]) for p in usage["pools"]] == [
         ("CA", Decimal("9000.00"))]  # 3 users hold the Calling Plan
     assert [a["user_id"] for a in usage["international_addon"]] == [
@@ -184,7 +185,7 @@ async def test_provisioning_converges_on_what_the_file_says(run, db_pool, admin,
 
 
 async def test_a_deleted_user_in_the_file_again_is_reactivated_with_its_history(
-        run, admin, rater, tmp_path):
+        run, admin, rater, tmp_path, views):
     # issue 8 item 4: deleting bob cascaded to his add-on counter, so provisioning him
     # again gave the month's used add-on minutes back
     v1 = tmp_path / "v1.toml"
@@ -200,7 +201,7 @@ async def test_a_deleted_user_in_the_file_again_is_reactivated_with_its_history(
     assert rc == 0, err
     assert "acme: user bob reactivated" in out
     assert "acme: user bob: assigned international_calling_plan" in out
-    usage = await admin.usage(TENANT)
+    usage = as_dict(await views.usage(TENANT))
     [addon] = usage["international_addon"]
     assert (addon["user_id"], addon["used_seconds"]) == ("bob", 300)
     await ledger_agrees(admin.repo)

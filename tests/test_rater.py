@@ -11,6 +11,7 @@ from decimal import Decimal
 import pytest
 
 from gateway.billing.rater import Rater
+from gateway.billing.views import as_dict
 from gateway.errors import Conflict, InvalidInput, NotFound, Unavailable
 from gateway.rating.model import Reason, Route, Source
 from gateway.store.repository import Repository
@@ -225,13 +226,13 @@ async def test_inbound_unknown_number(admin, rater):
 
 # ---- the article's example, pools, wallet -----------------------------------------------
 
-async def test_article_example_ten_bought_three_assigned(admin, repo):
+async def test_article_example_ten_bought_three_assigned(admin, repo, views):
     await admin.create_tenant("north", "North Inc", "CA")
     await admin.set_subscription("north", "business_voice_calling_plan", 10)
     for i in range(3):
         await admin.create_user(f"u{i}", "north", f"u{i}", "CA")
         await admin.assign_licence(f"u{i}", "business_voice_calling_plan")
-    usage = await admin.usage("north")
+    usage = as_dict(await views.usage("north"))
     assert [(p["country"], p["capacity_minutes"]) for p in usage["pools"]] == [("CA", 9000)]
 
 
@@ -288,13 +289,13 @@ async def test_empty_pool_and_wallet_rejects_then_topup_succeeds(admin, rater, r
     await ledger_agrees(repo)
 
 
-async def test_mid_month_assignment_grows_pool_at_once(admin, rater, repo):
+async def test_mid_month_assignment_grows_pool_at_once(admin, rater, repo, views):
     await standard_tenant(admin)
     await admin.set_allotment("CA", "domestic", 1)
-    before = (await admin.usage(TENANT))["pools"][0]["capacity_minutes"]
+    before = (as_dict(await views.usage(TENANT)))["pools"][0]["capacity_minutes"]
     await admin.create_user("erin", TENANT, "erin", "CA")
     await admin.assign_licence("erin", "business_voice_calling_plan")
-    after = (await admin.usage(TENANT))["pools"][0]["capacity_minutes"]
+    after = (as_dict(await views.usage(TENANT)))["pools"][0]["capacity_minutes"]
     assert (before, after) == (2, 3)
 
 
@@ -349,7 +350,7 @@ async def test_short_slices_reach_the_billing_boundary(admin, rater, repo):
 
 # ---- periods -------------------------------------------------------------------------------
 
-async def test_month_rollover_in_tenant_timezone(admin, rater, repo, clock):
+async def test_month_rollover_in_tenant_timezone(admin, rater, repo, clock, views):
     # 30 Nov 23:30 in Toronto is 1 Dec 04:30 UTC
     clock.now = dt.datetime(2026, 12, 1, 4, 30, tzinfo=dt.UTC)
     await standard_tenant(admin, wallet="5")
@@ -359,15 +360,15 @@ async def test_month_rollover_in_tenant_timezone(admin, rater, repo, clock):
     await rater.settle(d.call_id, 120)
     d = await rater.authorise_outbound("bob", "+442079460000")
     await rater.settle(d.call_id, 60)
-    nov = await admin.usage(TENANT)
-    assert nov["month"] == "2026-11-01"
+    nov = as_dict(await views.usage(TENANT))
+    assert nov["month"] == dt.date(2026, 11, 1)
     assert nov["pools"][0]["used_seconds"] == 120
     assert nov["international_addon"][0]["used_seconds"] == 60
     balance = nov["wallet"]["balance"]
 
     clock.now = dt.datetime(2026, 12, 1, 5, 1, tzinfo=dt.UTC)  # 00:01 on 1 Dec in Toronto
-    dec = await admin.usage(TENANT)
-    assert dec["month"] == "2026-12-01"
+    dec = as_dict(await views.usage(TENANT))
+    assert dec["month"] == dt.date(2026, 12, 1)
     assert dec["pools"][0]["used_seconds"] == 0 and dec["pools"][0]["capacity_seconds"] == 120
     assert dec["international_addon"][0]["used_seconds"] == 0
     assert dec["wallet"]["balance"] == balance  # the wallet carries over
@@ -378,14 +379,14 @@ async def test_month_rollover_in_tenant_timezone(admin, rater, repo, clock):
     await ledger_agrees(repo)
 
 
-async def test_call_charged_to_month_it_was_authorised_in(admin, rater, repo, clock):
+async def test_call_charged_to_month_it_was_authorised_in(admin, rater, repo, clock, views):
     clock.now = dt.datetime(2026, 12, 1, 4, 59, tzinfo=dt.UTC)  # 23:59 on 30 Nov in Toronto
     await standard_tenant(admin)
     d = await rater.authorise_outbound("alice", "2125550100")
     clock.advance(minutes=5)
     await rater.settle(d.call_id, 240)
-    nov = await admin.usage(TENANT, dt.date(2026, 11, 1))
-    dec = await admin.usage(TENANT, dt.date(2026, 12, 1))
+    nov = as_dict(await views.usage(TENANT, dt.date(2026, 11, 1)))
+    dec = as_dict(await views.usage(TENANT, dt.date(2026, 12, 1)))
     assert nov["pools"][0]["used_seconds"] == 240 and dec["pools"][0]["used_seconds"] == 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import datetime as dt
 import io
 import re
 from collections.abc import AsyncIterator, Iterable
@@ -383,59 +382,8 @@ class Provisioning:
             check_int(monthly_cap, "monthly_cap", 0, 1000),
         )
 
-    # ---- reading -----------------------------------------------------------------------
-
-    async def usage(self, tenant_id: str, month: dt.date | None = None) -> dict[str, Any]:
-        """A tenant's month: pools, add-on minutes, wallet and call totals."""
-        tenant = await self.get_tenant(tenant_id)
-        month = month or rules.month_of(self.clock(), tenant["timezone"])
-        pools = await self.repo.pools(tenant_id, month)
-        addons = await self.repo.addon_usage(tenant_id, month)
-        wallet = await self.repo.get_wallet(tenant_id, month)
-        summary = await self.repo.usage_summary(tenant_id, month)
-        return {
-            "tenant_id": tenant_id,
-            "month": month.isoformat(),
-            "currency": tenant["currency"],
-            "pools": [_seconds_view(dict(p), country=p["country"]) for p in pools],
-            "international_addon": [_seconds_view(dict(a), user_id=a["user_id"])
-                                    for a in addons],
-            "wallet": {
-                "balance": wallet["balance"],
-                "reserved": wallet["reserved"],
-                "available": wallet["balance"] - wallet["reserved"],
-                "auto_recharge": {
-                    "enabled": wallet["auto_recharge_enabled"],
-                    "threshold": wallet["auto_recharge_threshold"],
-                    "amount": wallet["auto_recharge_amount"],
-                    "monthly_cap": wallet["auto_recharge_monthly_cap"],
-                    "recharges_this_month": wallet["recharges_this_month"],
-                },
-            },
-            "calls": [dict(s) for s in summary],
-        }
-
 
 def _as_int(value: Any) -> Any:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value)
     return value
-
-
-def _seconds_view(row: dict[str, Any], **keys: Any) -> dict[str, Any]:
-    cap, used, reserved = row["capacity_seconds"], row["used_seconds"], row["reserved_seconds"]
-
-    def minutes(seconds: int) -> Decimal:
-        # seconds are the exact figure; minutes are shown to the hundredth
-        return (Decimal(seconds) / 60).quantize(Decimal("0.01"))
-
-    return {
-        **keys,
-        "capacity_minutes": minutes(cap),
-        "used_minutes": minutes(used),
-        "reserved_minutes": minutes(reserved),
-        "remaining_minutes": minutes(max(cap - used - reserved, 0)),
-        "capacity_seconds": cap,
-        "used_seconds": used,
-        "reserved_seconds": reserved,
-    }
