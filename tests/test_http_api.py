@@ -697,11 +697,11 @@ def test_openapi_document_is_consistent():
 
 
 def test_month_parsing():
-    assert api.parse_month("2026-02") == dt.date(2026, 2, 1)
-    assert api.parse_month(None) is None and api.parse_month("") is None
+    assert s.parse_month("2026-02") == dt.date(2026, 2, 1)
+    assert s.parse_month(None) is None and s.parse_month("") is None
     for bad in ("2026-2", "2026-00", "26-02", "1999-12", "2026-02-01"):
         with pytest.raises(Exception) as info:
-            api.parse_month(bad)
+            s.parse_month(bad)
         assert info.value.code == "INVALID_MONTH"
 
 

@@ -24,7 +24,9 @@ NEVER = {
     "billing": {"gateway.agi", "gateway.ami", "gateway.calls", "gateway.http", "gateway.cli",
                 "gateway.app"},
     "calls": {"gateway.store", "gateway.http", "gateway.cli", "gateway.app"},
-    "surface": {"gateway.store", "gateway.agi", "gateway.ami"},
+    # the two surfaces share the billing layer, never each other's code
+    "http": {"gateway.store", "gateway.agi", "gateway.ami", "gateway.cli"},
+    "cli": {"gateway.store", "gateway.agi", "gateway.ami", "gateway.http"},
     "leaf": {"gateway.agi", "gateway.ami", "gateway.rating", "gateway.store", "gateway.billing",
              "gateway.calls", "gateway.http", "gateway.cli", "gateway.app"},
     "root": set(),
@@ -38,7 +40,7 @@ def layer_of(module: str) -> str:
     top = parts[1]
     return {
         "agi": "wire", "ami": "wire", "rating": "rules", "store": "store",
-        "billing": "billing", "calls": "calls", "http": "surface", "cli": "surface",
+        "billing": "billing", "calls": "calls", "http": "http", "cli": "cli",
         "app": "root", "config": "root", "__main__": "root", "__init__": "root",
     }.get(top, "leaf" if module in LEAVES else "unknown")
 

@@ -458,3 +458,16 @@ def ref(model: type, components: dict[str, Any]) -> dict[str, str]:
         components[name] = {}  # placeholder: a view may refer to itself through a list
         components[name] = json_schema(model, components)
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+_MONTH = re.compile(r"^([0-9]{4})-([0-9]{2})$")
+
+
+def parse_month(value: str | None) -> dt.date | None:
+    """YYYY-MM -> the first day of that month; None when absent (the API and the CLI)."""
+    if value is None or value == "":
+        return None
+    m = _MONTH.match(value)
+    if not m or not 1 <= int(m.group(2)) <= 12 or int(m.group(1)) < 2000:
+        raise InvalidInput("month must look like 2026-11", code="INVALID_MONTH", field="month")
+    return dt.date(int(m.group(1)), int(m.group(2)), 1)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from ..app import open_billing
+from ..billing import schemas
 from ..billing.provisioning_file import apply_provision_file, check_provision_file
 from ..billing.views import as_dict
 from ..config import Config, ConfigError, load
@@ -142,9 +143,7 @@ def _read(path: str, what: str) -> str:
 
 
 def _month(value: str | None) -> dt.date | None:
-    from ..http.api import parse_month
-
-    return parse_month(value)
+    return schemas.parse_month(value)
 
 
 # ---- small commands --------------------------------------------------------------------
@@ -152,10 +151,10 @@ def _month(value: str | None) -> dt.date | None:
 
 async def _topup(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
     async with open_billing(cfg) as billing:
-        tenant = await billing.provisioning.get_tenant(args.tenant)
+        tenant = await billing.views.tenant(args.tenant)
         balance = await billing.provisioning.topup(args.tenant, args.amount, args.note)
-    print(f"{args.tenant}: topped up {args.amount} {tenant['currency']}; balance "
-          f"{render.money(balance)} {tenant['currency']}", file=out)
+    print(f"{args.tenant}: topped up {args.amount} {tenant.currency}; balance "
+          f"{render.money(balance)} {tenant.currency}", file=out)
 
 
 async def _import_rates(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:

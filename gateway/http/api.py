@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import datetime as dt
 import functools
-import re
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -33,7 +32,6 @@ log = structlog.get_logger("gateway.http")
 PREFIX = "/api/v1"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_MONTH = re.compile(r"^([0-9]{4})-([0-9]{2})$")
 MAX_CALLS = 1000
 
 
@@ -100,21 +98,11 @@ def _views(request: web.Request) -> v.Views:
     return views
 
 
-def parse_month(value: str | None) -> dt.date | None:
-    """YYYY-MM -> the first day of that month; None when absent."""
-    if value is None or value == "":
-        return None
-    m = _MONTH.match(value)
-    if not m or not 1 <= int(m.group(2)) <= 12 or int(m.group(1)) < 2000:
-        raise InvalidInput("month must look like 2026-11", code="INVALID_MONTH", field="month")
-    return dt.date(int(m.group(1)), int(m.group(2)), 1)
-
-
 def _query_month(request: web.Request) -> dt.date | None:
     # given but empty is a mistake (a form left blank), not "the current month"
     if request.query.get("month") == "":
         raise InvalidInput("month must look like 2026-11", code="INVALID_MONTH", field="month")
-    return parse_month(request.query.get("month"))
+    return s.parse_month(request.query.get("month"))
 
 
 def _limit(value: str | None, default: int = 100) -> int:
