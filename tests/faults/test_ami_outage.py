@@ -153,12 +153,14 @@ async def test_long_ami_cut_past_the_deadline_the_pbx_cuts_at_the_funded_end(
     proxy.cut()  # down from before the renewal until after the deadline
     phone = await phone_task
     trunk_seen = await trunk.result()
-    # the PBX ends the call on its own at the deadline it has: the first slice's end
-    assert phone.bye_from == "pbx" and abs(phone.talk - SLICE) <= 1, explain(phone, trunk_seen)
+    # the PBX ends the call on its own at the deadline it has: the first slice's end, not
+    # the renewed one (under CPU load Asterisk starts the L() timer up to ~2 s late)
+    assert phone.bye_from == "pbx", explain(phone, trunk_seen)
+    assert SLICE - 0.5 <= phone.talk <= SLICE + 2.5, explain(phone, trunk_seen)
     row = await settled_call(repo)  # the hangup report (AGI) still reaches the gateway
     assert row["state"] == "settled", dict(row)
-    assert SLICE - 1 <= row["billed_seconds"] <= SLICE + 1
-    assert row["billed_seconds"] <= row["funded_seconds"]
+    assert SLICE - 1 <= row["billed_seconds"] <= SLICE + 2, dict(row)
+    assert row["billed_seconds"] <= row["funded_seconds"] == 2 * SLICE, dict(row)
     await at(call, 14.0)
     proxy.restore()
     # nothing waits on the link any more: the back-off (at most 10 s) paces the reconnect
