@@ -19,7 +19,7 @@ from gateway.calls.causes import sip_response_for
 from gateway.config import Config
 from gateway.rating import rules
 from tests.support.ledger import ledger_agrees, pool_row
-from tests.support.pbx import CallResult, Pbx, free_port
+from tests.support.pbx import CallResult, Pbx, cdr_pgsql, free_port
 from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = [pytest.mark.pbx, pytest.mark.db]
@@ -34,11 +34,6 @@ def explain(*results: CallResult) -> str:
     return "\n".join(r.summary() for r in results)
 
 
-def cdr_pgsql_conf(database_url: str) -> str:
-    name = database_url.rpartition("/")[2]
-    return (f"[global]\nhostname=127.0.0.1\nport=5432\ndbname={name}\nuser=postgres\n"
-            "password=\ntable=cdr\nencoding=UTF8\n")
-
 
 @pytest.fixture(scope="module")
 def agi_port():
@@ -51,8 +46,7 @@ def e2e_pbx(pbx_root, agi_port, database_url, db_pool):  # noqa: F811
     # (Asterisk 22.10 aborts with a double free when the table is missing)
     pbx = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{agi_port}",
               phones=("alice", "bob", "carol", "dave", NAMED_PHONE),
-              extra_config={"cdr_pgsql.conf": cdr_pgsql_conf(database_url)},
-              load=("cdr_pgsql.so",))
+              **cdr_pgsql(database_url))
     pbx.start()
     yield pbx
     pbx.stop()
@@ -61,9 +55,7 @@ def e2e_pbx(pbx_root, agi_port, database_url, db_pool):  # noqa: F811
 @pytest_asyncio.fixture
 async def pbx(e2e_pbx: Pbx):
     yield e2e_pbx
-    e2e_pbx.kill_sipps()
-    await e2e_pbx.acli("channel request hangup all")
-    await asyncio.to_thread(e2e_pbx.wait_no_channels, 10)
+    await e2e_pbx.clear()
 
 
 def gateway_config(pbx: Pbx, database_url: str, agi_port: int, **overrides) -> Config:

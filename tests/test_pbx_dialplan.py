@@ -298,9 +298,7 @@ async def pbx(shared_pbx: Pbx, gw: FakeGateway):
     globals_before = dict(shared_pbx.globals)
     yield shared_pbx
     # Leave no call or phone behind for the next test, and undo global changes.
-    shared_pbx.kill_sipps()
-    await shared_pbx.acli("channel request hangup all")
-    await asyncio.to_thread(shared_pbx.wait_no_channels, 10)
+    await shared_pbx.clear()
     for name, value in globals_before.items():
         if shared_pbx.globals.get(name) != value:
             await asyncio.to_thread(shared_pbx.set_global, name, value)

@@ -21,7 +21,7 @@ from gateway.calls.live import LiveCall
 from gateway.config import Config
 from tests.faults.invariants import assert_invariants
 from tests.faults.proxy import CuttableProxy
-from tests.support.pbx import CallResult, Pbx, free_port
+from tests.support.pbx import CallResult, Pbx, cdr_pgsql, free_port
 from tests.support.tenant import standard_tenant
 from tests.support.waiting import eventually
 
@@ -29,11 +29,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.pbx, pytest.mark.db]
 
 DOMESTIC = "2125550100"
 
-
-def cdr_pgsql_conf(database_url: str) -> str:
-    name = database_url.rpartition("/")[2]
-    return (f"[global]\nhostname=127.0.0.1\nport=5432\ndbname={name}\nuser=postgres\n"
-            "password=\ntable=cdr\nencoding=UTF8\n")
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +39,7 @@ def agi_port():
 @pytest.fixture(scope="module")
 def outage_pbx(pbx_root, agi_port, database_url, db_pool):
     pbx = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{agi_port}",
-              extra_config={"cdr_pgsql.conf": cdr_pgsql_conf(database_url)},
-              load=("cdr_pgsql.so",))
+              **cdr_pgsql(database_url))
     pbx.start()
     yield pbx
     pbx.stop()
@@ -54,9 +48,7 @@ def outage_pbx(pbx_root, agi_port, database_url, db_pool):
 @pytest_asyncio.fixture
 async def pbx(outage_pbx: Pbx):
     yield outage_pbx
-    outage_pbx.kill_sipps()
-    await outage_pbx.acli("channel request hangup all")
-    await asyncio.to_thread(outage_pbx.wait_no_channels, 10)
+    await outage_pbx.clear()
 
 
 @pytest_asyncio.fixture

@@ -18,7 +18,7 @@ import pytest_asyncio
 
 from tests.faults.invariants import assert_invariants
 from tests.faults.process import GatewayProcess
-from tests.support.pbx import CallResult, Pbx, free_port
+from tests.support.pbx import CallResult, Pbx, cdr_pgsql, free_port
 from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = [pytest.mark.faults, pytest.mark.pbx, pytest.mark.db]
@@ -27,11 +27,6 @@ DOMESTIC = "2125550100"
 PHONES = tuple(f"r{i:02d}" for i in range(10))
 SLICE = 10  # renewed 3 s before each slice ends (a third of a slice at most)
 
-
-def cdr_pgsql_conf(database_url: str) -> str:
-    name = database_url.rpartition("/")[2]
-    return (f"[global]\nhostname=127.0.0.1\nport=5432\ndbname={name}\nuser=postgres\n"
-            "password=\ntable=cdr\nencoding=UTF8\n")
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +39,7 @@ def restart_pbx(pbx_root, agi_port, database_url, db_pool):
     # db_pool has run the migrations: cdr_pgsql must find its table when it loads
     pbx = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{agi_port}", phones=PHONES,
               trunks=("carrier",), partner_trunk="carrier", emergency_trunk="carrier",
-              extra_config={"cdr_pgsql.conf": cdr_pgsql_conf(database_url)},
-              load=("cdr_pgsql.so",))
+              **cdr_pgsql(database_url))
     pbx.start()
     yield pbx
     pbx.stop()
@@ -54,9 +48,7 @@ def restart_pbx(pbx_root, agi_port, database_url, db_pool):
 @pytest_asyncio.fixture
 async def pbx(restart_pbx: Pbx):
     yield restart_pbx
-    restart_pbx.kill_sipps()
-    await restart_pbx.acli("channel request hangup all")
-    await asyncio.to_thread(restart_pbx.wait_no_channels, 10)
+    await restart_pbx.clear()
 
 
 @pytest_asyncio.fixture

@@ -3,7 +3,8 @@
 One module per tool:
 
 - ``asterisk``: ``Pbx``, one Asterisk running the shipped dialplan; the root folder
-  (``pbx_root_path``, ``root_ready``);
+  (``pbx_root_path``, ``root_ready``); ``cdr_pgsql``, the keywords for a PBX that
+  writes its CDRs into the gateway's table;
 - ``sipp``: ``Sipp``, one SIPp phone or trunk for one call, and ``CallResult``, what it saw;
 - ``siptrace``: ``SipMessage`` and ``parse_message_trace``, SIPp's message trace parsed;
 - ``ports``: free ports on 127.0.0.1, each handed out once per run;
@@ -16,7 +17,15 @@ One module per tool:
 docs/dialplan.md says what these tools proved.
 """
 
-from .asterisk import DEFAULT_PBX_ROOT, DIALPLAN_DIR, REPO, Pbx, pbx_root_path, root_ready
+from .asterisk import (
+    DEFAULT_PBX_ROOT,
+    DIALPLAN_DIR,
+    REPO,
+    Pbx,
+    cdr_pgsql,
+    pbx_root_path,
+    root_ready,
+)
 from .ports import free_port
 from .processes import PbxError
 from .sipp import CallResult, Sipp
@@ -31,6 +40,7 @@ __all__ = [
     "PbxError",
     "SipMessage",
     "Sipp",
+    "cdr_pgsql",
     "free_port",
     "parse_message_trace",
     "pbx_root_path",

@@ -33,6 +33,7 @@ import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from .ports import free_port, free_sip_port, free_udp_ports
 from .processes import PbxError, group_alive, track, untrack
@@ -333,6 +334,13 @@ class Pbx:
         for sipp in list(self._sipps):
             sipp.kill()
         self._sipps.clear()
+
+    async def clear(self) -> None:
+        """Between two tests: kill every SIPp, hang up every channel, and wait until none
+        is left, so that the next test starts on an idle PBX."""
+        self.kill_sipps()
+        await self.acli("channel request hangup all")
+        await asyncio.to_thread(self.wait_no_channels, 10)
 
     def quiet_port(self, port: int) -> int:
         """Answer what Asterisk still resends to ``port`` (e.g. a BYE to a callee that
@@ -674,3 +682,12 @@ def _manager_perms() -> tuple[str, str]:
     return read.group(1), write.group(1)
 
 
+def cdr_pgsql(database_url: str) -> dict[str, Any]:
+    """``Pbx`` keywords that make Asterisk write every CDR into the gateway's ``cdr``
+    table of ``database_url`` (on the test server, trust auth). The table must exist
+    before Asterisk starts: 22.10 aborts with a double free when ``cdr_pgsql`` loads
+    without it, so migrate first."""
+    name = database_url.rpartition("/")[2]
+    conf = (f"[global]\nhostname=127.0.0.1\nport=5432\ndbname={name}\nuser=postgres\n"
+            "password=\ntable=cdr\nencoding=UTF8\n")
+    return {"extra_config": {"cdr_pgsql.conf": conf}, "load": ("cdr_pgsql.so",)}
