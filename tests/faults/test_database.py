@@ -85,22 +85,34 @@ async def agi_outbound(port: int, endpoint: str, dialled: str) -> Answer:
 
 
 class Load:
-    """``workers`` callers dialling one after another until stopped."""
+    """``workers`` callers dialling one after another until stopped. Each allowed call
+    hangs up at once, unanswered, and its hangup report (a session of its own, as in
+    Asterisk: the caller does not wait for it) gives the pool's funding back, so how
+    many calls a run makes (the machine's speed) never drains it into NO_BALANCE. A
+    report that fails (the database is away) leaves the call to ``end_allowed_calls``."""
 
     def __init__(self, gw: Gateway, workers: int, dialled: str = DOMESTIC):
+        self.gw = gw
         self.port = gw.agi.port
         self.dialled = dialled
         self.answers: list[Answer] = []
         self._stop = asyncio.Event()
+        self._hangups: set[asyncio.Task[None]] = set()
         self._tasks = [asyncio.create_task(self._caller()) for _ in range(workers)]
 
     async def _caller(self) -> None:
         while not self._stop.is_set():
-            self.answers.append(await agi_outbound(self.port, "alice", self.dialled))
+            answer = await agi_outbound(self.port, "alice", self.dialled)
+            self.answers.append(answer)
+            call_id = answer.variables.get("GW_CALL_ID")
+            if answer.variables.get("GW_DECISION") == "ALLOW" and call_id:
+                report = self.gw.calls.live_calls.settle(uuid.UUID(call_id), 0, by="agi")
+                self._hangups.add(asyncio.create_task(report))
 
     async def stop(self) -> list[Answer]:
         self._stop.set()
         await asyncio.gather(*self._tasks)
+        await asyncio.gather(*self._hangups)
         return self.answers
 
 
