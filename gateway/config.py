@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import pathlib
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -18,9 +19,43 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 SECRETS = frozenset({"database_url", "ami_secret", "admin_token", "read_token"})
 
+# A PBX's name: in the configuration, in calls.pbx, in the lease table and as the
+# dialplan global GW_PBX on the PBX itself.
+PBX_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DEFAULT_PBX = "default"
+# keys of one [[pbx]] table; ami_secret_file is read into ami_secret at load
+_PBX_KEYS = ("name", "ami_host", "ami_port", "ami_username", "ami_secret",
+             "ami_secret_file", "agi_peers")
+
 
 class ConfigError(Exception):
     """A configuration value that cannot work; the message names the key."""
+
+
+def valid_pbx_name(name: object) -> bool:
+    """Whether ``name`` is a well-formed PBX name (``[A-Za-z0-9_.-]{1,64}``)."""
+    return isinstance(name, str) and PBX_NAME.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class PbxConfig:
+    """One PBX this gateway serves: its name (``GW_PBX`` on the PBX), its AMI account
+    (empty ``ami_host``: no AMI, recovery from the CDR table only) and the addresses
+    its AGI requests come from."""
+
+    name: str = DEFAULT_PBX
+    ami_host: str = ""
+    ami_port: int = 5038
+    ami_username: str = "gateway"
+    ami_secret: str = field(default="", repr=False)
+    agi_peers: tuple[str, ...] = ()
+
+    def public(self) -> dict[str, Any]:
+        """The PBX's values with its AMI secret masked."""
+        return {"name": self.name, "ami_host": self.ami_host, "ami_port": self.ami_port,
+                "ami_username": self.ami_username,
+                "ami_secret": "***" if self.ami_secret else "",
+                "agi_peers": list(self.agi_peers)}
 
 
 @dataclass(frozen=True)
@@ -39,6 +74,10 @@ class Config:
     ami_port: int = 5038
     ami_username: str = "gateway"
     ami_secret: str = ""
+    # the PBX of the flat keys above (ami_*): its name, GW_PBX in its dialplan
+    pbx_name: str = DEFAULT_PBX
+    # several PBXs: [[pbx]] tables in the file (instead of the flat ami_* keys)
+    pbx: tuple[PbxConfig, ...] = ()
     # HTTP
     http_host: str = "127.0.0.1"
     http_port: int = 8080
@@ -59,10 +98,32 @@ class Config:
     # so that a restarted gateway knows its previous incarnation's calls as its own
     instance_name: str = ""
     heartbeat_seconds: int = 5  # expires after 4 beats: another process adopts
+    # a PBX's lease (its owner process) expires this long after its last renewal
+    lease_seconds: int = 6
     # logging: auto = readable on a terminal, JSON lines otherwise
     log_format: str = "auto"
     log_level: str = "info"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def pbxes(self) -> tuple[PbxConfig, ...]:
+        """Every PBX this process serves: the ``[[pbx]]`` tables, else the one PBX of
+        the flat keys, named ``pbx_name`` (with or without AMI)."""
+        if self.pbx:
+            return self.pbx
+        return (PbxConfig(name=self.pbx_name, ami_host=self.ami_host, ami_port=self.ami_port,
+                          ami_username=self.ami_username, ami_secret=self.ami_secret),)
+
+    def all_agi_peers(self) -> tuple[str, ...]:
+        """Who may connect to the AGI server: ``agi_allowed_peers`` plus every PBX's
+        ``agi_peers``. Empty (anyone may connect) only when ``agi_allowed_peers`` is
+        empty: naming a PBX's peers never narrows an open listener."""
+        if not self.agi_allowed_peers:
+            return ()
+        peers = list(self.agi_allowed_peers)
+        for pbx in self.pbxes:
+            peers.extend(p for p in pbx.agi_peers if p not in peers)
+        return tuple(peers)
 
     def public(self) -> dict[str, Any]:
         """Values safe to show: secrets masked, the database URL without its password."""
@@ -75,6 +136,8 @@ class Config:
                 value = _mask_url(value)
             elif f.name in SECRETS and value:
                 value = "***"
+            elif f.name == "pbx":
+                value = [p.public() for p in value]
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -87,6 +150,7 @@ class Config:
             value = getattr(self, name)
             if value:
                 found.add(value)
+        found.update(p.ami_secret for p in self.pbx if p.ami_secret)
         if self.database_url:
             found.update(_url_passwords(self.database_url))
         return tuple(sorted(found, key=len, reverse=True))
@@ -173,7 +237,10 @@ def load(path: str | os.PathLike[str] | None = None,
         if unknown:
             raise ConfigError(f"config file {path}: unknown keys {', '.join(unknown)}")
         values.update(flat)
+    tables = values.pop("pbx", None)
     for name in known:
+        if name == "pbx":
+            continue  # [[pbx]] tables come from the file only
         key = "GATEWAY_" + name.upper()
         if key in env:
             values[name] = env[key]
@@ -183,9 +250,61 @@ def load(path: str | os.PathLike[str] | None = None,
             except OSError as exc:
                 raise ConfigError(f"{key}_FILE: {exc.strerror}") from exc
     coerced = {n: _coerce(n, v, getattr(cfg, n)) for n, v in values.items()}
+    if tables is not None:
+        coerced["pbx"] = _pbx_tables(tables)
     cfg = replace(cfg, **coerced)
     check(cfg)
     return cfg
+
+
+def _pbx_tables(raw: Any) -> tuple[PbxConfig, ...]:
+    """The ``[[pbx]]`` array of tables, read into PbxConfig values (checked later)."""
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError("pbx: must be an array of tables, [[pbx]] (see gateway.example.toml)")
+    return tuple(_pbx_table(i, t) for i, t in enumerate(raw))
+
+
+def _pbx_table(index: int, table: dict[str, Any]) -> PbxConfig:
+    name = table.get("name")
+    where = f"pbx[{index}]" + (f" ({name})" if isinstance(name, str) and name else "")
+    unknown = sorted(set(table) - set(_PBX_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {', '.join(unknown)}")
+    if "name" not in table:
+        raise ConfigError(f"{where}.name: every [[pbx]] needs a name")
+    if "ami_secret" in table and "ami_secret_file" in table:
+        raise ConfigError(f"{where}: give ami_secret or ami_secret_file, not both")
+    default = PbxConfig()
+    values: dict[str, Any] = {}
+    for key in ("name", "ami_host", "ami_port", "ami_username", "ami_secret", "agi_peers"):
+        if key in table:
+            coerce_as = "ami_secret" if key == "ami_secret" else f"{where}.{key}"
+            try:
+                values[key] = _coerce(coerce_as, table[key], getattr(default, key))
+            except ConfigError as exc:
+                # name the table in the message, keep a secret unshown
+                raise ConfigError(str(exc).replace("ami_secret:", f"{where}.ami_secret:", 1)
+                                  if key == "ami_secret" else str(exc)) from None
+    if "ami_secret_file" in table:
+        path = table["ami_secret_file"]
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{where}.ami_secret_file: must be a file name")
+        try:
+            values["ami_secret"] = pathlib.Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}.ami_secret_file: {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}.ami_secret_file: {path}: not UTF-8 text") from None
+    if "agi_peers" in values:  # one spelling per address, for matching a peer exactly
+        values["agi_peers"] = tuple(_normal_address(p) for p in values["agi_peers"])
+    return PbxConfig(**values)
+
+
+def _normal_address(peer: str) -> str:
+    try:
+        return str(ipaddress.ip_address(peer))
+    except ValueError:
+        return peer  # refused by check(), which names it
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:
@@ -216,6 +335,9 @@ def check(cfg: Config) -> None:
         raise ConfigError("http_header_timeout_seconds must be from 1 to 3600")
     if not 1 <= cfg.http_request_timeout_seconds <= 3600:
         raise ConfigError("http_request_timeout_seconds must be from 1 to 3600")
+    _check_pbxes(cfg)
+    if cfg.lease_seconds < 3:
+        raise ConfigError("lease_seconds must be at least 3 (renewed every third of it)")
     for name in ("agi_port", "ami_port", "http_port"):
         port = getattr(cfg, name)
         if not 0 <= port <= 65535:
@@ -243,3 +365,37 @@ def check(cfg: Config) -> None:
         raise ConfigError("log_level must be debug, info, warning or error")
     if cfg.db_pool_size < 2:
         raise ConfigError("db_pool_size must be at least 2")
+
+
+def _check_pbxes(cfg: Config) -> None:
+    if not valid_pbx_name(cfg.pbx_name):
+        raise ConfigError(f"pbx_name: {cfg.pbx_name!r} is not a PBX name "
+                          "(1 to 64 of A-Z a-z 0-9 _ . -)")
+    if not cfg.pbx:
+        return
+    if cfg.ami_host:
+        raise ConfigError("ami_host: the flat ami_* keys configure one PBX; with [[pbx]] "
+                          "tables give each PBX its ami_host in its table instead")
+    if cfg.pbx_name != DEFAULT_PBX:
+        raise ConfigError("pbx_name: names the PBX of the flat ami_* keys; with [[pbx]] "
+                          "tables each PBX has its own name")
+    seen: set[str] = set()
+    for index, pbx in enumerate(cfg.pbx):
+        where = f"pbx[{index}]"
+        if not valid_pbx_name(pbx.name):
+            raise ConfigError(f"{where}.name: {pbx.name!r} is not a PBX name "
+                              "(1 to 64 of A-Z a-z 0-9 _ . -)")
+        where = f"pbx[{index}] ({pbx.name})"
+        if pbx.name in seen:
+            raise ConfigError(f"{where}.name: {pbx.name!r} is given to two [[pbx]] tables")
+        seen.add(pbx.name)
+        if not 1 <= pbx.ami_port <= 65535:
+            raise ConfigError(f"{where}.ami_port: {pbx.ami_port} is not a TCP port")
+        if pbx.ami_host and not pbx.ami_secret:
+            raise ConfigError(f"{where}.ami_secret: required when ami_host is set "
+                              "(or ami_secret_file)")
+        for peer in pbx.agi_peers:
+            try:
+                ipaddress.ip_address(peer)
+            except ValueError:
+                raise ConfigError(f"{where}.agi_peers: {peer!r} is not an IP address") from None
