@@ -52,3 +52,11 @@ class Unavailable(GatewayError):
 
     status = 503
     code = "UNAVAILABLE"
+
+
+class NotOwner(GatewayError):
+    """This process does not hold the lease of the PBX a call belongs to (another
+    process owns it now, or the lease expired): the write it fenced did not happen."""
+
+    status = 409
+    code = "NOT_PBX_OWNER"

@@ -620,8 +620,8 @@ async def test_a_lost_renewal_holds_its_slice_only_until_the_call_is_settled(
     await standard_tenant(admin)
 
     class LosesRenewals(Repository):
-        async def renew(self, *a):
-            await super().renew(*a)
+        async def renew(self, *a, **kw):
+            await super().renew(*a, **kw)
             raise Unavailable("database unavailable: timeout", code="DATABASE_UNAVAILABLE")
 
     r = Rater(LosesRenewals(repo.pool), clock=clock)

@@ -30,7 +30,7 @@ from ..rating.model import (
     Ruling,
     Settlement,
 )
-from ..store.repository import Repository
+from ..store.repository import DEFAULT_PBX, Fence, Repository
 
 log = structlog.get_logger("gateway.rater")
 
@@ -62,6 +62,7 @@ class _Void:
     number_class: str
     pbx_uniqueid: str | None
     linkedid: str | None
+    pbx: str = DEFAULT_PBX
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,10 @@ class Rater:
         *,
         pbx_uniqueid: str | None = None,
         linkedid: str | None = None,
+        pbx: str = DEFAULT_PBX,
     ) -> Decision:
-        """Billing rules §6, outbound, for a call from ``sip_endpoint`` to ``dialled``."""
+        """Billing rules §6, outbound, for a call from ``sip_endpoint`` to ``dialled``,
+        whose caller channel is ``pbx_uniqueid`` on PBX ``pbx``."""
         # A SIP user name is compared as dialled: normalising "front.desk" like a phone
         # number would make it "frontdesk", someone else's name or nobody's.
         raw = (dialled or "")[:MAX_DIALLED + 1]
@@ -126,7 +129,7 @@ class Rater:
         if ruling.reason is Reason.EMERGENCY:
             return self._emergency(dialled, sip_endpoint)
         return await self._record(ruling, ctx.tenant.id, ctx.user.id, Direction.OUTBOUND,
-                                  sip_endpoint, pbx_uniqueid, linkedid)
+                                  sip_endpoint, pbx_uniqueid, linkedid, pbx)
 
     async def authorise_inbound(
         self,
@@ -135,8 +138,10 @@ class Rater:
         *,
         pbx_uniqueid: str | None = None,
         linkedid: str | None = None,
+        pbx: str = DEFAULT_PBX,
     ) -> Decision:
-        """Billing rules §6, inbound: a call from the carrier to ``called``."""
+        """Billing rules §6, inbound: a call from the carrier to ``called``, whose
+        channel is ``pbx_uniqueid`` on PBX ``pbx``."""
         e164 = numbers.inbound_e164(called)
         number = await self.repo.find_inbound_number(e164) if e164 else None
         if number is None or not number.target:
@@ -145,11 +150,11 @@ class Rater:
         ruling = rules.decide_inbound(number.e164, number.kind, number.target)
         return await self._record(ruling, number.tenant_id, None, Direction.INBOUND,
                                   numbers.normalise(caller)[:MAX_DIALLED] or "anonymous",
-                                  pbx_uniqueid, linkedid)
+                                  pbx_uniqueid, linkedid, pbx)
 
     async def _record(self, ruling: Ruling, tenant_id: str, user_id: str | None,
                       direction: Direction, caller: str, pbx_uniqueid: str | None,
-                      linkedid: str | None) -> Decision:
+                      linkedid: str | None, pbx: str) -> Decision:
         call_id = uuid.uuid4()
         destination = ruling.destination[:MAX_DIALLED]
         try:
@@ -171,13 +176,14 @@ class Rater:
                 pool_country=ruling.pool_country,
                 slice_seconds=self.slice_seconds,
                 now=self.clock(),
+                pbx=pbx,
             )
         except (Unavailable, asyncio.CancelledError):
             # No answer from the database (timeout, lost connection, cancelled): the
             # authorisation may still commit there, while the PBX is told GATEWAY_ERROR.
             # Void it in the background until the database answers, so that both agree.
             self._void_later(_Void(call_id, tenant_id, direction.value, caller, destination,
-                                   ruling.number_class.value, pbx_uniqueid, linkedid))
+                                   ruling.number_class.value, pbx_uniqueid, linkedid, pbx))
             raise
         # the store's answer wins: it may have turned an allowed ruling into a rejection
         allow = result.decision == "ALLOW"
@@ -212,7 +218,7 @@ class Rater:
                     call_id=void.call_id, tenant_id=void.tenant_id, direction=void.direction,
                     caller=void.caller, destination=void.destination,
                     number_class=void.number_class, pbx_uniqueid=void.pbx_uniqueid,
-                    linkedid=void.linkedid, now=self.clock())
+                    linkedid=void.linkedid, now=self.clock(), pbx=void.pbx)
             except Unavailable as exc:
                 log.warning("void_retrying", call_id=str(void.call_id), error=exc.message,
                             retry_in=delay)
@@ -272,37 +278,46 @@ class Rater:
     async def answered(self, call_id: uuid.UUID, at: dt.datetime | None = None) -> bool:
         return await self.repo.mark_answered(call_id, at or self.clock())
 
-    async def renew(self, call_id: uuid.UUID, seconds: int | None = None) -> Renewal:
-        """Reserve the next slice; it may come from another source, or only in part."""
+    async def renew(self, call_id: uuid.UUID, seconds: int | None = None, *,
+                    fence: Fence | None = None) -> Renewal:
+        """Reserve the next slice; it may come from another source, or only in part.
+        With ``fence`` = (pbx, owner): only while ``owner`` holds the lease of ``pbx``,
+        else ``NotOwner`` and nothing reserved."""
         wanted = self.slice_seconds if seconds is None else seconds
         if not 1 <= wanted <= 86400:
             raise InvalidInput(f"slice of {wanted} s is out of range", code="INVALID_SECONDS")
-        reserved, funded, state = await self.repo.renew(call_id, wanted, self.clock())
+        reserved, funded, state = await self.repo.renew(call_id, wanted, self.clock(),
+                                                        fence=fence)
         log.info("renewed", call_id=str(call_id), slice_seconds=reserved, funded_seconds=funded)
         return Renewal(reserved, funded, state in ("authorised", "answered"))
 
     # ---- the end of a call ---------------------------------------------------------------
 
-    async def settle(self, call_id: uuid.UUID, billable_seconds: int, *, by: str = "api"
-                     ) -> Settlement:
-        """Bill the answered seconds once; a second report changes nothing and says so."""
+    async def settle(self, call_id: uuid.UUID, billable_seconds: int, *, by: str = "api",
+                     fence: Fence | None = None) -> Settlement:
+        """Bill the answered seconds once; a second report changes nothing and says so.
+        With ``fence`` = (pbx, owner): only while ``owner`` holds the lease of ``pbx``,
+        else ``NotOwner`` and nothing written (reconciliation's settlements)."""
         if isinstance(billable_seconds, bool) or not isinstance(billable_seconds, int):
             raise InvalidInput("billable seconds must be a whole number", code="INVALID_SECONDS")
         if not 0 <= billable_seconds <= MAX_BILLABLE:
             raise InvalidInput(f"billable seconds {billable_seconds} out of range",
                                code="INVALID_SECONDS")
-        return await self._settle(call_id, billable_seconds, by)
+        return await self._settle(call_id, billable_seconds, by, fence)
 
-    async def release(self, call_id: uuid.UUID, *, by: str = "api") -> Settlement:
-        """A call that never connected: give back everything it reserved."""
-        return await self._settle(call_id, 0, by)
+    async def release(self, call_id: uuid.UUID, *, by: str = "api",
+                      fence: Fence | None = None) -> Settlement:
+        """A call that never connected: give back everything it reserved (fenced as
+        ``settle``)."""
+        return await self._settle(call_id, 0, by, fence)
 
-    async def _settle(self, call_id: uuid.UUID, billable: int, by: str) -> Settlement:
-        s = await self.repo.settle(call_id, billable, self.clock(), by)
+    async def _settle(self, call_id: uuid.UUID, billable: int, by: str,
+                      fence: Fence | None) -> Settlement:
+        s = await self.repo.settle(call_id, billable, self.clock(), by, fence=fence)
         log.info("settlement", call_id=str(call_id), outcome=s.outcome,
                  billable_seconds=billable, billed_seconds=s.billed_seconds,
                  charged=str(s.charged), by=by)
         return s
 
 
-__all__ = ["Clock", "Rater", "Renewal", "Settlement", "utcnow"]
+__all__ = ["DEFAULT_PBX", "Clock", "Fence", "Rater", "Renewal", "Settlement", "utcnow"]

@@ -1,8 +1,14 @@
 """What the call service reads back from the store to recover: the calls still open,
-the PBX's own record of a call (its CDR), and which gateway processes are alive.
+the PBX's own record of a call (its CDR), which gateway processes are alive, and which
+process owns which PBX (its lease).
 
 Typed views, so that ``gateway/calls/`` never sees a database row nor imports the store:
 it reconciles with these after a restart, an AMI reconnect, and on a timer.
+
+Every read of calls and CDRs is scoped by PBX name: a channel's uniqueid is unique on
+its own PBX only. The methods that had no PBX before PBX names take it first
+(``open_call_id(pbx, uniqueid)``); called the old way, with the uniqueid (or the time)
+alone, they read PBX 'default', the name of a single-PBX gateway's PBX.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..store.repository import Repository
+from ..store.repository import DEFAULT_PBX, Repository
 
 OPEN_STATES = ("authorised", "answered")  # reserved and not yet settled nor released
 
@@ -34,6 +40,7 @@ class OpenCall:
     owner: str | None  # the gateway process that authorised it
     authorised_at: dt.datetime
     answered_at: dt.datetime | None
+    pbx: str = DEFAULT_PBX  # the PBX the call's channel lives on
 
     @property
     def rated(self) -> bool:
@@ -47,6 +54,7 @@ class OpenCall:
             sources=tuple(row["sources"] or ()), funded_seconds=row["funded_seconds"],
             pbx_uniqueid=row["pbx_uniqueid"], linkedid=row["linkedid"], owner=row["owner"],
             authorised_at=row["authorised_at"], answered_at=row["answered_at"],
+            pbx=row["pbx"],
         )
 
 
@@ -84,39 +92,94 @@ class CdrTableCheck:
                 "checked_calls": self.checked, "recorded_calls": self.recorded}
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Which gateway process owns a PBX, until when (the database's clock)."""
+
+    pbx: str
+    owner: str  # the instance name of the process holding (or last holding) it
+    generation: int  # +1 at each new tenure: another owner, or a lapsed lease taken again
+    expires_at: dt.datetime
+    held: bool = True  # False: expired or released (a lease listed by ``leases()``)
+
+    def owned_by(self, owner: str) -> bool:
+        """Whether ``owner`` holds this lease (as the database saw it when read)."""
+        return self.held and self.owner == owner
+
+
+def _scoped(pbx: str, uniqueid: str | None) -> tuple[str, str]:
+    """(pbx, uniqueid) of a read called as ``(pbx, uniqueid)`` or, the form before PBX
+    names, as ``(uniqueid)`` alone: PBX 'default'."""
+    return (DEFAULT_PBX, pbx) if uniqueid is None else (pbx, uniqueid)
+
+
 class Recovery:
-    """Reads for reconciliation, and this process's heartbeat."""
+    """Reads for reconciliation, this process's heartbeat, and the PBX leases."""
 
     def __init__(self, repo: Repository):
         self._repo = repo
 
-    async def open_call_id(self, pbx_uniqueid: str) -> uuid.UUID | None:
-        """The id of the open call whose caller channel is ``pbx_uniqueid``, if any."""
-        row = await self._repo.find_call_by_uniqueid(pbx_uniqueid)
+    async def open_call_id(self, pbx: str, uniqueid: str | None = None) -> uuid.UUID | None:
+        """The id of the open call whose caller channel is ``uniqueid`` on PBX ``pbx``,
+        if any."""
+        call = await self.open_call(*_scoped(pbx, uniqueid))
+        return call.call_id if call is not None else None
+
+    async def open_call(self, pbx: str, uniqueid: str) -> OpenCall | None:
+        """The open call whose caller channel is ``uniqueid`` on PBX ``pbx``, if any."""
+        row = await self._repo.find_call_by_uniqueid(pbx, uniqueid)
         if row is None or row["state"] not in OPEN_STATES:
             return None
-        return row["id"]  # type: ignore[no-any-return]
+        return OpenCall.from_row(row)
 
-    async def open_calls(self) -> list[OpenCall]:
-        """Every open call, oldest first."""
-        return [OpenCall.from_row(r) for r in await self._repo.open_calls()]
+    async def open_calls(self, pbx: str | None = DEFAULT_PBX) -> list[OpenCall]:
+        """The open calls of PBX ``pbx`` (None: of every PBX), oldest first."""
+        return [OpenCall.from_row(r) for r in await self._repo.open_calls(pbx)]
 
-    async def cdr(self, pbx_uniqueid: str) -> CdrRecord | None:
-        """The PBX's last record of a channel (an answered one first), if it wrote one."""
-        row = await self._repo.find_cdr(pbx_uniqueid)
+    async def cdr(self, pbx: str, uniqueid: str | None = None) -> CdrRecord | None:
+        """PBX ``pbx``'s last record of channel ``uniqueid`` (an answered one first), if
+        it wrote one. Records without a PBX name count as PBX 'default''s."""
+        row = await self._repo.find_cdr(*_scoped(pbx, uniqueid))
         if row is None:
             return None
         return CdrRecord(billsec=row["billsec"] or 0, disposition=row["disposition"] or "")
 
-    async def cdr_table_check(self, now: dt.datetime) -> CdrTableCheck:
-        """Look for the PBX's records of the last answered calls settled from a minute
+    async def cdr_table_check(self, pbx: str | dt.datetime,
+                              now: dt.datetime | None = None) -> CdrTableCheck:
+        """Look for PBX ``pbx``'s records of its last answered calls settled from a minute
         to a week ago (cdr_pgsql writes a call's row at its hangup; a minute covers the
-        write). Any one record found is enough: cdr_pgsql is loaded and writing."""
+        write). Any one record found is enough: cdr_pgsql is loaded and writing.
+        ``cdr_table_check(now)`` alone checks PBX 'default'."""
+        if isinstance(pbx, dt.datetime):
+            pbx, now = DEFAULT_PBX, pbx
+        if now is None:
+            raise TypeError("cdr_table_check needs the time")
         checked, recorded = await self._repo.cdr_coverage(
             now, settled_before=dt.timedelta(seconds=60),
-            settled_after=dt.timedelta(days=7))
+            settled_after=dt.timedelta(days=7), pbx=pbx)
         state = "unverified" if checked == 0 else "up" if recorded else "missing"
         return CdrTableCheck(state, checked, recorded)
+
+    # ---- PBX leases ------------------------------------------------------------------
+
+    async def lease(self, pbx: str, owner: str, seconds: float) -> Lease:
+        """Take or renew ``owner``'s lease of ``pbx`` for ``seconds`` from now (the
+        database's clock). The lease as it is afterwards: ``owner`` holds it if
+        ``lease.owner == owner``; otherwise it says who does."""
+        row = await self._repo.lease(pbx, owner, seconds)
+        return Lease(pbx=pbx, owner=row["owner"], generation=row["generation"],
+                     expires_at=row["expires_at"])
+
+    async def release_lease(self, pbx: str, owner: str) -> bool:
+        """Give up ``owner``'s lease of ``pbx`` (a graceful stop): the next process takes
+        it at once. Whether ``owner`` held it."""
+        return await self._repo.release_lease(pbx, owner)
+
+    async def leases(self) -> list[Lease]:
+        """Every PBX's lease by PBX name, expired and released ones too (``held``)."""
+        return [Lease(pbx=r["pbx"], owner=r["owner"], generation=r["generation"],
+                      expires_at=r["expires_at"], held=r["held"])
+                for r in await self._repo.leases()]
 
     async def live_instances(self, within_seconds: float) -> set[str]:
         """Gateway processes that sent a heartbeat within the last ``within_seconds``."""
@@ -127,4 +190,4 @@ class Recovery:
         await self._repo.heartbeat(instance_id)
 
 
-__all__ = ["CdrRecord", "CdrTableCheck", "OpenCall", "Recovery"]
+__all__ = ["DEFAULT_PBX", "CdrRecord", "CdrTableCheck", "Lease", "OpenCall", "Recovery"]

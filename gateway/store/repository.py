@@ -16,10 +16,15 @@ from typing import Any
 
 import asyncpg
 
-from ..errors import Conflict, GatewayError, InvalidInput, NotFound, Unavailable
+from ..errors import Conflict, GatewayError, InvalidInput, NotFound, NotOwner, Unavailable
 from ..rating.model import NumberKind, Settlement, Tenant, User
 
 _DIGITS = re.compile(r"[0-9]+")
+
+DEFAULT_PBX = "default"  # the PBX of a single-PBX gateway, and of a CDR without a name
+
+# (pbx, owner): a write that commits only while ``owner`` holds the lease of ``pbx``
+Fence = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,9 @@ class _OneConnection:
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         return await self.conn.fetchrow(sql, *args)
 
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self.conn.fetchval(sql, *args)
+
     async def execute(self, sql: str, *args: Any) -> str:
         return await self.conn.execute(sql, *args)
 
@@ -138,6 +146,10 @@ class Repository:
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         with translate_errors():
             return await self.pool.fetchrow(sql, *args)
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        with translate_errors():
+            return await self.pool.fetchval(sql, *args)
 
     async def _execute(self, sql: str, *args: Any) -> str:
         with translate_errors():
@@ -233,16 +245,18 @@ class Repository:
         pool_country: str | None,
         slice_seconds: int,
         now: dt.datetime,
+        pbx: str = DEFAULT_PBX,
     ) -> AuthoriseResult:
         """Record one decision with ``gw_authorise``: for an allowed rated call it looks
         up the rate and reserves the first slice, and may overturn the decision
-        (``NO_RATE``, ``NO_BALANCE``); the result says what was finally recorded."""
+        (``NO_RATE``, ``NO_BALANCE``); the result says what was finally recorded.
+        ``pbx_uniqueid`` is unique on its PBX ``pbx`` only."""
         r = await self._fetchrow(
             "SELECT * FROM gw_authorise($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-            " $13, $14, $15, $16, $17)",
+            " $13, $14, $15, $16, $17, $18)",
             call_id, tenant_id, user_id, direction, caller, destination, number_class,
             decision, reason, route, pbx_uniqueid, linkedid, rate_kind, list(sources),
-            pool_country, slice_seconds, now,
+            pool_country, slice_seconds, now, pbx,
         )
         assert r is not None
         return AuthoriseResult(
@@ -253,36 +267,57 @@ class Repository:
     async def void_authorisation(
         self, *, call_id: uuid.UUID, tenant_id: str, direction: str, caller: str,
         destination: str, number_class: str, pbx_uniqueid: str | None,
-        linkedid: str | None, now: dt.datetime,
+        linkedid: str | None, now: dt.datetime, pbx: str = DEFAULT_PBX,
     ) -> str:
         """Make an authorisation whose answer was lost say what the PBX was told
         (``gw_void``): release it if it committed, else keep it from ever taking
         effect. Returns 'voided', 'released' or the state the call already had."""
         r = await self._fetchrow(
-            "SELECT gw_void($1, $2, $3, $4, $5, $6, $7, $8, $9) AS outcome",
+            "SELECT gw_void($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) AS outcome",
             call_id, tenant_id, direction, caller, destination, number_class, pbx_uniqueid,
-            linkedid, now,
+            linkedid, now, pbx,
         )
         assert r is not None
         return r["outcome"]
 
-    async def renew(self, call_id: uuid.UUID, slice_seconds: int, now: dt.datetime
-                    ) -> tuple[int, int, str]:
+    async def renew(self, call_id: uuid.UUID, slice_seconds: int, now: dt.datetime,
+                    fence: Fence | None = None) -> tuple[int, int, str]:
         """Reserve the next slice with ``gw_renew``: (seconds reserved now, funded total,
-        the call's state before renewing)."""
-        r = await self._fetchrow("SELECT * FROM gw_renew($1, $2, $3)", call_id, slice_seconds,
-                                 now)
-        assert r is not None
+        the call's state before renewing). With a ``fence``, only while its owner holds
+        its PBX's lease (see ``_fenced``)."""
+        r = await self._fenced(fence, "SELECT * FROM gw_renew($1, $2, $3)", call_id,
+                               slice_seconds, now)
         return r["slice_seconds"], r["funded"], r["state"]
 
     async def settle(self, call_id: uuid.UUID, billable_seconds: int, now: dt.datetime,
-                     by: str) -> Settlement:
-        """Settle (or release, with nothing answered) a call once with ``gw_settle``."""
-        r = await self._fetchrow(
-            "SELECT * FROM gw_settle($1, $2, $3, $4)", call_id, billable_seconds, now, by
-        )
-        assert r is not None
+                     by: str, fence: Fence | None = None) -> Settlement:
+        """Settle (or release, with nothing answered) a call once with ``gw_settle``.
+        With a ``fence``, only while its owner holds its PBX's lease (see ``_fenced``)."""
+        r = await self._fenced(fence, "SELECT * FROM gw_settle($1, $2, $3, $4)", call_id,
+                               billable_seconds, now, by)
         return Settlement(r["outcome"], r["billed"] or 0, r["charged"] or Decimal(0))
+
+    async def _fenced(self, fence: Fence | None, sql: str, *args: Any) -> asyncpg.Record:
+        """Run one statement returning a row; with ``fence`` = (pbx, owner), in a
+        transaction that first finds ``owner``'s unexpired lease of ``pbx`` and holds it
+        with FOR SHARE until the commit. A take-over of the lease (an update of its row)
+        waits for that commit, and one that committed first leaves no such row: so a
+        fenced write never commits after another process took the PBX over. No lease:
+        nothing is written and ``NotOwner`` is raised."""
+        if fence is None:
+            r = await self._fetchrow(sql, *args)
+        else:
+            pbx, owner = fence
+            async with self.transaction() as conn:
+                held = await conn.fetchval(
+                    "SELECT 1 FROM pbx_leases WHERE pbx = $1 AND owner = $2"
+                    " AND expires_at > now() FOR SHARE", pbx, owner)
+                if held is None:
+                    raise NotOwner(f"{owner} does not hold the lease of PBX {pbx}",
+                                   code="NOT_PBX_OWNER")
+                r = await conn.fetchrow(sql, *args)
+        assert r is not None
+        return r
 
     async def mark_answered(self, call_id: uuid.UUID, at: dt.datetime) -> bool:
         status = await self._execute(
@@ -295,12 +330,20 @@ class Repository:
     async def find_call(self, call_id: uuid.UUID) -> asyncpg.Record | None:
         return await self._fetchrow("SELECT * FROM calls WHERE id = $1", call_id)
 
-    async def find_call_by_uniqueid(self, pbx_uniqueid: str) -> asyncpg.Record | None:
-        return await self._fetchrow("SELECT * FROM calls WHERE pbx_uniqueid = $1", pbx_uniqueid)
+    async def find_call_by_uniqueid(self, pbx: str, uniqueid: str | None = None
+                                    ) -> asyncpg.Record | None:
+        """The call whose caller channel is ``uniqueid`` on PBX ``pbx``. Called with one
+        argument (the form before PBX names), that is the uniqueid on PBX 'default'."""
+        if uniqueid is None:
+            pbx, uniqueid = DEFAULT_PBX, pbx
+        return await self._fetchrow(
+            "SELECT * FROM calls WHERE pbx = $1 AND pbx_uniqueid = $2", pbx, uniqueid)
 
-    async def open_calls(self) -> list[asyncpg.Record]:
+    async def open_calls(self, pbx: str | None = None) -> list[asyncpg.Record]:
+        """The open calls of PBX ``pbx`` (None: of every PBX), oldest first."""
         return await self._fetch(
-            "SELECT * FROM calls WHERE state IN ('authorised', 'answered') ORDER BY authorised_at"
+            "SELECT * FROM calls WHERE state IN ('authorised', 'answered')"
+            " AND ($1::text IS NULL OR pbx = $1) ORDER BY authorised_at", pbx,
         )
 
     async def call_funding(self, call_id: uuid.UUID) -> list[asyncpg.Record]:
@@ -665,32 +708,60 @@ class Repository:
 
     # ---- the PBX's own record ------------------------------------------------------
 
-    async def find_cdr(self, pbx_uniqueid: str) -> asyncpg.Record | None:
-        """The last CDR the PBX wrote for a channel (cdr_pgsql into table ``cdr``)."""
+    async def find_cdr(self, pbx: str, uniqueid: str) -> asyncpg.Record | None:
+        """The last CDR PBX ``pbx`` wrote for a channel (cdr_pgsql into table ``cdr``); a
+        row without a PBX name was written by PBX 'default'."""
         return await self._fetchrow(
-            "SELECT billsec, disposition, answer, \"end\" FROM cdr WHERE uniqueid = $1"
+            "SELECT billsec, disposition, answer, \"end\" FROM cdr"
+            " WHERE coalesce(pbx, 'default') = $1 AND uniqueid = $2"
             " ORDER BY (disposition = 'ANSWERED') DESC, id DESC LIMIT 1",
-            pbx_uniqueid,
+            pbx, uniqueid,
         )
 
     async def cdr_coverage(self, now: dt.datetime, *, settled_before: dt.timedelta,
-                           settled_after: dt.timedelta, limit: int = 10
-                           ) -> tuple[int, int]:
-        """Of the last ``limit`` answered calls settled between ``settled_after`` and
-        ``settled_before`` ago: how many, and how many have a row in ``cdr``."""
+                           settled_after: dt.timedelta, limit: int = 10,
+                           pbx: str | None = None) -> tuple[int, int]:
+        """Of the last ``limit`` answered calls of PBX ``pbx`` (None: of any PBX) settled
+        between ``settled_after`` and ``settled_before`` ago: how many, and how many
+        have a row in ``cdr`` written by their own PBX."""
         r = await self._fetchrow(
             "SELECT count(*) AS checked, count(cdr.uniqueid) AS recorded FROM ("
-            "  SELECT pbx_uniqueid FROM calls WHERE state = 'settled'"
+            "  SELECT pbx, pbx_uniqueid FROM calls WHERE state = 'settled'"
             "   AND billable_seconds > 0 AND pbx_uniqueid IS NOT NULL"
             "   AND ended_at <= $1::timestamptz - $2::interval"
             "   AND ended_at > $1::timestamptz - $3::interval"
+            "   AND ($5::text IS NULL OR pbx = $5)"
             "  ORDER BY ended_at DESC LIMIT $4) AS recent"
-            " LEFT JOIN LATERAL (SELECT uniqueid FROM cdr WHERE cdr.uniqueid ="
-            "  recent.pbx_uniqueid LIMIT 1) AS cdr ON true",
-            now, settled_before, settled_after, limit,
+            " LEFT JOIN LATERAL (SELECT uniqueid FROM cdr"
+            "  WHERE coalesce(cdr.pbx, 'default') = recent.pbx"
+            "   AND cdr.uniqueid = recent.pbx_uniqueid LIMIT 1) AS cdr ON true",
+            now, settled_before, settled_after, limit, pbx,
         )
         assert r is not None
         return r["checked"], r["recorded"]
+
+    # ---- PBX leases ------------------------------------------------------------------
+
+    async def lease(self, pbx: str, owner: str, seconds: float | Decimal
+                    ) -> asyncpg.Record:
+        """Take or renew ``owner``'s lease of ``pbx`` for ``seconds`` (``gw_lease``): the
+        lease as it is afterwards (owner, generation, expires_at): ``owner`` holds it
+        if the row's owner is ``owner``."""
+        r = await self._fetchrow("SELECT * FROM gw_lease($1, $2, $3)", pbx, owner,
+                                 Decimal(str(seconds)))
+        assert r is not None
+        return r
+
+    async def release_lease(self, pbx: str, owner: str) -> bool:
+        """Give up ``owner``'s lease of ``pbx`` now; whether ``owner`` held it."""
+        return bool(await self._fetchval("SELECT gw_lease_release($1, $2)", pbx, owner))
+
+    async def leases(self) -> list[asyncpg.Record]:
+        """Every PBX's lease (expired ones too), by PBX name, with ``held``: whether it
+        has not expired by the database's clock."""
+        return await self._fetch(
+            "SELECT pbx, owner, generation, acquired_at, expires_at,"
+            " expires_at > now() AS held FROM pbx_leases ORDER BY pbx")
 
     # ---- gateway processes -----------------------------------------------------------
 
