@@ -17,6 +17,7 @@ from gateway.ami import (
     AMI_ACTION_FAILED,
     AMI_DISCONNECTED,
     AMI_LOGIN_FAILED,
+    AMI_PBX_MISMATCH,
     AMI_TIMEOUT,
     AMI_UNREACHABLE,
     AmiClient,
@@ -585,3 +586,131 @@ async def test_an_action_refused_while_down_cuts_a_long_back_off_short(fake, mak
     started = time.monotonic()
     await eventually(lambda: client.state == "connected", within=1.0)
     assert time.monotonic() - started < 0.5
+
+
+# ---- the PBX's identity: GW_PBX read after each login ---------------------------------------
+
+
+def gw_pbx_says(fake: FakeAmi, holder: dict[str, str]) -> None:
+    """Answer ``Getvar`` of the global GW_PBX (no Channel) with ``holder["name"]``, as
+    Asterisk does: ``Value:`` empty when the global is unset."""
+
+    async def getvar(conn: FakeConn, action: dict[str, str]) -> None:
+        assert "Channel" not in action and action["Variable"] == "GW_PBX"
+        await conn.reply(action, Variable="GW_PBX", Value=holder["name"])
+
+    fake.scripts["getvar"] = getvar
+
+
+async def test_the_pbx_that_names_itself_as_configured_is_used(fake, make_client):
+    gw_pbx_says(fake, {"name": "pbx1"})
+    booted: list[dict[str, str]] = []
+    client = make_client(expected_pbx="pbx1", single_pbx=False)
+    client.on_event("FullyBooted", booted.append)
+    await client.start()
+    assert client.state == "connected"
+    assert [a["Action"] for a in fake.received[:2]] == ["Login", "Getvar"]
+    status = client.status()
+    assert (status["pbx"], status["pbx_reported"]) == ("pbx1", "pbx1")
+    # FullyBooted came before the identity was known: held, then delivered
+    await eventually(lambda: len(booted) == 1)
+
+
+async def test_a_pbx_that_says_it_is_another_fails_start_clearly(fake, make_client):
+    gw_pbx_says(fake, {"name": "pbx2"})
+    booted: list[dict[str, str]] = []
+    client = make_client(expected_pbx="pbx1", misconfigured_retry=0.05)
+    client.on_event("FullyBooted", booted.append)
+    with pytest.raises(AmiError) as caught:
+        await client.start()
+    assert caught.value.code == AMI_PBX_MISMATCH
+    assert caught.value.message == (
+        f"PBX identity mismatch: configured 'pbx1', the PBX at 127.0.0.1:{fake.port} "
+        "says it is 'pbx2' (GW_PBX)")
+    assert client.state == "misconfigured"
+    assert client.status()["pbx_reported"] == "pbx2"
+    assert "pbx2" in (client.status()["last_error"] or "")
+    await asyncio.sleep(0.15)
+    assert len(fake.conns) == 1  # a failed start leaves nothing retrying
+    assert fake.conns[0].closed.is_set()  # the refused link is closed
+    assert booted == []  # nothing the refused PBX sent reached a handler
+
+
+async def test_an_unnamed_pbx_is_accepted_only_as_the_only_one(fake, make_client):
+    gw_pbx_says(fake, {"name": ""})
+    alone = make_client(expected_pbx="default", single_pbx=True)
+    with capture_logs() as logs:
+        await alone.start()
+    assert alone.state == "connected"
+    assert alone.status()["pbx_reported"] == ""
+    warnings = [e for e in logs if e["event"] == "pbx_unnamed"]
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+    assert warnings[0]["pbx"] == "default"
+
+    one_of_several = make_client(expected_pbx="pbx1", single_pbx=False)
+    with pytest.raises(AmiError) as caught:
+        await one_of_several.start()
+    assert caught.value.code == AMI_PBX_MISMATCH
+    assert "configured 'pbx1'" in caught.value.message
+    assert "GW_PBX is empty" in caught.value.message
+    assert f"127.0.0.1:{fake.port}" in caught.value.message
+    assert one_of_several.state == "misconfigured"
+
+
+async def test_without_an_expected_name_nothing_is_asked(fake, make_client):
+    client = make_client()
+    await client.start()
+    assert "getvar" not in [a["Action"].lower() for a in fake.received]
+    assert client.status()["pbx"] is None and client.status()["pbx_reported"] is None
+
+
+async def test_a_pbx_that_cannot_be_asked_is_refused(fake, make_client):
+    async def denied(conn: FakeConn, action: dict[str, str]) -> None:
+        await conn.send({"Response": "Error", "ActionID": action["ActionID"],
+                         "Message": "Permission denied"})
+
+    fake.scripts["getvar"] = denied
+    client = make_client(expected_pbx="pbx1")
+    with pytest.raises(AmiError) as caught:
+        await client.start()
+    assert caught.value.code == AMI_PBX_MISMATCH
+    assert "Permission denied" in caught.value.message and "'pbx1'" in caught.value.message
+
+
+async def test_a_renamed_pbx_on_reconnect_is_misconfigured_until_fixed(fake, make_client):
+    says = {"name": "pbx1"}
+    gw_pbx_says(fake, says)
+    connects = 0
+    booted: list[dict[str, str]] = []
+
+    def connected() -> None:
+        nonlocal connects
+        connects += 1
+
+    client = make_client(expected_pbx="pbx1", misconfigured_retry=0.1)
+    client.on_connect(connected)
+    client.on_event("FullyBooted", booted.append)
+    await client.start()
+    await eventually(lambda: connects == 1 and len(booted) == 1)
+
+    with capture_logs() as logs:
+        says["name"] = "pbx2"  # e.g. the address now reaches another PBX
+        fake.drop()
+        await eventually(lambda: client.state == "misconfigured")
+        await eventually(lambda: fake.logins >= 3)  # retried
+        assert client.state == "misconfigured"
+        status = client.status()
+        assert "says it is 'pbx2' (GW_PBX)" in (status["last_error"] or "")
+        assert status["pbx_reported"] == "pbx2"
+        with pytest.raises(AmiError) as caught:
+            await client.action({"Action": "Ping"})
+        assert caught.value.code == AMI_DISCONNECTED and "misconfigured" in caught.value.message
+        assert connects == 1 and len(booted) == 1  # the wrong PBX's events reached no one
+
+        says["name"] = "pbx1"  # the operator fixes the dialplan
+        await eventually(lambda: client.state == "connected" and connects == 2)
+    assert client.status()["pbx_reported"] == "pbx1"
+    await eventually(lambda: len(booted) == 2)
+    mismatches = [e for e in logs if e["event"] == "ami.pbx_mismatch"]
+    assert mismatches and mismatches[0]["log_level"] == "error"
+    assert "'pbx2'" in mismatches[0]["error"]

@@ -60,6 +60,7 @@ AMI_UNREACHABLE = "AMI_UNREACHABLE"
 AMI_TIMEOUT = "AMI_TIMEOUT"
 AMI_DISCONNECTED = "AMI_DISCONNECTED"
 AMI_ACTION_FAILED = "AMI_ACTION_FAILED"
+AMI_PBX_MISMATCH = "AMI_PBX_MISMATCH"  # the PBX's GW_PBX is not the name configured
 
 EventCallback = Callable[[dict[str, str]], Awaitable[None] | None]
 ConnectCallback = Callable[[], Awaitable[None] | None]
@@ -110,10 +111,15 @@ class _Pending:
 class _Link:
     """One TCP connection and everything that lives and dies with it."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 *, accepted: bool = True):
         self.reader = reader
         self.writer = writer
         self.version: str | None = None
+        # False until the PBX's identity is checked: its events wait in ``held`` and
+        # reach the handlers only if the PBX is the one configured
+        self.accepted = accepted
+        self.held: list[dict[str, str]] = []
         self.pending: dict[str, _Pending] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.lost = asyncio.Event()
@@ -197,6 +203,9 @@ class AmiClient:
         observe: Callable[[str, float], None] | None = None,
         max_event_backlog: int | None = None,
         on_event_dropped: Callable[[str], None] | None = None,
+        expected_pbx: str | None = None,
+        single_pbx: bool = True,
+        misconfigured_retry: float = 10.0,
     ):
         """``observe(event, seconds)``, when given, hears how long the handlers of each
         handled event ran (e.g. a metrics histogram). At most ``max_event_backlog``
@@ -207,7 +216,17 @@ class AmiClient:
         The reconnect back-off stops growing at ``backoff_max`` (2 s): while the link
         is down, calls answered are not heard (their renewals wait for the re-sync
         after the login), so the link must not stay down long after the PBX is back;
-        a refused connection every 2 s costs a PBX nothing."""
+        a refused connection every 2 s costs a PBX nothing.
+
+        ``expected_pbx``, when given, is the name this PBX has in the gateway's
+        configuration. After each login the client reads the PBX's global ``GW_PBX``:
+        the same name, the link is used; another name, the link is refused
+        (``AMI_PBX_MISMATCH``): ``start()`` raises, and on a reconnect the client stays
+        off in state ``misconfigured`` (``status()`` says why) and tries again every
+        ``misconfigured_retry`` seconds, since an operator may fix the dialplan. An
+        empty ``GW_PBX`` (a dialplan older than PBX names) is accepted with a warning
+        ``pbx_unnamed`` when this PBX is the gateway's only one (``single_pbx``), and
+        refused when the gateway serves several: their calls could not be told apart."""
         self._host = host
         self._port = port
         self._username = username
@@ -222,12 +241,16 @@ class AmiClient:
         self._observe = observe
         self._max_event_backlog = max(1, max_event_backlog or DEFAULT_MAX_EVENT_BACKLOG)
         self._on_event_dropped = on_event_dropped
+        self._expected_pbx = expected_pbx
+        self._single_pbx = single_pbx
+        self._misconfigured_retry = misconfigured_retry
 
         self.state: str = "disconnected"
         self.last_error: str | None = None
         self.reconnects: int = 0
         self.events_dropped: int = 0  # since start: the gateway could not keep up
         self.resyncs_after_drops: int = 0  # ``on_events_lost`` runs started
+        self.pbx_reported: str | None = None  # GW_PBX as the PBX said it at the last login
 
         self._handlers: dict[str, list[EventCallback]] = {}
         self._connect_callbacks: list[ConnectCallback] = []
@@ -291,9 +314,10 @@ class AmiClient:
 
         Raises ``AmiError`` with ``AMI_UNREACHABLE`` (no TCP connection or no AMI
         banner within ``connect_timeout``), ``AMI_LOGIN_FAILED`` (credentials
-        refused), ``AMI_TIMEOUT`` (no answer to Login) or ``AMI_DISCONNECTED``
-        (the server closed the link during login). Nothing keeps running
-        after a failed start.
+        refused), ``AMI_TIMEOUT`` (no answer to Login), ``AMI_DISCONNECTED``
+        (the server closed the link during login) or ``AMI_PBX_MISMATCH`` (the PBX
+        is not ``expected_pbx``; the state is then ``misconfigured``). Nothing keeps
+        running after a failed start.
         """
         if self._supervisor is not None:
             raise RuntimeError("AmiClient already started")
@@ -302,7 +326,8 @@ class AmiClient:
         try:
             link = await self._connect_once(reconnect=False)
         except BaseException as exc:
-            self.state = "disconnected"
+            mismatch = isinstance(exc, AmiError) and exc.code == AMI_PBX_MISMATCH
+            self.state = "misconfigured" if mismatch else "disconnected"
             if isinstance(exc, AmiError):
                 self.last_error = str(exc)
                 self._log.error(
@@ -348,6 +373,8 @@ class AmiClient:
             "max_event_backlog": self._max_event_backlog,
             "events_dropped": self.events_dropped,
             "resyncs_after_drops": self.resyncs_after_drops,
+            "pbx": self._expected_pbx,
+            "pbx_reported": self.pbx_reported,
         }
 
     @property
@@ -423,8 +450,10 @@ class AmiClient:
         return link
 
     async def _connect_once(self, *, reconnect: bool) -> _Link:
-        """Open a TCP link, check the banner and log in; the link is live on return."""
-        self.state = "connecting"
+        """Open a TCP link, check the banner, log in and check the PBX's identity; the
+        link is live on return."""
+        if self.state != "misconfigured":  # stays so until the PBX is accepted
+            self.state = "connecting"
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self._host, self._port, limit=_READ_LIMIT),
@@ -440,14 +469,18 @@ class AmiClient:
                 AMI_UNREACHABLE, f"cannot connect to {self._address}: {exc.strerror or exc}"
             ) from None
 
-        link = _Link(reader, writer)
+        link = _Link(reader, writer, accepted=self._expected_pbx is None)
         try:
             await self._read_banner(link)
             link.tasks.add(asyncio.create_task(self._read_loop(link), name="ami-reader"))
             await self._login(link)
-        except BaseException:
-            self._link_lost(link, "login did not complete")
+            await self._check_identity(link)
+        except BaseException as exc:
+            refused = isinstance(exc, AmiError) and exc.code == AMI_PBX_MISMATCH
+            self._link_lost(link, "PBX identity refused" if refused
+                            else "login did not complete")
             raise
+        self._accept(link)
 
         if reconnect:
             self.reconnects += 1
@@ -459,6 +492,7 @@ class AmiClient:
             username=self._username,
             ami_version=link.version,
             reconnects=self.reconnects,
+            pbx=self.pbx_reported,
         )
         link.tasks.add(asyncio.create_task(self._ping_loop(link), name="ami-ping"))
         if self._connect_callbacks:
@@ -501,6 +535,54 @@ class AmiClient:
                 response=exc.response,
             ) from None
 
+    async def _check_identity(self, link: _Link) -> None:
+        """Read the PBX's global ``GW_PBX`` (``Getvar`` with no channel) and refuse a
+        PBX that is not ``expected_pbx`` (see ``__init__``)."""
+        expected = self._expected_pbx
+        if expected is None:
+            return
+        try:
+            reply = await self._request(link, {"Action": "Getvar", "Variable": "GW_PBX"})
+        except AmiError as exc:
+            if exc.code != AMI_ACTION_FAILED:
+                raise
+            reason = (exc.response or {}).get("Message", "refused")
+            raise AmiError(
+                AMI_PBX_MISMATCH,
+                f"PBX identity unknown: configured {expected!r}, the PBX at {self._address} "
+                f"refused to read GW_PBX (Getvar: {reason})",
+                response=exc.response,
+            ) from None
+        said = (_get(reply, "Value") or "").strip()
+        self.pbx_reported = said
+        if said == expected:
+            return
+        if said:
+            raise AmiError(
+                AMI_PBX_MISMATCH,
+                f"PBX identity mismatch: configured {expected!r}, the PBX at {self._address} "
+                f"says it is {said!r} (GW_PBX)",
+            )
+        if not self._single_pbx:
+            raise AmiError(
+                AMI_PBX_MISMATCH,
+                f"PBX identity mismatch: configured {expected!r}, the PBX at {self._address} "
+                "has no name (GW_PBX is empty), and with several PBXs configured each must "
+                "name itself",
+            )
+        self._log.warning("pbx_unnamed", ami=self._address, pbx=expected,
+                          hint=f"set the global GW_PBX={expected} in the PBX's dialplan")
+
+    def _accept(self, link: _Link) -> None:
+        """The PBX is the one configured: the events held since the login go to the
+        handlers, in order (past the backlog's bound, dropped and counted)."""
+        if link.accepted:
+            return
+        link.accepted = True
+        held, link.held = link.held, []
+        for message in held:
+            self._enqueue(message, _get(message, "Event") or "")
+
     async def _supervise(self, link: _Link) -> None:
         """Wait for the link to die, then reconnect with back-off; forever."""
         while True:
@@ -511,14 +593,27 @@ class AmiClient:
         delay = self._backoff_initial
         attempt = 0
         while True:
-            self.state = "disconnected"
-            await self._back_off(delay)
+            if self.state == "misconfigured":
+                # no back-off cut short by waiting actions: only an operator helps here
+                await asyncio.sleep(self._misconfigured_retry)
+            else:
+                self.state = "disconnected"
+                await self._back_off(delay)
             attempt += 1
             try:
                 return await self._connect_once(reconnect=True)
             except AmiError as exc:
-                self.state = "disconnected"
                 self.last_error = str(exc)
+                if exc.code == AMI_PBX_MISMATCH:
+                    if self.state != "misconfigured":
+                        attempt = 1  # a new condition: log it now
+                    self.state = "misconfigured"
+                    if not attempt & (attempt - 1):
+                        self._log.error("ami.pbx_mismatch", ami=self._address,
+                                        error=exc.message, attempt=attempt,
+                                        retry_within=self._misconfigured_retry)
+                    continue
+                self.state = "disconnected"
                 delay = min(delay * 2, self._backoff_max)
                 if attempt & (attempt - 1):
                     continue  # logged at attempts 1, 2, 4, 8...: a long outage, a few lines
@@ -685,10 +780,20 @@ class AmiClient:
 
         # Everything else is a real event, even if it echoes a pending ActionID.
         if self._events is not None and self._handled(event):
-            try:
-                self._events.put_nowait(message)
-            except asyncio.QueueFull:
-                self._drop(event)
+            if not link.accepted:  # the PBX's identity is being checked
+                if len(link.held) < self._max_event_backlog:
+                    link.held.append(message)
+                else:
+                    self._drop(event)
+                return
+            self._enqueue(message, event)
+
+    def _enqueue(self, message: dict[str, str], event: str) -> None:
+        assert self._events is not None
+        try:
+            self._events.put_nowait(message)
+        except asyncio.QueueFull:
+            self._drop(event)
 
     def _handled(self, event: str) -> bool:
         """Whether any handler wants ``event``: the others need no place in the queue."""
