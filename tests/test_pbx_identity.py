@@ -1,0 +1,88 @@
+"""The AMI identity check against a real Asterisk: after its login the client reads the
+PBX's global GW_PBX and uses the link only when the PBX is the one configured."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from structlog.testing import capture_logs
+
+from gateway.ami import AMI_PBX_MISMATCH, AmiClient, AmiError
+from tests.support.pbx import Pbx, free_port
+
+pytestmark = [pytest.mark.pbx, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def named_pbx(pbx_root: Path) -> Iterator[Pbx]:
+    pbx = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{free_port()}", globals={"GW_PBX": "pbx1"})
+    pbx.start()
+    yield pbx
+    pbx.stop()
+
+
+@pytest_asyncio.fixture
+async def pbx(named_pbx: Pbx):
+    named_pbx.cli("dialplan set global GW_PBX pbx1")
+    yield named_pbx
+    named_pbx.cli("dialplan set global GW_PBX pbx1")
+
+
+@pytest_asyncio.fixture
+async def client_for(pbx: Pbx):
+    clients: list[AmiClient] = []
+
+    def make(expected: str, *, single_pbx: bool) -> AmiClient:
+        client = AmiClient(pbx.ami_host, pbx.ami_port, pbx.ami_user, pbx.ami_secret,
+                           expected_pbx=expected, single_pbx=single_pbx)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.stop()
+
+
+async def test_the_pbx_named_as_configured_is_connected(pbx, client_for):
+    client = client_for("pbx1", single_pbx=False)
+    await client.start()
+    assert client.state == "connected"
+    status = client.status()
+    assert (status["pbx"], status["pbx_reported"]) == ("pbx1", "pbx1")
+    # the link is usable: the account's permissions carry Getvar and the rest
+    assert (await client.action({"Action": "Ping"}))["Ping"] == "Pong"
+
+
+async def test_a_pbx_named_otherwise_fails_start_with_a_clear_message(pbx, client_for):
+    client = client_for("pbx2", single_pbx=True)
+    with pytest.raises(AmiError) as caught:
+        await client.start()
+    assert caught.value.code == AMI_PBX_MISMATCH
+    assert caught.value.message == (
+        f"PBX identity mismatch: configured 'pbx2', the PBX at {pbx.ami_host}:{pbx.ami_port} "
+        "says it is 'pbx1' (GW_PBX)")
+    assert client.state == "misconfigured"
+    assert client.status()["pbx_reported"] == "pbx1"
+
+
+async def test_an_unnamed_pbx_is_accepted_alone_and_refused_among_several(pbx, client_for):
+    pbx.cli('dialplan set global GW_PBX ""')  # a dialplan from before PBX names
+
+    alone = client_for("default", single_pbx=True)
+    with capture_logs() as logs:
+        await alone.start()
+    assert alone.state == "connected"
+    assert alone.status()["pbx_reported"] == ""
+    assert [e["log_level"] for e in logs if e["event"] == "pbx_unnamed"] == ["warning"]
+
+    among_several = client_for("pbx1", single_pbx=False)
+    with pytest.raises(AmiError) as caught:
+        await among_several.start()
+    assert caught.value.code == AMI_PBX_MISMATCH
+    assert "configured 'pbx1'" in caught.value.message
+    assert f"{pbx.ami_host}:{pbx.ami_port}" in caught.value.message
+    assert "GW_PBX is empty" in caught.value.message
+    assert among_several.state == "misconfigured"
