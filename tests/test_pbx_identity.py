@@ -3,6 +3,9 @@ PBX's global GW_PBX and uses the link only when the PBX is the one configured.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +89,82 @@ async def test_an_unnamed_pbx_is_accepted_alone_and_refused_among_several(pbx, c
     assert f"{pbx.ami_host}:{pbx.ami_port}" in caught.value.message
     assert "GW_PBX is empty" in caught.value.message
     assert among_several.state == "misconfigured"
+
+
+class Relay:
+    """A TCP relay in front of the PBX's AMI port whose connections the test can cut,
+    as a network fault would: the client then reconnects through it."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_a_pbx_renamed_before_a_reconnect_is_misconfigured_until_fixed(pbx):
+    relay = Relay(pbx.ami_port)
+    port = await relay.start()
+    client = AmiClient(pbx.ami_host, port, pbx.ami_user, pbx.ami_secret,
+                       expected_pbx="pbx1", single_pbx=False, misconfigured_retry=0.2,
+                       backoff_initial=0.05, backoff_max=0.2)
+    logins = 0
+
+    def counted() -> None:
+        nonlocal logins
+        logins += 1
+
+    client.on_connect(counted)
+    try:
+        await client.start()
+        await wait_for(lambda: logins == 1)
+        await pbx.acli("dialplan set global GW_PBX pbx2")
+        relay.cut()
+        await wait_for(lambda: client.state == "misconfigured")
+        status = client.status()
+        assert status["pbx_reported"] == "pbx2"
+        assert (f"configured 'pbx1', the PBX at 127.0.0.1:{port} says it is 'pbx2' (GW_PBX)"
+                in (status["last_error"] or ""))
+        with pytest.raises(AmiError):
+            await client.action({"Action": "Ping"})
+        assert logins == 1
+
+        await pbx.acli("dialplan set global GW_PBX pbx1")  # the operator's fix
+        await wait_for(lambda: client.state == "connected" and logins == 2)
+        assert client.status()["pbx_reported"] == "pbx1"
+        assert (await client.action({"Action": "Ping"}))["Ping"] == "Pong"
+    finally:
+        await client.stop()
+        await relay.close()
+
+
+async def wait_for(predicate, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
