@@ -4,6 +4,9 @@ Every key is documented in ``gateway.example.toml``. Environment variables are t
 in upper case with a ``GATEWAY_`` prefix (``GATEWAY_AGI_PORT``). Secrets may also come
 from a file named by ``GATEWAY_<KEY>_FILE`` (Docker and systemd credentials), and are
 never printed: ``Config.public()`` masks them.
+
+The PBXs served are ``Config.pbxes``: the ``[[pbx]]`` tables of the file (which come from
+the file only), else one PBX of the flat ``ami_*`` keys named ``pbx_name``.
 """
 
 from __future__ import annotations
