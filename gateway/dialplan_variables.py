@@ -31,6 +31,7 @@ ANSWER = (REASON, CALL_ID, ROUTE, NUMBER, TARGET, FUNDED, CAUSE, DECISION)
 # sees every GW_* name and a new one cannot slip in unnoticed.
 
 AGI = "GW_AGI"  # host:port of the gateway's FastAGI server
+AGI_BACKUP = "GW_AGI_BACKUP"  # host:port asked once when AGI cannot be reached; empty = none
 FAIL_POLICY = "GW_FAIL_POLICY"  # outbound when the gateway is unreachable: closed | open
 INBOUND_FAIL_POLICY = "GW_INBOUND_FAIL_POLICY"  # the same for inbound
 PSTN_TRUNK = "GW_PSTN_TRUNK"
@@ -41,12 +42,21 @@ DIRECTION = "GW_DIRECTION"  # outbound | inbound, for [gateway-decide]
 FUNDED_MS = "GW_FUNDED_MS"  # FUNDED in milliseconds, for Dial's L()
 DIAL_OPTS = "GW_DIAL_OPTS"  # Dial's options: L(<ms>) when funded
 
-DIALPLAN_ONLY = frozenset({AGI, FAIL_POLICY, INBOUND_FAIL_POLICY, PSTN_TRUNK, PARTNER_TRUNK,
-                           EMERGENCY_TRUNK, EMERGENCY_NUMBERS, DIRECTION, FUNDED_MS,
-                           DIAL_OPTS})
+DIALPLAN_ONLY = frozenset({AGI, AGI_BACKUP, FAIL_POLICY, INBOUND_FAIL_POLICY, PSTN_TRUNK,
+                           PARTNER_TRUNK, EMERGENCY_TRUNK, EMERGENCY_NUMBERS, DIRECTION,
+                           FUNDED_MS, DIAL_OPTS})
+
+# ---- the PBX's name ----------------------------------------------------------------------
+# A global of the PBX (empty on a PBX set up before names existed). The dialplan passes it
+# as the last argument of every AGI request and writes it on the CDR as the custom
+# variable CDR_PBX (cdr_pgsql's column "pbx"); the gateway reads the global over AMI
+# (Getvar, no channel) to check that it is talking to the PBX it was configured for.
+
+PBX = "GW_PBX"
+CDR_PBX = "pbx"  # CDR(pbx) on the PBX, column cdr.pbx in the database
 
 # Every GW_* name the shipped dialplan reads or sets.
-DIALPLAN = frozenset(ANSWER) | DIALPLAN_ONLY
+DIALPLAN = frozenset(ANSWER) | DIALPLAN_ONLY | {PBX}
 
 # ---- the health check ------------------------------------------------------------------
 
@@ -55,20 +65,21 @@ PONG = "GW_PONG"
 
 # ---- AGI routes: agi://${GW_AGI}/<route>,<args> ----------------------------------------
 # Each route's arguments as the dialplan writes them, in order; the *_<NAME> indices
-# below are where the gateway reads each one.
+# below are where the gateway reads each one. The PBX's name is the LAST argument of
+# every route, so a dialplan older than it simply sends one argument fewer.
 
 OUTBOUND_ROUTE = "outbound"
-OUTBOUND_ARGS = ("${EXTEN}", "${CHANNEL(endpoint)}", "${CHANNEL(linkedid)}")
-OUTBOUND_DIALLED, OUTBOUND_ENDPOINT, OUTBOUND_LINKEDID = range(3)
+OUTBOUND_ARGS = ("${EXTEN}", "${CHANNEL(endpoint)}", "${CHANNEL(linkedid)}", "${GW_PBX}")
+OUTBOUND_DIALLED, OUTBOUND_ENDPOINT, OUTBOUND_LINKEDID, OUTBOUND_PBX = range(4)
 
 INBOUND_ROUTE = "inbound"
-INBOUND_ARGS = ("${EXTEN}", "${CALLERID(num)}", "${CHANNEL(linkedid)}")
-INBOUND_CALLED, INBOUND_CALLER, INBOUND_LINKEDID = range(3)
+INBOUND_ARGS = ("${EXTEN}", "${CALLERID(num)}", "${CHANNEL(linkedid)}", "${GW_PBX}")
+INBOUND_CALLED, INBOUND_CALLER, INBOUND_LINKEDID, INBOUND_PBX = range(4)
 
 HANGUP_ROUTE = "hangup"
 HANGUP_ARGS = ("${GW_CALL_ID}", '${IF($["${ANSWEREDTIME_MS}" = ""]?0:${ANSWEREDTIME_MS})}',
-               "${DIALSTATUS}", "${CDR(billsec)}")
-HANGUP_CALL_ID, HANGUP_ANSWERED_MS, HANGUP_DIALSTATUS, HANGUP_BILLSEC = range(4)
+               "${DIALSTATUS}", "${CDR(billsec)}", "${GW_PBX}")
+HANGUP_CALL_ID, HANGUP_ANSWERED_MS, HANGUP_DIALSTATUS, HANGUP_BILLSEC, HANGUP_PBX = range(5)
 
 PING_ROUTE = "ping"  # answered by the AGI server itself with PONG
 

@@ -62,15 +62,102 @@ def test_no_gateway_module_spells_a_channel_variable_itself():
     assert spelled == {}
 
 
-def test_the_dialplan_calls_the_declared_routes_with_the_declared_arguments():
+def agi_calls() -> list[tuple[str, str]]:
+    """(route, arguments) of every AGI() step of the dialplan."""
     agi = re.compile(r"AGI\(agi://\$\{" + var.AGI + r"\}/(\w+),(.*)\)\s*$")
-    calls = [m.groups() for line in dialplan_code() if (m := agi.search(line))]
+    return [m.groups() for line in dialplan_code() if (m := agi.search(line))]
+
+
+def test_the_dialplan_calls_the_declared_routes_with_the_declared_arguments():
+    calls = agi_calls()
     assert {route for route, _ in calls} == set(var.ROUTES)
-    # outbound is asked from two places (numbers, SIP user names): each passes the
-    # declared arguments
+    # every AGI() step passes the declared arguments: outbound is asked from two places
+    # (numbers, SIP user names), and each route once more on the backup
     assert all(tuple(args.split(",")) == var.ROUTES[route] for route, args in calls)
-    assert sorted(route for route, _ in calls) == sorted([*var.ROUTES, "outbound"])
+    assert sorted(route for route, _ in calls) == sorted(
+        [*var.ROUTES, "outbound", "outbound", "outbound", "inbound"])
     assert var.PING_ROUTE not in var.ROUTES  # the probe's, not the dialplan's
+    # no AGI() goes anywhere but ${GW_AGI} (the backup is swapped into it)
+    assert sum("AGI(" in line for line in dialplan_code()) == len(calls)
+
+
+def test_the_pbx_name_is_the_last_argument_of_every_route():
+    assert var.OUTBOUND_PBX == 3 and var.INBOUND_PBX == 3 and var.HANGUP_PBX == 4
+    for route, index in ((var.OUTBOUND_ROUTE, var.OUTBOUND_PBX),
+                         (var.INBOUND_ROUTE, var.INBOUND_PBX),
+                         (var.HANGUP_ROUTE, var.HANGUP_PBX)):
+        args = var.ROUTES[route]
+        assert index == len(args) - 1 and args[index] == "${" + var.PBX + "}", route
+
+
+def settings_mset() -> dict[str, str]:
+    """name -> value of the one MSet of [gateway-settings] that copies the globals."""
+    code = "\n".join(dialplan_code())
+    section = code.split("[gateway-settings]", 1)[1].split("\n[", 1)[0]
+    msets = [m for m in re.findall(r"MSet\((.*)\)\s*$", section, re.M) if var.DIRECTION in m]
+    assert len(msets) == 1, msets
+    # MSet splits on commas outside parentheses
+    items, depth, item = [], 0, ""
+    for ch in msets[0]:
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            items.append(item)
+            item = ""
+        else:
+            item += ch
+    items.append(item)
+    return dict(item.split("=", 1) for item in items)
+
+
+def test_the_settings_copy_the_pbx_name_and_the_backup_and_put_the_name_on_the_cdr():
+    """In the existing MSet: no extra dialplan step for either."""
+    copied = settings_mset()
+    assert copied[var.PBX] == "${GLOBAL(" + var.PBX + ")}"
+    assert copied[var.AGI_BACKUP] == "${GLOBAL(" + var.AGI_BACKUP + ")}"
+    assert copied[f"CDR({var.CDR_PBX})"] == "${GLOBAL(" + var.PBX + ")}"
+
+
+def steps(context: str, extension: str) -> list[str]:
+    """The steps of one extension of one context, in order, without labels."""
+    code, out, current = dialplan_code(), [], None
+    for line in code:
+        if line.startswith("["):
+            current = line.strip()[1:-1]
+            continue
+        if current != context:
+            continue
+        m = re.match(r"\s*(exten => (\S+?),1,|same => n(?:\([\w]+\))?,)(.*)$", line)
+        assert m, line
+        if m.group(2) is not None:
+            out.append((m.group(2), m.group(3)))
+        elif out:
+            out.append((out[-1][0], m.group(3)))
+    return [step for exten, step in out if exten == extension]
+
+
+def test_a_delivered_hangup_report_takes_three_steps():
+    """Check, report, ExecIf that returns: the fail-over costs nothing when the gateway
+    answers (every step is a message on the AMI queue, docs/benchmarks.md)."""
+    handler = steps("gateway-hangup", "s")
+    assert handler[1].startswith("AGI(agi://${" + var.AGI + "}/hangup,")
+    assert handler[2].startswith("ExecIf(") and handler[2].endswith(":Return())")
+
+
+def test_the_fail_over_steps_come_after_the_failure_branch_only():
+    """The number paths reach the backup only through the label the FAILURE check jumps
+    to: on the happy path, [gateway-outbound] still asks once and goes to
+    [gateway-decide], whose steps before 'unreachable' are those of a single AGI."""
+    outbound = steps("gateway-outbound", "_[+0-9*#]!")
+    agi = [i for i, s in enumerate(outbound) if s.startswith("AGI(")]
+    assert len(agi) == 1 and outbound[agi[0] + 1].startswith("Goto(gateway-decide,")
+    inbound = steps("gateway-inbound", "_[+0-9*#]!")
+    assert sum(s.startswith("AGI(") for s in inbound) == 1
+    assert inbound[-1].startswith("Goto(gateway-decide,")
+    code = "\n".join(dialplan_code())
+    decide = code.split("[gateway-decide]", 1)[1].split("\n[", 1)[0]
+    before, _, after = decide.partition("same => n(unreachable),")
+    assert "AGI(" not in before and var.AGI_BACKUP not in before
+    assert "AGI(" in after
 
 
 def test_the_dialplan_clears_every_answer_variable_before_asking():

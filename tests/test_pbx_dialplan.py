@@ -23,11 +23,14 @@ import pytest
 
 from gateway import dialplan_variables as var
 from gateway.calls.causes import REJECT_CAUSES
-from tests.support.pbx import DIALPLAN_DIR, CallResult, Pbx, free_port
+from gateway.store.pool import open_pool
+from tests.support.database import scratch_database
+from tests.support.pbx import DIALPLAN_DIR, CallResult, Pbx, cdr_pgsql, free_port
 
 pytestmark = [pytest.mark.pbx, pytest.mark.timeout(180)]
 
 NUMBER = "15551234567"  # what the phones dial (the gateway would normalise it)
+PBX_NAME = "pbx-test.1"  # the shared PBX's GW_PBX
 
 #: The gateway's reason -> (Q.850 cause, SIP final response) table: the real PBX must
 #: turn each cause into exactly that response.
@@ -286,7 +289,8 @@ async def gw():
 @pytest.fixture(scope="module")
 def shared_pbx(pbx_root, gw):  # noqa: F811
     """One PBX for most tests (boots in about a second); each test resets it."""
-    pbx = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{gw.port}")
+    pbx = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{gw.port}", pbx_name=PBX_NAME,
+              globals={var.AGI_BACKUP: ""})
     pbx.start()
     yield pbx
     pbx.stop()
@@ -453,7 +457,8 @@ async def test_hangup_handler_reports_call_id_and_talk_time(pbx, gw):
     phone = await pbx.call("alice", NUMBER, scenario="hold", hold=3.3)
     trunk = await uas.result()
     report = await gw.wait_for("hangup")
-    call_id, talk_ms, dial_status, billsec = report.args
+    call_id, talk_ms, dial_status, billsec, pbx_name = report.args
+    assert pbx_name == PBX_NAME
     assert call_id == "call-hh-1"
     assert dial_status == "ANSWER"
     # Ringing (1 s) is not talk time; the PBX's figure matches the phone's (measured: within 5 ms).
@@ -481,7 +486,7 @@ async def test_hangup_handler_for_a_call_cancelled_while_ringing(pbx, gw):
     trunk = await uas.result()
     assert phone.final_code == 487 and trunk.final_code == 487, explain(phone, trunk)
     report = await gw.wait_for("hangup")
-    assert report.args == ["call-hh-3", "0", "CANCEL", "0"]
+    assert report.args == ["call-hh-3", "0", "CANCEL", "0", PBX_NAME]
 
 
 @pytest.mark.parametrize(
@@ -499,7 +504,7 @@ async def test_callee_refusal_reaches_the_phone_and_the_report(
     # Asterisk maps the callee's response to a cause and back (603 -> 21 -> 403).
     assert phone.final_code == phone_code, explain(phone, trunk)
     report = await gw.wait_for("hangup")
-    assert report.args == ["call-refused", "0", dial_status, "0"]
+    assert report.args == ["call-refused", "0", dial_status, "0", PBX_NAME]
 
 
 async def test_no_hangup_report_without_a_call_id(pbx, gw):
@@ -680,7 +685,8 @@ async def test_agi_arguments_follow_the_contract(pbx, gw):
     gw.handler = decide({var.DECISION: "REJECT", var.REASON: "NO_RATE", var.CAUSE: 3})
     await pbx.call("carol", "+442079460000", scenario="expect_error")
     req = gw.of("outbound")[0]
-    number, endpoint, linkedid = req.args
+    number, endpoint, linkedid, pbx_name = req.args
+    assert pbx_name == PBX_NAME and req.args[var.OUTBOUND_PBX] == PBX_NAME
     assert (number, endpoint) == ("+442079460000", "carol")
     # [source] fact: no linkedid in the environment, hence the argument. For the
     # caller's own channel the linkedid is its uniqueid.
@@ -707,6 +713,7 @@ async def test_inbound_allow_rings_the_target_phone(pbx, gw):
     req = gw.of("inbound")[0]
     assert req.args[:2] == ["15557654321", "15550001111"]
     assert req.args[2] == req.env["agi_uniqueid"]
+    assert req.args[var.INBOUND_PBX] == PBX_NAME and len(req.args) == len(var.INBOUND_ARGS)
     report = await gw.wait_for("hangup")
     assert report.args[0] == "in-1" and abs(int(report.args[1]) / 1000 - carrier.talk) < 0.1
 
@@ -749,6 +756,222 @@ async def test_inbound_gateway_down_fail_open_uses_the_fallback_context(make_pbx
     # A number the fallback does not know is still rejected.
     carrier = await pbx.call("carrier", "15550000000", scenario="expect_error", max_wait=10)
     assert carrier.final_code == 503, explain(carrier)
+
+
+# ---------------------------------------------------------------------------
+# Fail-over to GW_AGI_BACKUP, and the PBX's name (GW_PBX)
+# ---------------------------------------------------------------------------
+
+
+def down() -> str:
+    """host:port where nothing listens (Asterisk's connect is refused: AGISTATUS=FAILURE)."""
+    return f"127.0.0.1:{free_port()}"
+
+
+def warnings(log: str, text: str) -> int:
+    """How many WARNING lines of the PBX's log hold ``text`` (the dialplan's Log() lines;
+    the 'Executing' line before each also shows the text, and is not counted)."""
+    return sum(text in line for line in log.splitlines() if "WARNING[" in line)
+
+
+def first_down_second_up(pbx: Pbx, gw: FakeGateway) -> str:
+    """GW_AGI points nowhere, GW_AGI_BACKUP at the fake gateway; returns the dead address."""
+    dead = down()
+    pbx.set_global(var.AGI, dead)
+    pbx.set_global(var.AGI_BACKUP, f"127.0.0.1:{gw.port}")
+    return dead
+
+
+async def test_first_gateway_down_the_backup_decides_and_hears_the_hangup(pbx, gw):
+    dead = first_down_second_up(pbx, gw)
+    gw.handler = allow("pstn", {var.FUNDED: 30}, call_id="call-fo-1")
+    uas = await callee(pbx)
+    phone = await pbx.call("alice", NUMBER, scenario="hold", hold=1.5)
+    trunk = await uas.result()
+    # Nothing the caller can see: answered, connected, its own hang-up.
+    assert phone.final_code == 200 and phone.bye_from == "phone", explain(phone, trunk)
+    assert trunk.invite.first_line.startswith(f"INVITE sip:{NUMBER}@"), explain(trunk)
+    asked = gw.of(var.OUTBOUND_ROUTE)
+    assert len(asked) == 1 and asked[0].args[var.OUTBOUND_PBX] == PBX_NAME
+    assert asked[0].args[var.OUTBOUND_DIALLED] == NUMBER
+    report = await gw.wait_for(var.HANGUP_ROUTE)
+    assert report.args[var.HANGUP_CALL_ID] == "call-fo-1"
+    assert report.args[var.HANGUP_DIALSTATUS] == "ANSWER"
+    assert report.args[var.HANGUP_PBX] == PBX_NAME
+    assert abs(int(report.args[var.HANGUP_ANSWERED_MS]) / 1000 - phone.talk) < 0.1
+    assert f"gateway {dead} unreachable - asking the backup" in pbx.log_text()
+
+
+async def test_a_sip_user_name_is_decided_by_the_backup(pbx, gw):
+    first_down_second_up(pbx, gw)
+    gw.handler = allow("internal", {var.TARGET: "bob", var.NUMBER: ""}, call_id="call-fo-2")
+    uas = await callee(pbx, "bob")
+    phone = await pbx.call("alice", "front.desk", scenario="hold", hold=1)
+    bob = await uas.result()
+    assert phone.final_code == 200 and bob.final_code == 200, explain(phone, bob)
+    req = gw.of(var.OUTBOUND_ROUTE)[0]
+    assert req.args[var.OUTBOUND_DIALLED] == "front.desk"
+    assert req.args[var.OUTBOUND_PBX] == PBX_NAME
+    assert (await gw.wait_for(var.HANGUP_ROUTE)).args[var.HANGUP_CALL_ID] == "call-fo-2"
+
+
+async def test_an_inbound_call_is_decided_by_the_backup(pbx, gw):
+    first_down_second_up(pbx, gw)
+    gw.handler = decide({var.DECISION: "ALLOW", var.CALL_ID: "in-fo", var.TARGET: "bob"})
+    uas = await callee(pbx, "bob")
+    carrier = await pbx.call("carrier", "15557654321", scenario="hold", hold=1,
+                             caller_id="15550001111")
+    bob = await uas.result()
+    assert carrier.final_code == 200 and bob.final_code == 200, explain(carrier, bob)
+    req = gw.of(var.INBOUND_ROUTE)[0]
+    assert req.args[var.INBOUND_CALLED] == "15557654321"
+    assert req.args[var.INBOUND_CALLER] == "15550001111"
+    assert req.args[var.INBOUND_PBX] == PBX_NAME
+    report = await gw.wait_for(var.HANGUP_ROUTE)
+    assert report.args[var.HANGUP_CALL_ID] == "in-fo"
+    assert report.args[var.HANGUP_PBX] == PBX_NAME
+
+
+async def test_the_hangup_report_goes_to_the_backup_when_the_deciding_gateway_is_gone(pbx, gw):
+    """Decided by the first gateway, which then dies: the report reaches the second."""
+    first = await FakeGateway().start()
+    try:
+        first.handler = allow("pstn", call_id="call-fo-3")
+        pbx.set_global(var.AGI, f"127.0.0.1:{first.port}")
+        pbx.set_global(var.AGI_BACKUP, f"127.0.0.1:{gw.port}")
+        uas = await callee(pbx)
+        call = asyncio.create_task(pbx.call("alice", NUMBER, scenario="hold", hold=2))
+        await first.wait_for(var.OUTBOUND_ROUTE)
+    finally:
+        await first.close()  # nothing listens there any more
+    phone = await call
+    await uas.result()
+    assert phone.final_code == 200, explain(phone)
+    report = await gw.wait_for(var.HANGUP_ROUTE)
+    assert report.args[var.HANGUP_CALL_ID] == "call-fo-3"
+    assert report.args[var.HANGUP_DIALSTATUS] == "ANSWER"
+    assert report.args[var.HANGUP_PBX] == PBX_NAME
+    assert gw.of(var.OUTBOUND_ROUTE) == [] and first.of(var.HANGUP_ROUTE) == []
+    assert not first.errors and len(first.of(var.OUTBOUND_ROUTE)) == 1
+
+
+async def test_the_hangup_report_is_tried_on_two_addresses_only(pbx, gw):
+    """Both gateways gone before the hang-up: the handler gives up after the backup (no
+    loop), and the channel ends."""
+    first = await FakeGateway().start()
+    second = await FakeGateway().start()
+    try:
+        first.handler = allow("pstn", call_id="call-fo-4")
+        pbx.set_global(var.AGI, f"127.0.0.1:{first.port}")
+        pbx.set_global(var.AGI_BACKUP, f"127.0.0.1:{second.port}")
+        uas = await callee(pbx)
+        call = asyncio.create_task(pbx.call("alice", NUMBER, scenario="hold", hold=2))
+        await first.wait_for(var.OUTBOUND_ROUTE)
+    finally:
+        await first.close()
+        await second.close()
+    phone = await call
+    await uas.result()
+    assert phone.final_code == 200, explain(phone)
+    assert await asyncio.to_thread(pbx.wait_no_channels, 10), pbx.channels()
+    log = pbx.log_text()
+    assert warnings(log, "reporting call call-fo-4 to the backup") == 1, log[-3000:]
+    assert second.requests == [] and first.of(var.HANGUP_ROUTE) == []
+
+
+@pytest.mark.parametrize(("number", "direction"), [
+    (NUMBER, "outbound"), ("front.desk", "outbound"), ("15557654321", "inbound")])
+async def test_both_gateways_down_fail_closed(pbx, gw, number, direction):
+    mark = len(pbx.log_text())
+    pbx.set_global(var.AGI, down())
+    pbx.set_global(var.AGI_BACKUP, down())
+    uas = await callee(pbx, "bob" if direction == "inbound" else "carrier")
+    endpoint = "carrier" if direction == "inbound" else "alice"
+    phone = await pbx.call(endpoint, number, scenario="expect_error", max_wait=10)
+    trunk = await uas.result(within=0.5)
+    assert phone.final_code == 503 and not trunk.invited, explain(phone, trunk)
+    # each address was tried once: one fail-over, then the fail policy
+    log = pbx.log_text()[mark:]
+    assert warnings(log, "unreachable - asking the backup") == 1, log[-3000:]
+    assert "(GATEWAY_UNAVAILABLE)" in log.split("asking the backup")[-1]
+
+
+async def test_both_gateways_down_fail_open_dials_unrated(pbx, gw):
+    mark = len(pbx.log_text())
+    pbx.set_global(var.FAIL_POLICY, "open")
+    pbx.set_global(var.AGI, down())
+    pbx.set_global(var.AGI_BACKUP, down())
+    uas = await callee(pbx)
+    phone = await pbx.call("alice", "+" + NUMBER, scenario="hold", hold=1)
+    trunk = await uas.result()
+    assert phone.final_code == 200, explain(phone, trunk)
+    assert trunk.invite.first_line.startswith(f"INVITE sip:{NUMBER}@"), explain(trunk)
+    assert warnings(pbx.log_text()[mark:], "unreachable - asking the backup") == 1
+
+
+async def test_emergency_dials_with_both_gateways_down(pbx, gw):
+    pbx.set_global(var.AGI, down())
+    pbx.set_global(var.AGI_BACKUP, down())
+    uas = await callee(pbx, "emergency")
+    phone = await pbx.call("alice", "911", scenario="hold", hold=1)
+    trunk = await uas.result()
+    assert phone.final_code == 200, explain(phone, trunk)
+    assert trunk.invite.first_line.startswith("INVITE sip:911@"), explain(trunk)
+    assert "asking the backup" not in pbx.log_text().split("gateway outbound 911")[-1]
+
+
+async def test_a_pbx_without_a_name_sends_an_empty_last_argument(make_pbx, gw):
+    """A dialplan with no GW_PBX global still sends the argument, empty: the gateway
+    then goes by the peer address (its rules 2 to 4)."""
+    gw.reset(decide({var.DECISION: "REJECT", var.REASON: "NO_RATE", var.CAUSE: 3,
+                     var.CALL_ID: "call-noname"}))
+    pbx = make_pbx(gw_agi=f"127.0.0.1:{gw.port}")
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    assert phone.final_code == 404, explain(phone)
+    req = gw.of(var.OUTBOUND_ROUTE)[0]
+    assert len(req.args) == len(var.OUTBOUND_ARGS) and req.args[var.OUTBOUND_PBX] == ""
+    report = await gw.wait_for(var.HANGUP_ROUTE)
+    assert len(report.args) == len(var.HANGUP_ARGS) and report.args[var.HANGUP_PBX] == ""
+
+
+@pytest.mark.db
+async def test_cdr_pgsql_writes_the_pbx_name_into_the_pbx_column(make_pbx, gw):
+    """CDR(pbx), set by the settings' MSet, lands in cdr.pbx; with GW_PBX empty the
+    column is NULL (not ''), which the gateway counts as the PBX "default"."""
+    async with scratch_database("gw_dialplan_cdr") as url:
+        pool = await open_pool(url, min_size=1, max_size=2)
+        try:
+            # the column comes with the gateway's migrations; added here in case they
+            # do not have it yet (cdr_pgsql reads the columns once, when it loads)
+            await pool.execute("ALTER TABLE cdr ADD COLUMN IF NOT EXISTS pbx text")
+            gw.reset(allow("pstn"))
+            pbx = make_pbx(gw_agi=f"127.0.0.1:{gw.port}", pbx_name="pbx-cdr", **cdr_pgsql(url))
+            rows = {}
+            for name in ("pbx-cdr", ""):
+                pbx.set_global(var.PBX, name)
+                gw.reset(allow("pstn"))
+                uas = await callee(pbx)
+                phone = await pbx.call("alice", NUMBER, scenario="hold", hold=1)
+                await uas.result()
+                assert phone.final_code == 200, explain(phone)
+                uniqueid = gw.of(var.OUTBOUND_ROUTE)[0].env["agi_uniqueid"]
+                rows[name] = await _cdr_rows(pool, uniqueid)
+            assert [r["disposition"] for r in rows["pbx-cdr"]] == ["ANSWERED"], rows
+            assert [r["pbx"] for r in rows["pbx-cdr"]] == ["pbx-cdr"], rows
+            assert [r["pbx"] for r in rows[""]] == [None], rows
+        finally:
+            await pool.close()
+
+
+async def _cdr_rows(pool, uniqueid: str, seconds: float = 10.0) -> list:
+    """The cdr rows of one call, once cdr_pgsql has written them (it does at hangup)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        rows = await pool.fetch(f"SELECT disposition, {var.CDR_PBX} AS pbx FROM cdr"
+                                " WHERE uniqueid = $1", uniqueid)
+        if rows or time.monotonic() > deadline:
+            return [dict(r) for r in rows]
+        await asyncio.sleep(0.2)
 
 
 # ---------------------------------------------------------------------------

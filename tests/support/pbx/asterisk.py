@@ -149,6 +149,10 @@ class Pbx:
         the sid root folder (default: ``pbx_root_path()``).
     gw_agi
         ``host:port`` of the FastAGI server (the ``GW_AGI`` global).
+    pbx_name
+        the PBX's name, the ``GW_PBX`` global (passed with every AGI request and
+        written on each CDR as ``CDR(pbx)``); empty: no such global, as on a PBX
+        set up before PBX names existed.
     fail_policy, inbound_fail_policy, emergency_numbers
         the ``GW_FAIL_POLICY`` / ``GW_INBOUND_FAIL_POLICY`` /
         ``GW_EMERGENCY_NUMBERS`` globals.
@@ -195,6 +199,7 @@ class Pbx:
         *,
         root: Path | str | None = None,
         gw_agi: str = "127.0.0.1:4573",
+        pbx_name: str = "",
         fail_policy: str = "closed",
         inbound_fail_policy: str = "closed",
         emergency_numbers: str = "911,933,112,999",
@@ -225,6 +230,8 @@ class Pbx:
             "GW_EMERGENCY_TRUNK": emergency_trunk,
             "GW_EMERGENCY_NUMBERS": emergency_numbers,
         }
+        if pbx_name:
+            self.globals["GW_PBX"] = pbx_name
         self.globals.update(globals or {})
         self.extra_config = dict(extra_config or {})
         self.noload = [m for m in (*NOLOAD, *noload) if m not in set(load)]
@@ -421,8 +428,8 @@ class Pbx:
         return await asyncio.to_thread(self.cli, command, seconds)
 
     def set_global(self, name: str, value: str) -> None:
-        """Change a dialplan global at run time (``dialplan set global``)."""
-        self.cli(f"dialplan set global {name} {value}")
+        """Change a dialplan global at run time (``dialplan set global``); ``""`` empties it."""
+        self.cli(f"dialplan set global {name} " + (value or '""'))
         self.globals[name] = value
 
     def get_global(self, name: str) -> str:
@@ -686,7 +693,9 @@ def cdr_pgsql(database_url: str) -> dict[str, Any]:
     """``Pbx`` keywords that make Asterisk write every CDR into the gateway's ``cdr``
     table of ``database_url`` (on the test server, trust auth). The table must exist
     before Asterisk starts: 22.10 aborts with a double free when ``cdr_pgsql`` loads
-    without it, so migrate first."""
+    without it, so migrate first. cdr_pgsql reads the table's columns when it loads
+    and fills each by name, so the ``pbx`` column gets ``CDR(pbx)`` (the dialplan sets
+    it from ``GW_PBX``; see ``pbx_name``)."""
     name = database_url.rpartition("/")[2]
     conf = (f"[global]\nhostname=127.0.0.1\nport=5432\ndbname={name}\nuser=postgres\n"
             "password=\ntable=cdr\nencoding=UTF8\n")
