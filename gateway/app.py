@@ -24,8 +24,9 @@ from .billing.provisioning import Provisioning
 from .billing.rater import Clock, Rater, utcnow
 from .billing.recovery import Recovery
 from .billing.views import Views
+from .calls.lease import LeaseKeeper
 from .calls.service import CallService
-from .config import Config
+from .config import Config, PbxConfig
 from .dialplan_variables import HANGUP_ROUTE
 from .errors import Unavailable
 from .metrics import Metrics
@@ -74,7 +75,7 @@ class Gateway:
         self.views: Views | None = None
         self.calls: CallService | None = None
         self.agi: AgiServer | None = None
-        self.ami: AmiClient | None = None
+        self.leases: dict[str, LeaseKeeper] = {}  # one per PBX, by name
         self.http_runner: Any = None
         self.http_server: asyncio.Server | None = None
         self.http_guard: Any = None
@@ -113,15 +114,36 @@ class Gateway:
         self.rater = Rater(self.repo, clock=self.clock, slice_seconds=cfg.slice_seconds)
         self.provisioning = Provisioning(self.repo, clock=self.clock)
         self.views = Views(self.repo, clock=self.clock)
-        self.calls = CallService(self.rater, Recovery(self.repo), metrics=self.metrics,
+        recovery = Recovery(self.repo)
+        pbxes = cfg.pbxes
+        self.calls = CallService(self.rater, recovery, metrics=self.metrics,
                                  renew_before_seconds=cfg.renew_before_seconds,
                                  instance_id=self.instance_id,
                                  heartbeat_seconds=cfg.heartbeat_seconds,
                                  settle_grace_seconds=cfg.settle_grace_seconds,
-                                 ring_allowance_seconds=cfg.ring_allowance_seconds)
+                                 ring_allowance_seconds=cfg.ring_allowance_seconds,
+                                 pbxes=[p.name for p in pbxes],
+                                 agi_peers={p.name: p.agi_peers for p in pbxes},
+                                 leased=True)
         await self.repo.heartbeat(self.instance_id)
+        for pbx in pbxes:
+            self.leases[pbx.name] = LeaseKeeper(
+                self.calls.pbx(pbx.name), recovery, self.metrics, owner=self.instance_id,
+                lease_seconds=cfg.lease_seconds,
+                reconcile_interval=cfg.reconcile_interval_seconds,
+                ami_factory=self._ami_factory(pbx, single=len(pbxes) == 1))
+        # before taking calls: each PBX whose lease is free (or ours from before a
+        # restart) is ours at once: its AMI link is made, its calls still up adopted and
+        # those that ended meanwhile settled (without AMI, from its CDR table only).
+        # A PBX whose lease another live process holds stays on standby.
+        for name, keeper in self.leases.items():
+            try:
+                await keeper.attempt(strict=True)
+            except AmiError as exc:
+                raise StartupError(f"ami: {name}: {exc}" if len(pbxes) > 1
+                                   else f"ami: {exc}") from exc
         self.agi = AgiServer(self.calls.routes(), host=cfg.agi_host, port=cfg.agi_port,
-                             allowed_peers=cfg.agi_allowed_peers or None,
+                             allowed_peers=cfg.all_agi_peers() or None,
                              max_sessions=cfg.agi_max_sessions,
                              # a hangup report settles money: decisions are refused first
                              reserved_routes=(HANGUP_ROUTE,),
@@ -131,31 +153,36 @@ class Gateway:
         except OSError as exc:
             raise StartupError(f"agi: cannot listen on {cfg.agi_host}:{cfg.agi_port}: "
                                f"{exc.strerror}") from exc
-        if cfg.ami_host:
-            self.ami = AmiClient(cfg.ami_host, cfg.ami_port, cfg.ami_username, cfg.ami_secret,
-                                 observe=self.metrics.observe_ami_handler,
-                                 on_event_dropped=self.metrics.count_ami_event_dropped)
-            self.calls.attach_ami(self.ami)
-            try:
-                await self.ami.start()
-            except AmiError as exc:
-                raise StartupError(f"ami: {exc}") from exc
-        # before taking calls: adopt calls still up, settle those that ended meanwhile
-        # (without AMI, from the PBX's CDR table only)
-        await self.calls.reconcile()
-        if self.ami is not None:
-            # after each AMI reconnect, and after dropped events, the PBX may have changed
-            # while we were blind
-            self.ami.on_connect(self.calls.resync)
-            self.ami.on_events_lost(self.calls.resync)
-        self._tasks.append(asyncio.create_task(
-            self.calls.run_reconciler(cfg.reconcile_interval_seconds), name="reconciler"))
+        for keeper in self.leases.values():
+            keeper.start()  # renewed every lease_seconds/3; taken when it lapses
         self._tasks.append(asyncio.create_task(self.calls.run_heartbeat(), name="heartbeat"))
         await self._start_http()
         log.info("gateway_started", agi=f"{cfg.agi_host}:{self.agi.port}",
                  http=f"{cfg.http_host}:{self.http_port}",
-                 ami=f"{cfg.ami_host}:{cfg.ami_port}" if cfg.ami_host else "not configured",
+                 pbxes={p.name: {"ami": f"{p.ami_host}:{p.ami_port}" if p.ami_host
+                                 else "not configured",
+                                 "owned": self.calls.pbx(p.name).owned} for p in pbxes},
                  database=self.database_mode)
+
+    def _ami_factory(self, pbx: PbxConfig, *, single: bool) -> Any:
+        """Makes the PBX's AMI client at each gain of its lease (None: no AMI)."""
+        if not pbx.ami_host:
+            return None
+
+        def make() -> AmiClient:
+            return AmiClient(pbx.ami_host, pbx.ami_port, pbx.ami_username, pbx.ami_secret,
+                             observe=self.metrics.observe_ami_handler,
+                             on_event_dropped=self.metrics.count_ami_event_dropped,
+                             expected_pbx=pbx.name, single_pbx=single)
+
+        return make
+
+    @property
+    def ami(self) -> AmiClient | None:
+        """The first PBX's AMI client while this process owns it (the only PBX of a
+        single-PBX gateway)."""
+        keeper = next(iter(self.leases.values()), None)
+        return keeper.ami if keeper is not None else None
 
     async def _start_http(self) -> None:
         from aiohttp import web
@@ -200,12 +227,17 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for keeper in self.leases.values():
+            await keeper.stop()  # no more lease attempts, no reconcile timers
         if self.calls is not None:
             await self.calls.stop()
         if self.rater is not None:
             await self.rater.stop()  # voids of lost authorisations still retrying
-        if self.ami is not None:
-            await self.ami.stop()
+        for keeper in self.leases.values():
+            await keeper.stop_ami()
+        for keeper in self.leases.values():
+            # the next owner (another process, or ours restarted) takes each PBX at once
+            await keeper.release()
         if self.repo is not None:
             # our calls still up become adoptable by the next process at once
             with contextlib.suppress(Exception):
@@ -235,14 +267,54 @@ class Gateway:
                     "mode": self.database_mode}
         return {"state": "up", "mode": self.database_mode}
 
-    def ami_status(self) -> dict[str, Any]:
-        if self.ami is None:
+    def pbx_ami_status(self, name: str) -> dict[str, Any]:
+        """One PBX's AMI link: up, down, not_configured, or standby (another process
+        owns the PBX: this one keeps no link to it)."""
+        keeper = self.leases.get(name)
+        if keeper is None or keeper.ami_factory is None:
             return {"state": "not_configured",
                     "reason": "no ami_host configured (GATEWAY_AMI_HOST)"}
-        status = self.ami.status()
-        status["state"] = "up" if self.ami.state == "connected" else "down"
-        self.metrics.ami_reconnects.set(self.ami.reconnects)
+        if not keeper.pbx.owned:
+            lease = keeper.pbx.lease
+            owner = getattr(lease, "owner", None)
+            return {"state": "standby",
+                    "reason": f"another gateway process ({owner}) owns this PBX" if owner
+                    else "this process does not own this PBX"}
+        if keeper.ami is None:
+            return {"state": "down", "reason": "the AMI link could not be made; retrying"}
+        status = keeper.ami.status()
+        status["state"] = "up" if keeper.ami.state == "connected" else "down"
         return status
+
+    def ami_status(self) -> dict[str, Any]:
+        """The AMI component: the single PBX's link; with several, up when every PBX
+        this process owns has its link (or none configured)."""
+        reconnects = sum(k.ami.reconnects for k in self.leases.values() if k.ami is not None)
+        self.metrics.ami_reconnects.set(reconnects)
+        if self.calls is not None:
+            for name, pbx in self.calls.pbxes.items():
+                self.metrics.live_calls.labels(name).set(len(pbx.live.by_id))
+        if len(self.leases) <= 1:
+            name = next(iter(self.leases), "")
+            return self.pbx_ami_status(name)
+        states = {name: self.pbx_ami_status(name) for name in self.leases}
+        owned = [s for s in states.values() if s["state"] != "standby"]
+        if not owned:
+            state = "standby"
+        elif all(s["state"] == "not_configured" for s in owned):
+            state = "not_configured"
+        elif all(s["state"] in ("up", "not_configured") for s in owned):
+            state = "up"
+        else:
+            state = "down"
+        return {"state": state, "pbxes": {n: s["state"] for n, s in states.items()}}
+
+    def pbxes_status(self) -> dict[str, dict[str, Any]]:
+        """Each PBX: its lease (owner, generation, expiry), its AMI link, its calls."""
+        if self.calls is None:
+            return {}
+        return {name: {**pbx.view(), "ami": self.pbx_ami_status(name)}
+                for name, pbx in self.calls.pbxes.items()}
 
     def agi_status(self) -> dict[str, Any]:
         if self.agi is None or not self.agi.listening:
@@ -256,10 +328,11 @@ class Gateway:
 
     async def readiness(self) -> tuple[bool, dict[str, dict[str, Any]]]:
         """Ready when the database answers, AGI listens, and AMI is logged in (or not
-        configured at all: a gateway without AMI still decides calls)."""
+        configured at all: a gateway without AMI still decides calls) for every PBX this
+        process owns; a PBX on standby (owned by another process) does not count."""
         comps = await self.components()
         ok = (comps["database"]["state"] == "up" and comps["agi"]["state"] == "up"
-              and comps["ami"]["state"] in ("up", "not_configured"))
+              and comps["ami"]["state"] in ("up", "not_configured", "standby"))
         return ok, comps
 
 

@@ -24,8 +24,15 @@ class Metrics:
             "gateway_authorisation_seconds", "Time to decide and reserve one call",
             ["direction"], registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-        self.live_calls = Gauge("gateway_live_calls", "Calls authorised and not yet ended",
-                                registry=r)
+        self.live_calls = Gauge("gateway_live_calls",
+                                "Calls this process follows (authorised, not yet ended), "
+                                "by PBX", ["pbx"], registry=r)
+        self.pbx_owned = Gauge("gateway_pbx_owned",
+                               "1 while this process holds the PBX's lease (serves it)",
+                               ["pbx"], registry=r)
+        self.pbx_lease_changes = Counter("gateway_pbx_lease_changes",
+                                         "PBX leases gained or lost by this process",
+                                         ["pbx"], registry=r)
         self.reservations = Counter("gateway_reservations", "Slices reserved, by outcome",
                                     ["outcome"], registry=r)
         self.settlements = Counter("gateway_settlements", "Call endings by path and outcome",

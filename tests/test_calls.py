@@ -251,28 +251,50 @@ async def test_reconcile_settles_from_cdr_adopts_live_and_estimates(admin, servi
     await ledger_agrees(repo)
 
 
-async def test_reconcile_leaves_calls_of_live_gateways_alone(admin, service, repo):
+async def test_reconcile_of_one_pbx_adopts_all_its_calls_and_leaves_other_pbxs_alone(
+        admin, repo, clock):
+    """Every open call of an owned PBX is followed, whichever process authorised it (the
+    old rule, "calls of other live processes stay theirs", is the lease's job now); a
+    call of another PBX is never looked at, even under the same uniqueid."""
     await standard_tenant(admin)
-    for uid in ("theirs", "orphan"):
-        await service.agi_outbound(Session("outbound", "2125550100", "alice", uniqueid=uid))
-    await repo.pool.execute("UPDATE calls SET owner = 'gw-live' WHERE pbx_uniqueid = 'theirs'")
-    await repo.pool.execute("UPDATE calls SET owner = 'gw-dead' WHERE pbx_uniqueid = 'orphan'")
+    svc = CallService(Rater(repo, clock=clock), Recovery(repo), pbxes=("pbx1", "pbx2"),
+                      stale_after_seconds=10)
+    ami1, ami2 = FakeAmi(), FakeAmi()
+    svc.attach_ami(ami1, "pbx1")
+    svc.attach_ami(ami2, "pbx2")
+    for pbx in ("pbx1", "pbx2"):  # the same uniqueid on both PBXs
+        await svc.agi_outbound(Session("outbound", "2125550100", "alice", "same", pbx,
+                                       uniqueid="same"))
+    await svc.agi_outbound(Session("outbound", "2125550100", "alice", "other", "pbx1",
+                                   uniqueid="other"))
+    # authorised by another process, alive or not: no longer a reason to keep off
+    await repo.pool.execute("UPDATE calls SET owner = 'gw-live'")
     await repo.heartbeat("gw-live")
-    await repo.heartbeat("gw-dead")
-    await repo.pool.execute("UPDATE gateway_instances SET last_seen = now() - interval '1 hour'"
-                            " WHERE id = 'gw-dead'")
-    me = CallService(service.rater, Recovery(repo), instance_id="gw-me")
-    ami = FakeAmi()
-    me.attach_ami(ami)
-    ami.channels = [
-        CoreShowChannel(channel="PJSIP/alice-1", uniqueid="theirs", linkedid="theirs"),
-        CoreShowChannel(channel="PJSIP/alice-2", uniqueid="orphan", linkedid="orphan"),
+    rows = {(r["pbx"], r["pbx_uniqueid"]): r for r in await repo.pool.fetch(
+        "SELECT * FROM calls")}
+    assert set(rows) == {("pbx1", "same"), ("pbx2", "same"), ("pbx1", "other")}
+    fresh = CallService(svc.rater, Recovery(repo), pbxes=("pbx1", "pbx2"),
+                        instance_id="gw-me", stale_after_seconds=10)
+    ami1.channels = [
+        CoreShowChannel(channel="PJSIP/alice-1", uniqueid="same", linkedid="same"),
+        CoreShowChannel(channel="PJSIP/alice-2", uniqueid="other", linkedid="other"),
     ]
-    counts = await me.reconcile()
-    assert (counts["adopted"], counts["kept"]) == (1, 1)
-    assert [c.uniqueid for c in me.live.values()] == ["orphan"]
-    await me.stop()
-    await service.stop()
+    fresh.attach_ami(ami1, "pbx1")
+    fresh.attach_ami(ami2, "pbx2")  # pbx2 lists no channel: its call has ended
+    counts = await fresh.pbx("pbx1").reconcile()
+    assert (counts["adopted"], counts["kept"]) == (2, 0)
+    assert {(c.pbx, c.uniqueid) for c in fresh.live.values()} == {("pbx1", "same"),
+                                                                  ("pbx1", "other")}
+    clock.advance(seconds=11)
+    counts = await fresh.pbx("pbx2").reconcile()
+    assert (counts["adopted"], counts["released"]) == (0, 1)
+    states = {(r["pbx"], r["pbx_uniqueid"]): r["state"] for r in await repo.pool.fetch(
+        "SELECT * FROM calls")}
+    assert states == {("pbx1", "same"): "authorised", ("pbx2", "same"): "released",
+                      ("pbx1", "other"): "authorised"}
+    await fresh.stop()
+    await svc.stop()
+    await ledger_agrees(repo)
 
 
 async def test_calls_remember_the_process_that_authorised_them(database_url, admin):
@@ -345,39 +367,24 @@ async def test_restart_adopts_its_previous_incarnations_calls_at_once(admin, ser
     await service.stop()
 
 
-async def test_an_expired_heartbeat_triggers_reconciliation_at_once(admin, service, repo):
-    await standard_tenant(admin)
-    await service.agi_outbound(Session("outbound", "2125550100", "alice", uniqueid="orphan"))
-    await repo.pool.execute("UPDATE calls SET owner = 'gw-other'")
-    await repo.heartbeat("gw-other")
+async def test_the_heartbeat_only_says_the_process_is_alive(admin, service, repo):
+    """Other processes' heartbeats no longer decide anything: a PBX's lease does."""
     me = CallService(service.rater, Recovery(repo), instance_id="gw-me",
-                     heartbeat_seconds=0.1)
-    ami = FakeAmi()
-    me.attach_ami(ami)
-    ami.channels = [CoreShowChannel(channel="PJSIP/alice-1", uniqueid="orphan",
-                                    linkedid="orphan")]
-    assert (await me.reconcile())["kept"] == 1  # its owner is alive
+                     heartbeat_seconds=0.05)
+    await repo.heartbeat("gw-other")
+    await repo.pool.execute("UPDATE gateway_instances SET last_seen = now()"
+                            " - interval '1 hour' WHERE id = 'gw-other'")
     beat = asyncio.create_task(me.run_heartbeat())
     try:
-        # the loop has seen the other process alive: our first beat is written, and a
-        # few more beats went by
         for _ in range(100):
-            if await repo.pool.fetchval(
-                    "SELECT count(*) FROM gateway_instances WHERE id = 'gw-me'"):
+            if "gw-me" in await repo.live_instances(60):
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
-        await repo.pool.execute("UPDATE gateway_instances SET last_seen = now()"
-                                " - interval '1 minute' WHERE id = 'gw-other'")
-        for _ in range(100):  # no reconcile timer runs: only the heartbeat can do it
-            if me.live:
-                break
-            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # a few more beats; another process's expiry does nothing
     finally:
         beat.cancel()
-    assert [c.uniqueid for c in me.live.values()] == ["orphan"]
-    await me.stop()
-    await service.stop()
+    assert await repo.live_instances(60) == {"gw-me"}
+    assert me.live == {} and me.last_reconcile == {}
 
 
 async def test_status_warns_while_the_pbx_writes_no_cdr_rows(admin, service, repo, clock):

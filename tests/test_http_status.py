@@ -112,6 +112,16 @@ async def test_status_shows_calls_pools_wallets_and_counters(gw, http, admin):
     assert decisions[("outbound", "ALLOW", "FUNDED")] >= 1
     assert decisions[("outbound", "REJECT", "NO_LICENSE")] >= 1
     assert "at" in doc["last_reconcile"]  # the start-up reconciliation
+    # the one PBX of the flat configuration, owned by this process through its lease
+    (name,) = doc["pbxes"]
+    pbx = doc["pbxes"][name]
+    assert name == "default"
+    assert (pbx["owner"], pbx["owned"]) == (gw.instance_id, True) and pbx["generation"] >= 1
+    assert pbx["lease_expires_at"] is not None
+    assert pbx["ami"]["state"] == "not_configured"
+    assert pbx["live_calls"] == len(doc["live_calls"]) >= 1
+    assert pbx["last_reconcile"] == doc["last_reconcile"]
+    assert live[0]["pbx"] == "default"
 
     (tenant,) = doc["tenants"]
     assert (tenant["tenant_id"], tenant["name"], tenant["currency"], tenant["month"]) == (
@@ -163,10 +173,13 @@ async def test_metrics_text_has_the_counters(gw, http, admin):
     assert ('gateway_authorisations_total{decision="ALLOW",direction="outbound",'
             'reason="PARTNER"}') in text
     assert "gateway_authorisation_seconds_bucket" in text
-    assert "gateway_live_calls " in text
     assert "gateway_ami_reconnects 0.0" in text
-    live = next(line for line in text.splitlines() if line.startswith("gateway_live_calls "))
+    live = next(line for line in text.splitlines()
+                if line.startswith('gateway_live_calls{pbx="default"} '))
     assert float(live.split()[1]) == len(gw.calls.live) >= 1
+    # the lone gateway took its PBX's lease at start, once
+    assert 'gateway_pbx_owned{pbx="default"} 1.0' in text
+    assert 'gateway_pbx_lease_changes_total{pbx="default"} 1.0' in text
 
 
 async def test_page_and_static_files(http):

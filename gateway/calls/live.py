@@ -37,6 +37,8 @@ from ..metrics import Metrics
 
 log = structlog.get_logger("gateway.calls")
 
+NOT_PBX_OWNER = "NOT_PBX_OWNER"  # a fenced write refused: another process owns the PBX
+
 DEADLINE = "TIMEOUT(absolute)"  # on the callee channel; seconds from when it arrives
 # A failed deadline move is sent again this often while the call is funded: once the
 # AMI link is back, the call's deadline is right within this time.
@@ -76,6 +78,7 @@ class LiveCall:
     funded_seconds: int | None
     uniqueid: str | None
     linkedid: str | None = None
+    pbx: str = "default"  # the PBX that carries the call
     channel: str | None = None
     dest_channel: str | None = None
     authorised_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
@@ -111,14 +114,20 @@ class LiveCall:
             if self.answered_mono is not None else 0,
             "source": self.source,
             "channel": self.channel,
+            "pbx": self.pbx,
         }
 
 
 class LiveCalls:
-    """The table of live calls, their renewals and their settlement."""
+    """The table of one PBX's live calls, their renewals and their settlement."""
 
     def __init__(self, rater: Rater, metrics: Metrics, *, renew_before_seconds: int,
-                 monotonic: Callable[[], float]):
+                 monotonic: Callable[[], float], pbx: str = "default"):
+        self.pbx = pbx
+        # (pbx, owner) while this process holds the PBX's lease: renewals and the
+        # reconciler's settlements commit only while the lease is still ours. None: no
+        # lease is kept (one process, one PBX, as in unit tests).
+        self.fence: tuple[str, str] | None = None
         self.rater = rater
         self.metrics = metrics
         self.renew_before = renew_before_seconds
@@ -133,7 +142,7 @@ class LiveCalls:
         self.by_id[call.call_id] = call
         if call.uniqueid:
             self._by_uniqueid[call.uniqueid] = call.call_id
-        self.metrics.live_calls.set(len(self.by_id))
+        self._count()
 
     def untrack(self, call: LiveCall) -> None:
         self.by_id.pop(call.call_id, None)
@@ -141,7 +150,10 @@ class LiveCalls:
             self._by_uniqueid.pop(call.uniqueid, None)
         if call.renew_task is not None and call.renew_task is not asyncio.current_task():
             call.renew_task.cancel()
-        self.metrics.live_calls.set(len(self.by_id))
+        self._count()
+
+    def _count(self) -> None:
+        self.metrics.live_calls.labels(self.pbx).set(len(self.by_id))
 
     def find(self, uniqueid: str | None) -> LiveCall | None:
         """The live call whose caller channel is ``uniqueid``."""
@@ -160,6 +172,14 @@ class LiveCalls:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    async def drop(self) -> None:
+        """The PBX's lease is lost: stop renewing and forget every call WITHOUT settling
+        (the new owner adopts them; their reservations stay in the database)."""
+        await self.stop()
+        self.by_id.clear()
+        self._by_uniqueid.clear()
+        self._count()
 
     # ---- the call is answered ------------------------------------------------------------
 
@@ -207,7 +227,17 @@ class LiveCalls:
             end = call.answered_mono + call.funded_seconds
             await asyncio.sleep(max(0.0, end - self._renew_margin() - self.monotonic()))
             try:
-                renewal = await self.rater.renew(call.call_id)
+                renewal = await self._renew(call)
+            except GatewayError as exc:
+                if exc.code != NOT_PBX_OWNER:
+                    log.warning("renew_failed", call_id=str(call.call_id), code=exc.code,
+                                error=exc.message)
+                    self.metrics.reservations.labels("error").inc()
+                    await asyncio.sleep(1)
+                    continue
+                # the PBX's lease went to another process: it renews the call now
+                log.warning("renew_not_owner", call_id=str(call.call_id), pbx=self.pbx)
+                return
             except Exception:  # noqa: BLE001 - the PBX keeps the deadline it has
                 log.exception("renew_failed", call_id=str(call.call_id))
                 self.metrics.reservations.labels("error").inc()
@@ -224,6 +254,11 @@ class LiveCalls:
             call.funded_seconds = renewal.funded_seconds
             if not await self._move_deadline(call):
                 return  # the call is over on the PBX; its end report settles it
+
+    async def _renew(self, call: LiveCall) -> Any:
+        if self.fence is None:
+            return await self.rater.renew(call.call_id)
+        return await self.rater.renew(call.call_id, fence=self.fence)
 
     def _funded_left(self, call: LiveCall) -> float:
         assert call.answered_mono is not None and call.funded_seconds is not None
@@ -392,12 +427,18 @@ class LiveCalls:
         if call is not None and call.renew_task is not None:
             call.renew_task.cancel()
 
-    async def settle(self, call_id: uuid.UUID, billable: int, *, by: str) -> None:
+    async def settle(self, call_id: uuid.UUID, billable: int, *, by: str,
+                     fenced: bool = False) -> None:
         """Settle (or release, when nothing was answered) once; later reports are no-ops.
-        ``by`` names the report: agi, cdr, reconcile-cdr, reconcile-estimate."""
+        ``by`` names the report: agi, cdr, reconcile-cdr, reconcile-estimate. ``fenced``
+        (reconciliation's own settlements): only while this process holds the PBX's
+        lease; otherwise nothing happens (NOT_PBX_OWNER)."""
         call = self.by_id.get(call_id)
+        fence = self.fence if fenced else None
         try:
-            if billable > 0:
+            if fence is not None:  # a release is a settlement of 0 s
+                result = await self.rater.settle(call_id, billable, by=by, fence=fence)
+            elif billable > 0:
                 result = await self.rater.settle(call_id, billable, by=by)
             else:
                 result = await self.rater.release(call_id, by=by)

@@ -1,4 +1,5 @@
-"""Reconciliation: bring the database in line with the PBX.
+"""Reconciliation: bring the database in line with ONE PBX (its open calls, channels and
+CDRs; never another PBX's).
 
     AMI Cdr                         -> the PBX's record settles the call (live)
     start / AMI reconnect / a timer -> adopt calls still up, settle those that ended
@@ -6,8 +7,8 @@
                                        estimate or release what left no record
     a call past its funded end      -> settled from its record, else by the estimate:
       plus the grace                   nothing stays reserved forever, AMI or not
-    every few seconds               -> heartbeat: other processes leave our calls alone;
-                                       one whose heartbeat expires -> reconcile at once
+    the PBX's lease gained          -> reconcile at once (``calls/lease.py``): every open
+                                       call of an owned PBX is this process's to follow
 
 The PBX's own record settles a call whichever way it arrives: as an AMI ``Cdr`` event
 while we listen, or from the ``cdr`` table when we were not listening.
@@ -16,6 +17,7 @@ while we listen, or from the ``cdr`` table when we were not listening.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -37,20 +39,16 @@ class ChannelsLink(Protocol):
 
 
 class Reconciler:
-    """Settles what the PBX recorded, adopts what is still up, keeps the heartbeat."""
+    """Settles what one PBX recorded, adopts what is still up on it."""
 
     def __init__(self, rater: Rater, recovery: Recovery, live: LiveCalls, *,
-                 stale_after_seconds: int, instance_id: str | None,
-                 heartbeat_seconds: float, monotonic: Callable[[], float],
+                 stale_after_seconds: int, monotonic: Callable[[], float],
                  settle_grace_seconds: int = 60, ring_allowance_seconds: int = 300):
         self.rater = rater
         self.recovery = recovery
         self.live = live
+        self.pbx = live.pbx
         self.stale_after = stale_after_seconds
-        self.instance_id = instance_id
-        self.heartbeat_seconds = heartbeat_seconds
-        # a process whose heartbeat is older than this is gone: its calls are adoptable
-        self.heartbeat_expiry = heartbeat_seconds * 4
         self.settle_grace = dt.timedelta(seconds=settle_grace_seconds)
         self.ring_allowance = dt.timedelta(seconds=ring_allowance_seconds)
         self.monotonic = monotonic
@@ -66,8 +64,8 @@ class Reconciler:
         call = self.live.find(event.uniqueid)
         call_id = call.call_id if call is not None else None
         if call_id is None:
-            # a call of another process, or of ours before a restart
-            call_id = await self.recovery.open_call_id(event.uniqueid or "")
+            # authorised by another process, or by ours before a restart
+            call_id = await self.recovery.open_call_id(self.pbx, event.uniqueid or "")
             if call_id is None:
                 return
         billable = event.billable_seconds if event.answered else 0
@@ -95,18 +93,17 @@ class Reconciler:
             except Exception as exc:  # noqa: BLE001 - try again at the next round
                 log.warning("reconcile_no_channels", error=str(exc))
         up = {c.uniqueid for c in channels or []}
-        # calls of other gateway processes that are still alive stay theirs
-        others = await self.recovery.live_instances(self.heartbeat_expiry)
-        others.discard(self.instance_id or "")
         now = self.rater.clock()
         tracked_before = set(self.live.by_id)
-        open_calls = await self.recovery.open_calls()
+        # every open call of this PBX, whichever process authorised it: the PBX's lease
+        # makes this process the only one following them
+        open_calls = await self.recovery.open_calls(self.pbx)
         for call in open_calls:
             uniqueid = call.pbx_uniqueid
             age = (now - call.authorised_at).total_seconds()
             tracked = call.call_id in self.live.by_id
             if channels is not None and uniqueid in up:
-                if not tracked and call.owner not in others:
+                if not tracked:
                     self._adopt(call, channels)
                     counts["adopted"] += 1
                 else:
@@ -115,21 +112,24 @@ class Reconciler:
             if tracked and channels is not None and age < self.stale_after:
                 counts["kept"] += 1
                 continue
-            cdr = await self.recovery.cdr(uniqueid) if uniqueid else None
+            cdr = await self.recovery.cdr(self.pbx, uniqueid) if uniqueid else None
             if cdr is not None:
                 billable = cdr.billable_seconds
-                await self.live.settle(call.call_id, billable, by="reconcile-cdr")
+                await self.live.settle(call.call_id, billable, by="reconcile-cdr",
+                                       fenced=True)
                 counts["settled" if billable else "released"] += 1
             elif channels is not None and age >= self.stale_after:
                 # Not on the PBX and no record of it: the call ended unseen.
                 billable = self.estimate(call, now)
-                await self.live.settle(call.call_id, billable, by="reconcile-estimate")
+                await self.live.settle(call.call_id, billable, by="reconcile-estimate",
+                                       fenced=True)
                 counts["estimated" if billable else "released"] += 1
             elif now >= self.ends_by(call):
                 # Without AMI we cannot ask the PBX, but past its funded end and the grace
                 # the PBX has cut it: settle by the same estimate (docs/billing.md).
                 billable = self.estimate(call, now)
-                await self.live.settle(call.call_id, billable, by="reconcile-expired")
+                await self.live.settle(call.call_id, billable, by="reconcile-expired",
+                                       fenced=True)
                 counts["expired"] += 1
             else:
                 counts["kept"] += 1
@@ -169,7 +169,7 @@ class Reconciler:
 
     async def _check_cdr_table(self, now: dt.datetime) -> None:
         try:
-            check = await self.recovery.cdr_table_check(now)
+            check = await self.recovery.cdr_table_check(self.pbx, now)
         except Exception as exc:  # noqa: BLE001 - a warning only; try again next round
             log.warning("cdr_table_check_failed", error=str(exc))
             return
@@ -179,17 +179,12 @@ class Reconciler:
         self.cdr_table = check
 
     def _adopt(self, open_call: OpenCall, channels: list[CoreShowChannel]) -> None:
-        """A call still up that this process does not know (we restarted): track it,
-        renew its funding and put its deadline where the funding ends."""
-        call = LiveCall(
-            call_id=open_call.call_id, direction=open_call.direction,
-            tenant_id=open_call.tenant_id, caller=open_call.caller,
-            destination=open_call.destination, route=open_call.route,
-            rated=open_call.rated,
-            funded_seconds=open_call.funded_seconds if open_call.rated else None,
-            uniqueid=open_call.pbx_uniqueid, linkedid=open_call.linkedid,
-            authorised_at=open_call.authorised_at, source="+".join(open_call.sources),
-        )
+        """A call still up that this process does not know (we restarted, or took the
+        PBX's lease over): track it, renew its funding and put its deadline where the
+        funding ends."""
+        if open_call.call_id in self.live.by_id:
+            return  # tracked meanwhile (its DialEnd came while we read the CDRs)
+        call = live_call_of(open_call, self.pbx)
         caller = next(c for c in channels if c.uniqueid == open_call.pbx_uniqueid)
         call.channel = caller.channel
         peer = next((c for c in channels if c.linkedid == caller.linkedid
@@ -213,6 +208,16 @@ class Reconciler:
         if call.call_id in self.live.by_id:
             self.live.start_renewals(call)
 
+    async def stop(self) -> None:
+        """Cancel the deadline moves of adoptions still under way (the lease is lost or
+        the process stops)."""
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
@@ -227,31 +232,19 @@ class Reconciler:
             except Exception:  # noqa: BLE001 - keep the loop alive
                 log.exception("reconcile_failed")
 
-    # ---- heartbeat ----------------------------------------------------------------------
 
-    async def run_heartbeat(self) -> None:
-        """Tell other gateway processes sharing the database that this one is alive, and
-        reconcile at once when another one's heartbeat expires (or it stopped and said
-        so): its calls still up are adopted in time for their next renewal."""
-        alive: set[str] = set()
-        while True:
-            try:
-                await self.recovery.heartbeat(self.instance_id or "")
-                now_alive = await self.recovery.live_instances(self.heartbeat_expiry)
-                gone = alive - now_alive
-                alive = now_alive
-                if gone:
-                    log.info("gateway_instance_gone", instances=sorted(gone))
-                    self._spawn(self._reconcile_logged())
-            except Exception as exc:  # noqa: BLE001 - try again at the next beat
-                log.warning("heartbeat_failed", error=str(exc))
-            await asyncio.sleep(self.heartbeat_seconds)
-
-    async def _reconcile_logged(self) -> None:
-        try:
-            await self.reconcile()
-        except Exception:  # noqa: BLE001 - the timer tries again
-            log.exception("reconcile_failed")
+def live_call_of(open_call: OpenCall, pbx: str) -> LiveCall:
+    """A live call built from its row, for a call this process did not authorise (or
+    authorised before a restart)."""
+    return LiveCall(
+        call_id=open_call.call_id, direction=open_call.direction,
+        tenant_id=open_call.tenant_id, caller=open_call.caller,
+        destination=open_call.destination, route=open_call.route,
+        rated=open_call.rated,
+        funded_seconds=open_call.funded_seconds if open_call.rated else None,
+        uniqueid=open_call.pbx_uniqueid, linkedid=open_call.linkedid,
+        authorised_at=open_call.authorised_at, source="+".join(open_call.sources), pbx=pbx,
+    )
 
 
-__all__ = ["ChannelsLink", "Reconciler"]
+__all__ = ["ChannelsLink", "Reconciler", "live_call_of"]

@@ -5,13 +5,20 @@
     hangup             -> the call's talk time -> settled (or released) once
 
 A failure while deciding denies the call (GATEWAY_ERROR): the gateway fails closed.
+
+Each request is mapped to its PBX (``PbxMap``): the PBX's name as the route's last
+argument (``GW_PBX``), else the PBX whose AGI peers the request came from, else the only
+PBX configured, else ``default``. Any process answers any PBX's requests; an allowed
+call is followed (tracked) only by the process that owns its PBX.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -28,12 +35,56 @@ from .live import LiveCall, LiveCalls
 log = structlog.get_logger("gateway.calls")
 
 
+PBX_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DEFAULT_PBX = "default"
+
+
+class PbxMap:
+    """Which PBX an AGI request comes from."""
+
+    def __init__(self, names: Sequence[str],
+                 peers: Mapping[str, Collection[str]] | None = None):
+        self.names = tuple(names)
+        self._peers = [(name, ipaddress.ip_network(p, strict=False))
+                       for name, addresses in (peers or {}).items() for p in addresses]
+
+    def pbx_of(self, session: AgiSession, index: int) -> str:
+        """1. the ``GW_PBX`` argument at ``index`` when present and well-formed; 2. the
+        PBX whose ``agi_peers`` hold the peer address (exactly one); 3. the only PBX
+        configured; 4. ``default``. A name this process does not serve is kept: the
+        call is recorded on it, and its owner follows it."""
+        named = _arg(session.request.args, index)
+        if named is not None and PBX_NAME.fullmatch(named):
+            return named
+        peer = getattr(session, "peer", None)
+        if peer and self._peers:
+            try:
+                address = ipaddress.ip_address(peer[0])
+            except ValueError:
+                address = None
+            if address is not None:
+                found = {name for name, net in self._peers
+                         if address.version == net.version and address in net}
+                if len(found) == 1:
+                    return found.pop()
+        if len(self.names) == 1:
+            return self.names[0]
+        return DEFAULT_PBX
+
+
 class AgiRoutes:
     """Answers the dialplan's AGI requests."""
 
-    def __init__(self, rater: Rater, live: LiveCalls, metrics: Metrics):
+    def __init__(self, rater: Rater, pbx_map: PbxMap,
+                 tracking: Callable[[str], LiveCalls | None],
+                 reporting: Callable[[str, uuid.UUID], LiveCalls], metrics: Metrics):
+        """``tracking(pbx)``: the table that follows the PBX's calls, None when this
+        process does not own the PBX now; ``reporting(pbx, call_id)``: the table that
+        settles a call's end report (the one following it, if any)."""
         self.rater = rater
-        self.live = live
+        self.pbx_map = pbx_map
+        self.tracking = tracking
+        self.reporting = reporting
         self.metrics = metrics
 
     def routes(self) -> dict[str, Callable[[AgiSession], Awaitable[None]]]:
@@ -48,30 +99,32 @@ class AgiRoutes:
         req = session.request
         dialled = _arg(req.args, var.OUTBOUND_DIALLED) or req.extension or ""
         endpoint = _arg(req.args, var.OUTBOUND_ENDPOINT) or _endpoint_of(req.channel)
-        await self._decide(session, "outbound", endpoint, dialled,
+        pbx = self.pbx_map.pbx_of(session, var.OUTBOUND_PBX)
+        await self._decide(session, "outbound", endpoint, dialled, pbx,
                            lambda: self.rater.authorise_outbound(
                                endpoint, dialled, pbx_uniqueid=req.uniqueid or None,
-                               linkedid=_arg(req.args, var.OUTBOUND_LINKEDID)))
+                               linkedid=_arg(req.args, var.OUTBOUND_LINKEDID), pbx=pbx))
 
     async def agi_inbound(self, session: AgiSession) -> None:
         """args: called number (DNIS), caller id number, linkedid."""
         req = session.request
         called = _arg(req.args, var.INBOUND_CALLED) or req.extension or ""
         caller = _arg(req.args, var.INBOUND_CALLER) or req.callerid or ""
-        await self._decide(session, "inbound", caller, called,
+        pbx = self.pbx_map.pbx_of(session, var.INBOUND_PBX)
+        await self._decide(session, "inbound", caller, called, pbx,
                            lambda: self.rater.authorise_inbound(
                                called, caller, pbx_uniqueid=req.uniqueid or None,
-                               linkedid=_arg(req.args, var.INBOUND_LINKEDID)))
+                               linkedid=_arg(req.args, var.INBOUND_LINKEDID), pbx=pbx))
 
     async def _decide(self, session: AgiSession, direction: str, caller: str, dialled: str,
-                      authorise: Callable[[], Awaitable[Decision]]) -> None:
-        with _bound(session):
+                      pbx: str, authorise: Callable[[], Awaitable[Decision]]) -> None:
+        with _bound(session), structlog.contextvars.bound_contextvars(pbx=pbx):
             started = time.perf_counter()
             try:
                 decision = await authorise()
             except Exception as exc:  # noqa: BLE001 - one deny path for every failure
                 decision = self._failed(direction, exc, dialled, caller)
-            await self._answer(session, direction, decision, caller, started)
+            await self._answer(session, direction, decision, caller, pbx, started)
 
     def _failed(self, direction: str, exc: Exception, dialled: str, caller: str) -> Decision:
         if isinstance(exc, GatewayError):
@@ -83,17 +136,20 @@ class AgiRoutes:
         return Decision(False, Reason.GATEWAY_ERROR, None, destination=dialled)
 
     async def _answer(self, session: AgiSession, direction: str, d: Decision, caller: str,
-                      started: float) -> None:
+                      pbx: str, started: float) -> None:
         reason = d.reason.value
         self.metrics.count_decision(direction, d.decision, reason,
                                     time.perf_counter() - started)
-        if d.allow and d.call_id is not None:
-            self.live.track(LiveCall(
+        live = self.tracking(pbx) if d.allow and d.call_id is not None else None
+        if live is not None and d.call_id is not None:
+            # this process owns the call's PBX: it follows the call (else the owner does,
+            # from the call's DialEnd on)
+            live.track(LiveCall(
                 call_id=d.call_id, direction=direction, tenant_id=d.tenant_id, caller=caller,
                 destination=d.destination, route=d.route.value if d.route else None,
                 rated=d.funded_seconds is not None, funded_seconds=d.funded_seconds,
                 uniqueid=session.request.uniqueid or None, channel=session.request.channel,
-                source="+".join(s.value for s in d.sources),
+                source="+".join(s.value for s in d.sources), pbx=pbx,
             ))
         variables = _answer_variables(d)
         try:
@@ -132,7 +188,8 @@ class AgiRoutes:
             billable = answered_ms // 1000
         else:
             billable = billsec or 0
-        await self.live.settle(call_id, billable, by="agi")
+        pbx = self.pbx_map.pbx_of(session, var.HANGUP_PBX)
+        await self.reporting(pbx, call_id).settle(call_id, billable, by="agi")
 
 
 def _answer_variables(d: Decision) -> list[tuple[str, str]]:

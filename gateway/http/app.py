@@ -81,7 +81,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     ready, components = await request.app[GATEWAY].readiness()
     failing = {name: c for name, c in components.items()
-               if c.get("state") not in ("up", "not_configured")}
+               if c.get("state") not in ("up", "not_configured", "standby")}
     return json_response({"status": "ready" if ready else "not_ready", "failing": failing,
                           "components": {n: c.get("state") for n, c in components.items()}},
                          status=200 if ready else 503)
@@ -101,9 +101,7 @@ async def status(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     gateway = _check_read(request)
-    gateway.ami_status()  # refreshes the AMI reconnect gauge
-    if gateway.calls is not None:
-        gateway.metrics.live_calls.set(len(gateway.calls.live))
+    gateway.ami_status()  # refreshes the AMI reconnect and live call gauges
     return web.Response(body=gateway.metrics.render(),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 

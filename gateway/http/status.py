@@ -1,5 +1,6 @@
-"""The /status document: health of each component, live calls, each tenant's month
-(pools, add-on minutes, wallet), decision counters and the last reconciliation.
+"""The /status document: health of each component, live calls, each PBX (its owner
+process, AMI link and calls), each tenant's month (pools, add-on minutes, wallet),
+decision counters and the last reconciliation.
 
 Read-only; secrets never appear (the configuration goes through Config.public()).
 """
@@ -30,6 +31,8 @@ async def status_document(gateway: Any, started_at: dt.datetime) -> dict[str, An
         "live_calls": calls.snapshot() if calls is not None else [],
         "decisions": decision_counts(gateway.metrics.reason_counts),
         "last_reconcile": (calls.last_reconcile or None) if calls is not None else None,
+        # each PBX: which process owns it (its lease), its AMI link, its calls
+        "pbxes": gateway.pbxes_status(),
         "config": gateway.config.public(),
     }
     guard = getattr(gateway, "http_guard", None)
