@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -877,6 +879,31 @@ async def test_the_hangup_report_is_tried_on_two_addresses_only(pbx, gw):
     log = pbx.log_text()
     assert warnings(log, "reporting call call-fo-4 to the backup") == 1, log[-3000:]
     assert second.requests == [] and first.of(var.HANGUP_ROUTE) == []
+
+
+async def test_a_gateway_that_resets_the_session_is_not_failed_over(pbx, gw):
+    """Fail-over is for a gateway that cannot be reached. One that took the request and
+    then died mid-session (the connection reset) may have started to decide: asking
+    the backup would ask twice for one call."""
+    first = await FakeGateway().start()
+
+    async def reset(req: AgiRequest, agi: AgiSession) -> None:
+        sock = agi.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        agi.writer.transport.abort()
+
+    try:
+        first.handler = reset
+        pbx.set_global(var.AGI, f"127.0.0.1:{first.port}")
+        pbx.set_global(var.AGI_BACKUP, f"127.0.0.1:{gw.port}")
+        gw.handler = allow("pstn")
+        phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    finally:
+        await first.close()
+    assert len(first.of(var.OUTBOUND_ROUTE)) == 1
+    assert gw.requests == [], "the backup was asked"
+    assert phone.final_code == 503, explain(phone)
+    assert "NO_DECISION" in pbx.log_text().split("gateway outbound " + NUMBER)[-1]
 
 
 @pytest.mark.parametrize(("number", "direction"), [
