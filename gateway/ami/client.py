@@ -53,6 +53,8 @@ import structlog
 from panoramisk.actions import Action
 from panoramisk.message import Message
 
+from gateway.dialplan_variables import PBX as PBX_GLOBAL
+
 from .events import AmiEvent, CoreShowChannel
 
 AMI_LOGIN_FAILED = "AMI_LOGIN_FAILED"
@@ -542,7 +544,7 @@ class AmiClient:
         if expected is None:
             return
         try:
-            reply = await self._request(link, {"Action": "Getvar", "Variable": "GW_PBX"})
+            reply = await self._request(link, {"Action": "Getvar", "Variable": PBX_GLOBAL})
         except AmiError as exc:
             if exc.code != AMI_ACTION_FAILED:
                 raise
