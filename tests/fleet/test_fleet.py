@@ -346,10 +346,12 @@ async def test_a_pbx_restart_settles_only_its_own_calls_from_its_cdr(
     restarted = time.monotonic()
     await asyncio.to_thread(p2.restart)  # every channel of PBX 2 is hung up
     p2.kill_sipps()  # its phones and carrier: their dialogs died with it
-    await asyncio.gather(*tasks2, return_exceptions=True)
+    await asyncio.gather(*tasks2.values(), return_exceptions=True)
     await trunk2.result(within=1)
     await until_value(pool, SETTLED, 2, 30, "pbx2")
-    print(f"pbx2's calls settled {time.monotonic() - restarted:.1f} s after its restart")
+    print(f"pbx2's calls settled {time.monotonic() - restarted:.1f} s after its restart, by "
+          + ", ".join(await pool.fetchval("SELECT array_agg(settled_by) FROM calls"
+                                          " WHERE pbx = 'pbx2'")))
     # PBX 1's calls are still up and open, nobody settled them
     assert [r["state"] for r in await pool.fetch(
         "SELECT state FROM calls WHERE pbx = 'pbx1'")] == ["answered", "answered"]
