@@ -547,6 +547,38 @@ async def test_a_lost_authorisation_committing_late_takes_no_effect(admin, repo,
     await ledger_agrees(repo)
 
 
+async def test_a_lost_authorisation_is_voided_on_its_own_pbx(admin, repo, clock):
+    """The void names the call's PBX: its tombstone holds the channel on that PBX only,
+    and the same channel on another PBX is another call, left alone."""
+    await standard_tenant(admin)
+    other = await Rater(repo, clock=clock).authorise_outbound(
+        "bob", "2125550100", pbx_uniqueid="1700000000.9", pbx="pbx1")
+    for commits in (True, False):
+        lossy = LosesAnswers(repo.pool, commits=commits)
+        r = Rater(lossy, clock=clock)
+        with pytest.raises(Unavailable):
+            await r.authorise_outbound("alice", "2125550100", pbx_uniqueid=f"17.{commits}",
+                                       pbx="pbx2")
+        await voided(r)
+        assert lossy.sent["pbx"] == "pbx2"
+        row = await repo.find_call(lossy.sent["call_id"])
+        assert (row["pbx"], row["pbx_uniqueid"], row["reason"], row["state"]) == (
+            "pbx2", f"17.{commits}", "GATEWAY_ERROR", "released" if commits else "rejected")
+    lossy = LosesAnswers(repo.pool, commits=False)
+    r = Rater(lossy, clock=clock)
+    with pytest.raises(Unavailable):
+        await r.authorise_outbound("alice", "2125550100", pbx_uniqueid="1700000000.9",
+                                   pbx="pbx2")
+    await voided(r)
+    assert (await repo.find_call(lossy.sent["call_id"]))["pbx"] == "pbx2"  # a tombstone
+    with pytest.raises(Conflict):  # the late authorisation takes no effect
+        await repo.authorise(**lossy.sent)
+    row = await repo.find_call_by_uniqueid("pbx1", "1700000000.9")
+    assert (row["id"], row["state"]) == (other.call_id, "authorised")
+    assert await pool_row(repo) == (0, 300)  # bob's call only
+    await ledger_agrees(repo)
+
+
 class InFlight(LosesAnswers):
     """The authorisation runs on ``conn`` in a transaction the test ends later."""
 
