@@ -601,3 +601,194 @@ async def test_a_flood_of_ami_events_is_dropped_counted_and_followed_by_a_resync
                     f'{float(status["events_dropped"])}') in metrics
     finally:
         await pbx.close()
+
+
+# ---- several PBXs, one owner each through a lease (issue 9) -----------------------------------
+
+
+def test_an_agi_request_is_mapped_to_its_pbx_in_the_documented_order():
+    from gateway.calls.routes import PbxMap
+
+    def session(*args: str, peer: str = "10.0.0.9") -> Session:
+        s = Session("outbound", *args)
+        s.peer = (peer, 40000)
+        return s
+
+    fleet = PbxMap(["pbx1", "pbx2"], {"pbx1": ["10.0.0.11"], "pbx2": ["10.0.2.0/24"]})
+    at = var.OUTBOUND_PBX
+    # 1. the GW_PBX argument, well-formed, even for a PBX this process does not serve
+    assert fleet.pbx_of(session("2125550100", "alice", "l", "pbx2", peer="10.0.0.11"),
+                        at) == "pbx2"
+    assert fleet.pbx_of(session("2125550100", "alice", "l", "pbx9"), at) == "pbx9"
+    # 2. else the PBX whose AGI peers hold the address (an empty or malformed name)
+    assert fleet.pbx_of(session("2125550100", "alice", "l", "", peer="10.0.0.11"),
+                        at) == "pbx1"
+    assert fleet.pbx_of(session("2125550100", "alice", "l", "bad name!",
+                                peer="10.0.2.7"), at) == "pbx2"
+    assert fleet.pbx_of(session("2125550100", "alice", "l", peer="10.0.2.7"), at) == "pbx2"
+    # 4. several PBXs and nothing to tell them apart: "default"
+    assert fleet.pbx_of(session("2125550100", "alice", "l"), at) == "default"
+    overlapping = PbxMap(["pbx1", "pbx2"], {"pbx1": ["10.0.0.0/8"], "pbx2": ["10.0.0.11"]})
+    assert overlapping.pbx_of(session("2125550100", "alice", "l", peer="10.0.0.11"),
+                              at) == "default"  # two matches: not one
+    # 3. a single PBX configured: that one, whatever the peer
+    assert PbxMap(["solo"]).pbx_of(session("2125550100", "alice", "l"), at) == "solo"
+    assert PbxMap(["solo"]).pbx_of(Session("outbound", "2125550100"), at) == "solo"
+
+
+class LeasedAmi(FakeAmi):
+    """An AMI link a lease keeper starts and stops."""
+
+    def __init__(self, channels=()):
+        super().__init__()
+        self.channels = list(channels)
+        self.started = self.stopped = False
+        self.connect_callbacks = []
+
+    async def start(self):
+        self.started = True
+
+    async def stop(self):
+        self.stopped = True
+
+    def on_connect(self, cb):
+        self.connect_callbacks.append(cb)
+
+    def on_events_lost(self, cb):
+        pass
+
+
+def leased_process(rater, recovery, owner: str, ami_factory, *, monotonic=None, **kw):
+    from gateway.calls.lease import LeaseKeeper
+
+    svc = CallService(rater, recovery, pbxes=("pbx1",), instance_id=owner, leased=True,
+                      **kw)
+    extra = {"monotonic": monotonic} if monotonic is not None else {}
+    keeper = LeaseKeeper(svc.pbx("pbx1"), recovery, svc.metrics, owner=owner,
+                         lease_seconds=6, reconcile_interval=3600,
+                         ami_factory=ami_factory, **extra)
+    return svc, keeper
+
+
+async def test_a_dead_owners_pbx_is_taken_over_its_calls_adopted_and_the_old_owner_fenced(
+        admin, repo, clock):
+    await standard_tenant(admin)
+    rater = Rater(repo, clock=clock)
+    recovery = Recovery(repo)
+    ami_a = LeasedAmi()
+    a, keeper_a = leased_process(rater, recovery, "gw-a", lambda: ami_a)
+    b_amis: list[LeasedAmi] = []
+    b, keeper_b = leased_process(rater, recovery, "gw-b",
+                                 lambda: b_amis.append(LeasedAmi(up)) or b_amis[-1])
+    await keeper_a.attempt(strict=True)
+    await keeper_b.attempt(strict=True)
+    assert (a.pbx("pbx1").owned, b.pbx("pbx1").owned) == (True, False)
+    assert ami_a.started and b_amis == []  # the standby keeps no AMI link
+    assert b.pbx("pbx1").view()["owner"] == "gw-a"
+
+    # any process answers the PBX's AGI requests; only the owner follows the calls
+    s_a = Session("outbound", "2125550100", "alice", "via-a", "pbx1", uniqueid="via-a")
+    s_b = Session("outbound", "2125550100", "alice", "via-b", "pbx1", uniqueid="via-b")
+    await a.agi_outbound(s_a)
+    await b.agi_outbound(s_b)
+    assert (s_a.vars[var.DECISION], s_b.vars[var.DECISION]) == ("ALLOW", "ALLOW")
+    assert [c.uniqueid for c in a.live.values()] == ["via-a"] and b.live == {}
+    # the owner hears the answer of the call it did not authorise: it loads and follows it
+    await a.pbx("pbx1").on_dial_end(answer("via-a", "PJSIP/carrier-a"))
+    await a.pbx("pbx1").on_dial_end(answer("via-b", "PJSIP/carrier-b"))
+    followed = {c.uniqueid: c for c in a.live.values()}
+    assert set(followed) == {"via-a", "via-b"}
+    assert followed["via-b"].answered_at is not None
+    assert followed["via-b"].renew_task is not None  # renewals started
+    await b.pbx("pbx1").on_dial_end(answer("via-b", "PJSIP/carrier-b"))
+    assert b.live == {}  # the standby ignores the PBX's events
+
+    # A dies: no more renewals, its lease lapses
+    await a.stop()
+    await repo.pool.execute("UPDATE pbx_leases SET expires_at = now() - interval '1 second'")
+    up = [CoreShowChannel(channel="PJSIP/alice-1", uniqueid="via-a", linkedid="via-a"),
+          CoreShowChannel(channel="PJSIP/carrier-a", uniqueid="pa", linkedid="via-a"),
+          CoreShowChannel(channel="PJSIP/alice-2", uniqueid="via-b", linkedid="via-b"),
+          CoreShowChannel(channel="PJSIP/carrier-b", uniqueid="pb", linkedid="via-b")]
+    await keeper_b.attempt()
+    pbx_b = b.pbx("pbx1")
+    assert pbx_b.owned and len(b_amis) == 1 and b_amis[0].started
+    assert pbx_b.reconciler.last_reconcile["adopted"] == 2
+    assert {c.dest_channel for c in b.live.values()} == {"PJSIP/carrier-a", "PJSIP/carrier-b"}
+    # each adopted call's deadline is put where its funding ends, then renewals go on
+    await eventually(lambda: len(b_amis[0].setvars) == 2)
+    assert {s[:2] for s in b_amis[0].setvars} == {("PJSIP/carrier-a", "TIMEOUT(absolute)"),
+                                                  ("PJSIP/carrier-b", "TIMEOUT(absolute)")}
+    assert b.metrics.pbx_lease_changes.labels("pbx1")._value.get() == 1
+    assert b.metrics.pbx_owned.labels("pbx1")._value.get() == 1
+    lease = await repo.pool.fetchrow("SELECT * FROM pbx_leases WHERE pbx = 'pbx1'")
+    assert (lease["owner"], lease["generation"]) == ("gw-b", 2)
+
+    # A comes back to life: it sees B's lease, drops its table without settling
+    await keeper_a.attempt()
+    assert not a.pbx("pbx1").owned and a.live == {} and ami_a.stopped
+    assert a.metrics.pbx_owned.labels("pbx1")._value.get() == 0
+    states = [r["state"] for r in await repo.pool.fetch("SELECT state FROM calls")]
+    assert states == ["answered", "answered"]
+    # and whatever it still tries to settle on its own is refused by the fence
+    call_id = followed["via-a"].call_id
+    await a.pbx("pbx1").live.settle(call_id, 10, by="reconcile-estimate", fenced=True)
+    assert await repo.pool.fetchval("SELECT state FROM calls WHERE id = $1",
+                                    call_id) == "answered"
+
+    # a graceful stop gives the lease up: the other process takes it at its next attempt
+    await keeper_b.stop()
+    await b.stop()
+    await keeper_b.release()
+    await keeper_a.attempt()
+    assert a.pbx("pbx1").owned
+    await keeper_a.stop()
+    await a.stop()
+    await keeper_a.release()
+    await ledger_agrees(repo)
+
+
+async def test_a_lease_that_cannot_be_renewed_is_given_up_when_it_expires(admin, repo,
+                                                                         clock):
+    from structlog.testing import capture_logs
+
+    class Flaky(Recovery):
+        down = False
+
+        async def lease(self, pbx, owner, seconds):
+            if self.down:
+                raise ConnectionError("database unreachable")
+            return await super().lease(pbx, owner, seconds)
+
+    await standard_tenant(admin)
+    recovery = Flaky(repo)
+    now = [1000.0]
+    amis: list[LeasedAmi] = []
+    svc, keeper = leased_process(Rater(repo, clock=clock), recovery, "gw-a",
+                                 lambda: amis.append(LeasedAmi()) or amis[-1],
+                                 monotonic=lambda: now[0])
+    await keeper.attempt(strict=True)
+    await svc.agi_outbound(Session("outbound", "2125550100", "alice", "u1", "pbx1",
+                                   uniqueid="u1"))
+    assert len(svc.live) == 1
+    recovery.down = True
+    now[0] += 5.9  # the lease taken at 1000 lasts until 1006 at least
+    await keeper.attempt()
+    assert svc.pbx("pbx1").owned and svc.pbx("pbx1").lease_error == "database unreachable"
+    now[0] += 0.2
+    with capture_logs() as logs:
+        await keeper.attempt()
+    assert not svc.pbx("pbx1").owned and svc.live == {} and amis[0].stopped
+    assert [e["event"] for e in logs if e["event"] == "pbx_lease_lost"] == ["pbx_lease_lost"]
+    # dropped, not settled: the next owner adopts it
+    assert await repo.pool.fetchval("SELECT state FROM calls") == "authorised"
+    recovery.down = False
+    await keeper.attempt()  # the row is still ours (no one took it): owned again
+    # a new AMI link for the new tenure, re-synced after each of its reconnects
+    assert svc.pbx("pbx1").owned and len(amis) == 2 and amis[1].started
+    assert amis[1].connect_callbacks == [svc.pbx("pbx1").resync]
+    await svc.stop()
+    await keeper.stop()
+    await keeper.release()
+    assert await repo.pool.fetchval(
+        "SELECT count(*) FROM pbx_leases WHERE expires_at > now()") == 0  # released
