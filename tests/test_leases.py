@@ -176,6 +176,19 @@ async def test_cdr_table_check_is_per_pbx(admin, rater, repo, recovery, clock):
                                    settled_after=dt.timedelta(days=7)) == (3, 2)
 
 
+async def test_a_pbx_name_must_be_well_formed(admin, rater, repo, recovery):
+    await standard_tenant(admin)
+    for bad in ("", "pbx 1", "x" * 65, "pbx;1"):
+        with pytest.raises(InvalidInput) as e:
+            await rater.authorise_outbound("alice", "2125550100", pbx_uniqueid=UNIQUEID,
+                                           pbx=bad)
+        assert e.value.code == "INVALID_VALUE"
+        with pytest.raises(InvalidInput):
+            await recovery.lease(bad, "gw-a", 30)
+    assert await pool_row(repo) == (0, 0)
+    assert await recovery.leases() == []
+
+
 # ---- leases --------------------------------------------------------------------------------
 
 async def test_a_lease_is_taken_renewed_refused_taken_over_and_released(repo, recovery):
