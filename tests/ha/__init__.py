@@ -1,0 +1,1 @@
+"""PostgreSQL high availability: the gateway on a Patroni-managed primary and replica."""
