@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -52,14 +54,19 @@ class FleetPbx(Pbx):
         super().__init__(gw_agi=gw_agi, globals=merged, **kw)
         self.name = name
 
-    def restart(self) -> None:
-        """Stop Asterisk (``core stop now``: every channel is hung up) and start it
-        again with the same folder, ports and configuration."""
+    def restart(self, *, crash: bool = False) -> None:
+        """Stop Asterisk and start it again with the same folder, ports and
+        configuration. ``core stop now`` hangs up every channel (hangup handlers run,
+        CDRs are written); ``crash=True`` SIGKILLs it instead (nothing is reported)."""
         proc = self._proc
         if proc is None:
             raise PbxError("not started")
-        with contextlib.suppress(PbxError):
-            self.cli("core stop now", timeout=10)
+        if crash:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            with contextlib.suppress(PbxError):
+                self.cli("core stop now", timeout=10)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=15)
         with contextlib.suppress(OSError):
@@ -69,12 +76,29 @@ class FleetPbx(Pbx):
             time.sleep(0.1)
         if group_alive(proc.pid):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
+                os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
         untrack(proc)
         self._proc = None
+        # A killed Asterisk's threads may still hold its control socket for a moment
+        # after its main thread is a zombie; a new one refuses to start while they do.
+        deadline = time.monotonic() + 15
+        while self._control_answers():
+            if time.monotonic() > deadline:
+                raise PbxError("the stopped Asterisk still answers on its control socket")
+            time.sleep(0.1)
         self._launch()
+
+    def _control_answers(self) -> bool:
+        assert self.run_dir is not None
+        path = self.run_dir / "run" / "asterisk.ctl"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(path))
+            except OSError:
+                return False
+        return True
 
     def _launch(self) -> None:
         """Start Asterisk again in the folder ``start()`` prepared (the same steps)."""
