@@ -711,6 +711,7 @@ async def test_a_dead_owners_pbx_is_taken_over_its_calls_adopted_and_the_old_own
           CoreShowChannel(channel="PJSIP/alice-2", uniqueid="via-b", linkedid="via-b"),
           CoreShowChannel(channel="PJSIP/carrier-b", uniqueid="pb", linkedid="via-b")]
     await keeper_b.attempt()
+    await keeper_b.served()  # its AMI link made, its calls reconciled
     pbx_b = b.pbx("pbx1")
     assert pbx_b.owned and len(b_amis) == 1 and b_amis[0].started
     assert pbx_b.reconciler.last_reconcile["adopted"] == 2
@@ -784,6 +785,7 @@ async def test_a_lease_that_cannot_be_renewed_is_given_up_when_it_expires(admin,
     assert await repo.pool.fetchval("SELECT state FROM calls") == "authorised"
     recovery.down = False
     await keeper.attempt()  # the row is still ours (no one took it): owned again
+    await keeper.served()
     # a new AMI link for the new tenure, re-synced after each of its reconnects
     assert svc.pbx("pbx1").owned and len(amis) == 2 and amis[1].started
     assert amis[1].connect_callbacks == [svc.pbx("pbx1").resync]

@@ -55,6 +55,9 @@ class LeaseKeeper:
         self.ami: Any = None  # the client started for this ownership
         self._timer: asyncio.Task[None] | None = None
         self._loop: asyncio.Task[None] | None = None
+        # the gain's work (AMI link, reconciliation) runs beside the renewals, so that a
+        # slow PBX or a long reconciliation never lets the lease lapse
+        self._serving: asyncio.Task[None] | None = None
 
     # ---- one attempt -----------------------------------------------------------------------
 
@@ -80,11 +83,26 @@ class LeaseKeeper:
         # the database set its expiry at least this late
         self.held_until = asked + self.seconds
         if not self.pbx.owned:
-            await self._gain(lease, strict=strict)
-        elif self.ami is None and self.ami_factory is not None:
-            await self._connect(strict=False)  # the PBX was unreachable at the gain
+            self._gain(lease)
+            if strict:  # at start: before the first call is taken
+                await self._serve(strict=True)
+            else:
+                self._serving = asyncio.create_task(self._serve(strict=False),
+                                                    name=f"serve-{self.pbx.name}")
+        elif (self.ami is None and self.ami_factory is not None
+              and (self._serving is None or self._serving.done())):
+            # the PBX was unreachable at the gain: try its AMI link again
+            self._serving = asyncio.create_task(self._reconnect(),
+                                                name=f"ami-{self.pbx.name}")
 
-    async def _gain(self, lease: Any, *, strict: bool) -> None:
+    async def served(self) -> None:
+        """Wait until the work of the last gain (or AMI retry) is done."""
+        serving = self._serving
+        if serving is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(serving)
+
+    def _gain(self, lease: Any) -> None:
         pbx = self.pbx
         pbx.owned = True
         pbx.lease_changes += 1
@@ -92,6 +110,10 @@ class LeaseKeeper:
         self.metrics.pbx_lease_changes.labels(pbx.name).inc()
         log.info("pbx_lease_gained", pbx=pbx.name, owner=self.owner,
                  generation=getattr(lease, "generation", None))
+
+    async def _serve(self, *, strict: bool) -> None:
+        """Serve a PBX just gained: its AMI link, its calls, its reconcile timer."""
+        pbx = self.pbx
         if self.ami_factory is not None:
             await self._connect(strict=strict)
         # adopt the PBX's calls still up (renewed before their funded end), settle those
@@ -106,20 +128,26 @@ class LeaseKeeper:
             pbx.reconciler.run_reconciler(self.reconcile_interval),
             name=f"reconciler-{pbx.name}")
 
+    async def _reconnect(self) -> None:
+        await self._connect(strict=False)
+        if self.ami is not None:  # blind until now: what changed meanwhile
+            await self.pbx.resync()
+
     async def _connect(self, *, strict: bool) -> None:
         assert self.ami_factory is not None
         ami = self.ami_factory()
         self.pbx.attach_ami(ami)
+        self.ami = ami  # stopped with the tenure, even while it is still connecting
         try:
             await ami.start()
         except Exception as exc:
+            self.ami = None
             self.pbx.detach_ami()
             if strict:
                 await self.release()
                 raise
             log.warning("pbx_ami_not_connected", pbx=self.pbx.name, error=str(exc))
             return
-        self.ami = ami
         # after each AMI reconnect, and after dropped events, the PBX may have changed
         # while we were blind (the first login is followed by the gain's reconcile)
         ami.on_connect(self.pbx.resync)
@@ -133,9 +161,17 @@ class LeaseKeeper:
         self.metrics.pbx_lease_changes.labels(pbx.name).inc()
         log.warning("pbx_lease_lost", pbx=pbx.name, owner=self.owner, reason=reason,
                     live_calls=len(pbx.live.by_id))
+        await self._stop_serving()
         await self._stop_timer()
         await self._stop_ami()
         await pbx.drop()
+
+    async def _stop_serving(self) -> None:
+        serving, self._serving = self._serving, None
+        if serving is not None and not serving.done():
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await serving
 
     async def _stop_timer(self) -> None:
         timer, self._timer = self._timer, None
@@ -173,6 +209,7 @@ class LeaseKeeper:
             loop.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await loop
+        await self._stop_serving()
         await self._stop_timer()
 
     async def stop_ami(self) -> None:
