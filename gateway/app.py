@@ -76,6 +76,7 @@ class Gateway:
         self.calls: CallService | None = None
         self.agi: AgiServer | None = None
         self.leases: dict[str, LeaseKeeper] = {}  # one per PBX, by name
+        self._ami: AmiClient | None = None  # set by hand on a gateway not started (tests)
         self.http_runner: Any = None
         self.http_server: asyncio.Server | None = None
         self.http_guard: Any = None
@@ -182,7 +183,11 @@ class Gateway:
         """The first PBX's AMI client while this process owns it (the only PBX of a
         single-PBX gateway)."""
         keeper = next(iter(self.leases.values()), None)
-        return keeper.ami if keeper is not None else None
+        return keeper.ami if keeper is not None else self._ami
+
+    @ami.setter
+    def ami(self, client: AmiClient | None) -> None:
+        self._ami = client
 
     async def _start_http(self) -> None:
         from aiohttp import web
@@ -271,6 +276,10 @@ class Gateway:
         """One PBX's AMI link: up, down, not_configured, or standby (another process
         owns the PBX: this one keeps no link to it)."""
         keeper = self.leases.get(name)
+        if keeper is None and self._ami is not None:
+            status = self._ami.status()
+            status["state"] = "up" if self._ami.state == "connected" else "down"
+            return status
         if keeper is None or keeper.ami_factory is None:
             return {"state": "not_configured",
                     "reason": "no ami_host configured (GATEWAY_AMI_HOST)"}
