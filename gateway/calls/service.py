@@ -73,6 +73,7 @@ class CallService:
                                    renew_before_seconds=renew_before_seconds,
                                    monotonic=monotonic, pbx="")
         self.pbx_map = PbxMap(list(self.pbxes), agi_peers)
+        self._unknown: set[str] = set()  # PBX names seen in AGI requests, not served here
         self.agi_routes = AgiRoutes(rater, self.pbx_map, self._tracking, self._reporting,
                                     self.metrics)
         # the first PBX's parts: the only one in the single-PBX shape
@@ -105,6 +106,11 @@ class CallService:
 
     def _tracking(self, pbx: str) -> LiveCalls | None:
         served = self.pbxes.get(pbx)
+        if served is None and pbx not in self._unknown:
+            # recorded on that PBX all the same: its owner, if any process serves it,
+            # follows the call; said once, as it is likely a name mistyped somewhere
+            self._unknown.add(pbx)
+            log.warning("agi_pbx_not_served", pbx=pbx, served=sorted(self.pbxes))
         return served.live if served is not None and served.owned else None
 
     def _reporting(self, pbx: str, call_id: uuid.UUID) -> LiveCalls:
