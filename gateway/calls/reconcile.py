@@ -79,7 +79,7 @@ class Reconciler:
         """Bring the database in line with the PBX: adopt calls still up, settle those that
         ended while we were away from the PBX's CDR, release what never connected, close
         what is past its funded end (the rule of docs/billing.md, "Recovery").
-        One run at a time (start, AMI reconnects, heartbeats and the timer may overlap)."""
+        One run at a time (start, AMI reconnects, a lease gained and the timer may overlap)."""
         async with self._running:
             return await self._reconcile()
 
