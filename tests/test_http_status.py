@@ -3,6 +3,7 @@ its AGI port show up as live calls and counters; secrets never appear."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -197,3 +198,39 @@ async def test_page_and_static_files(http):
     assert r.status == 404 and r.error["code"] == "NOT_FOUND"
     r = await http("GET", "/static/../app.py", token=None)
     assert r.status in (403, 404) and "error" in r.body
+
+
+async def test_a_pbx_another_process_owns_is_on_standby_and_taken_when_its_lease_lapses(
+        database_url, repo, admin):
+    await standard_tenant(admin)
+    await repo.pool.execute("INSERT INTO pbx_leases (pbx, owner, expires_at)"
+                            " VALUES ('default', 'gw-other', now() + interval '1 hour')")
+    async with running_gateway(database_url, lease_seconds=3) as gw, \
+            aiohttp.ClientSession() as session:
+        http = Client(session, gw.http_port, token=READ)
+        pbx = (await http("GET", "/status")).body["pbxes"]["default"]
+        assert (pbx["owner"], pbx["owned"], pbx["live_calls"]) == ("gw-other", False, 0)
+        assert pbx["last_reconcile"] is None  # a standby never reconciles the PBX
+        r = await http("GET", "/readyz", token=None)
+        assert r.status == 200 and r.body["failing"] == {}
+        # it still decides the PBX's calls; the owner follows them, not this process
+        allowed = await agi_outbound(gw.agi.port, "alice", "+15145550123")
+        assert allowed["GW_DECISION"] == "ALLOW" and gw.calls.live == {}
+        async with session.get(f"{http.base}/metrics",
+                               headers={"Authorization": f"Bearer {READ}"}) as m:
+            assert 'gateway_pbx_owned{pbx="default"} 0.0' in await m.text()
+        # the other process is gone: its lease lapses and this one takes the PBX
+        await repo.pool.execute("UPDATE pbx_leases SET expires_at = now()")
+        for _ in range(200):
+            pbx = (await http("GET", "/status")).body["pbxes"]["default"]
+            if pbx["owned"]:
+                break
+            await asyncio.sleep(0.05)
+        assert (pbx["owner"], pbx["owned"]) == (gw.instance_id, True)
+        assert pbx["generation"] == 2 and pbx["lease_changes"] == 1
+        for _ in range(200):  # the gain reconciles at once
+            pbx = (await http("GET", "/status")).body["pbxes"]["default"]
+            if pbx["last_reconcile"]:
+                break
+            await asyncio.sleep(0.05)
+        assert pbx["last_reconcile"]["kept"] == 1  # the call decided while on standby
