@@ -212,6 +212,7 @@ class Answer:
     variables: dict[str, str]
     asked_at: float
     seconds: float
+    reported_at: float | None = None  # when the hangup report of an allowed call ended
 
     @property
     def reason(self) -> str:
@@ -273,6 +274,7 @@ class Load:
                                           "BillableSeconds": "0"})
                 await self.pbx.hangup_report(answer.uniqueid, answer.variables["GW_CALL_ID"],
                                              0, "NOANSWER")
+                answer.reported_at = time.monotonic()
             await asyncio.sleep(0.05)  # a caller's pace, even when refused at once
 
     async def stop(self) -> list[Answer]:
@@ -467,6 +469,21 @@ async def test_the_primary_dies_under_load_and_the_gateway_carries_on_on_the_rep
             if row is not None:
                 assert (row["decision"], row["state"]) in (("REJECT", "rejected"),
                                                            ("REJECT", "released")), dict(row)
+        # synchronous replication: what the old primary committed and answered before it
+        # died is on the new one; the calls it had released stay released by the PBX's
+        # own reports, not found open again and closed by reconciliation
+        before = {uuid.UUID(a.variables["GW_CALL_ID"]) for a in answers
+                  if a.allowed and a.reported_at is not None
+                  and a.reported_at < killed_at - 0.5}
+        rows = await pool.fetch("SELECT id, state, settled_by FROM calls WHERE id = ANY($1)",
+                                list(before))
+        assert len(rows) == len(before) > 0
+        assert {(r["state"], r["settled_by"]) for r in rows} <= {("released", "agi"),
+                                                                ("released", "cdr")}, \
+            collections.Counter((r["state"], r["settled_by"]) for r in rows)
+        print("load calls by outcome:", dict(collections.Counter(
+            (r["state"], r["settled_by"]) for r in await pool.fetch(
+                "SELECT state, settled_by FROM calls"))))
         await assert_invariants(pool)
     finally:
         await pool.close()
