@@ -67,7 +67,9 @@ class LeaseKeeper:
         name = self.pbx.name
         asked = self.monotonic()
         try:
-            lease = await self.recovery.lease(name, self.owner, self.seconds)
+            # a frozen database must not keep us from seeing our lease run out
+            async with asyncio.timeout(max(self.interval, 1.0)):
+                lease = await self.recovery.lease(name, self.owner, self.seconds)
         except Exception as exc:  # noqa: BLE001 - decided below
             self.pbx.lease_error = str(exc) or type(exc).__name__
             log.warning("pbx_lease_failed", pbx=name, error=self.pbx.lease_error)
