@@ -191,13 +191,21 @@ class PatroniNode:
         self.watch_postmaster()
         for group in self._groups():
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, signal.SIGKILL)
+                os.killpg(group, signal.SIGKILL)  # a stopped (frozen) process too
         deadline = time.monotonic() + 10
         while self._any_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=5)
+
+    def freeze(self) -> None:
+        """SIGSTOP Patroni and its PostgreSQL server: the host hangs (its kernel still
+        accepts connections, nothing answers them)."""
+        self.watch_postmaster()
+        for group in self._groups():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGSTOP)
 
     def _groups(self) -> list[int]:
         groups = []
