@@ -794,3 +794,31 @@ async def test_a_lease_that_cannot_be_renewed_is_given_up_when_it_expires(admin,
     await keeper.release()
     assert await repo.pool.fetchval(
         "SELECT count(*) FROM pbx_leases WHERE expires_at > now()") == 0  # released
+
+
+async def test_a_pbx_unreachable_at_the_take_over_is_served_from_its_cdr_until_its_ami_is_back(
+        admin, repo, clock):
+    class Unreachable(LeasedAmi):
+        async def start(self):
+            raise AmiError("AMI_UNREACHABLE", "AMI 10.0.0.11:5038 unreachable")
+
+    await standard_tenant(admin)
+    amis: list[LeasedAmi] = []
+
+    def factory():
+        amis.append(Unreachable() if not amis else LeasedAmi())
+        return amis[-1]
+
+    svc, keeper = leased_process(Rater(repo, clock=clock), Recovery(repo), "gw-a", factory)
+    await keeper.attempt()  # not at start: the lease is kept all the same
+    await keeper.served()
+    pbx = svc.pbx("pbx1")
+    assert pbx.owned and keeper.ami is None and pbx.ami is None
+    assert pbx.reconciler.last_reconcile["cdr_table"]  # reconciled without channels
+    await keeper.attempt()  # the next renewal tries the link again
+    await keeper.served()
+    assert keeper.ami is amis[1] and amis[1].started and pbx.ami is amis[1]
+    assert amis[1].connect_callbacks == [pbx.resync]
+    await keeper.stop()
+    await svc.stop()
+    await keeper.release()
