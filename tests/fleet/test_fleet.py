@@ -248,8 +248,11 @@ async def test_the_owner_killed_during_ten_calls_the_other_takes_the_lease_and_r
     held_to_the_end(results, hold)  # nobody cut at the 20 s gw-a had funded
     await until_value(pool, SETTLED, len(phones), 20, "pbx1")
     rows = await billed_exactly(pool, "pbx1", results)
+    log = p1.log_text()
     for row in rows.values():
         assert row["funded_seconds"] >= hold, dict(row)  # renewed by gw-b
+        # the hangup report found gw-a gone and went to gw-b
+        assert f"reporting call {row['id']} to the backup" in log, dict(row)
     assert (await leases(pool))["pbx1"]["generation"] > generation
     await all_quiet(p1)
     await assert_invariants(pool)
@@ -317,6 +320,9 @@ async def test_agi_fails_over_to_the_second_gateway_and_with_both_down_the_polic
     row = (await rows_by_user(pool, [caller]))[caller]
     assert (row["pbx"], row["owner"]) == ("pbx1", "gw-b"), dict(row)
     await billed_exactly(pool, "pbx1", results)
+    # the PBX asked gw-a first, then gw-b (which its hangup report then went to directly)
+    first, second = p1.globals["GW_AGI"], p1.globals["GW_AGI_BACKUP"]
+    assert f"gateway {first} unreachable - asking the backup {second}" in p1.log_text()
     # both down: the fail policy (closed: 503), and emergency still dials
     await b.kill()
     refused = await p1.call(PHONES["pbx1"][1], DOMESTIC, scenario="expect_error",
