@@ -62,15 +62,17 @@ async def pbxes(fleet_pbxes, repo):
 
 @pytest_asyncio.fixture
 async def gateways(pbxes, database_url, agi_ports):
-    """``make(name, **config)``: a gateway process (not started) serving both PBXs as
-    instance ``name`` on its AGI port; every one is killed at the end."""
+    """``make(name, serves=(...), **config)``: a gateway process (not started) serving
+    the PBXs named in ``serves`` (default: both) as instance ``name`` on its AGI port;
+    every one is killed at the end."""
     made: list[FleetGateway] = []
 
-    def make(name: str, **overrides) -> FleetGateway:
+    def make(name: str, serves: tuple[str, ...] = ("pbx1", "pbx2"),
+             **overrides) -> FleetGateway:
         config = dict(database_url=database_url, slice_seconds=SLICE,
                       reconcile_interval_seconds=3600, db_pool_size=4)
         config.update(overrides)
-        gw = FleetGateway(name, agi_port=agi_ports[name], pbxes=list(pbxes.values()),
+        gw = FleetGateway(name, agi_port=agi_ports[name], pbxes=[pbxes[n] for n in serves],
                           lease_seconds=LEASE, **config)
         made.append(gw)
         return gw

@@ -5,8 +5,8 @@ their CDRs.
 
 1. Calls on both PBXs at once with uniqueids that collide: each authorised, renewed and
    settled on its own PBX, billed exactly.
-2. The reproduction: a long call on PBX 1 while the other process reconciles PBX 2 every
-   second: never touched by it, billed its full talk time.
+2. The reproduction: a long call on PBX 1 while PBX 2's own gateway process reconciles
+   PBX 2 every second: never touched by it, billed its full talk time.
 3. The owner of PBX 1 SIGKILLed during 10 calls funded in 10 s slices: the other process
    takes the lease, adopts and renews all 10 (none cut while funded), each settled once.
 4. The killed process restarts: it does not take its lease back; with both alive each
@@ -194,8 +194,10 @@ async def test_a_long_call_is_never_touched_by_a_process_that_does_not_own_its_p
         pbxes, gateways, tenant, repo):
     pool = repo.pool
     p1 = pbxes["pbx1"]
-    # gw-b serves PBX 2 and reconciles it every second
-    a, b = await fleet_of_two(pool, gateways, b_config={"reconcile_interval_seconds": 1})
+    # as in the issue: gw-b is PBX 2's gateway (configured with it alone) and reconciles
+    # it every second (case 6 has a gw-b configured with both PBXs, owning PBX 2)
+    a, b = await fleet_of_two(pool, gateways, b_config={"reconcile_interval_seconds": 1,
+                                                        "serves": ("pbx2",)})
     hold = 30.0  # three slices; before the fix, gw-b settled it by estimate after ~20 s
     tasks, trunk = await place(p1, PHONES["pbx1"][:1], hold)
     await until_value(pool, ANSWERED, 1, 20, "pbx1")
