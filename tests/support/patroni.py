@@ -66,6 +66,22 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a postmaster's backends and helpers, each
+    of which PostgreSQL puts in a session of its own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(int(entry.name))
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -88,6 +104,7 @@ class PatroniNode:
         self.log_path = self.dir / "patroni.log"
         self.proc: subprocess.Popen | None = None
         self._postmaster_group: _Group | None = None
+        self._signalled: list[int] = []
         self.killed = False
 
     @property
@@ -188,10 +205,7 @@ class PatroniNode:
     def kill(self) -> None:
         """SIGKILL Patroni and its PostgreSQL server at once, as when the host dies."""
         self.killed = True
-        self.watch_postmaster()
-        for group in self._groups():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, signal.SIGKILL)  # a stopped (frozen) process too
+        self._signal(signal.SIGKILL)  # a stopped (frozen) process too
         deadline = time.monotonic() + 10
         while self._any_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -201,11 +215,28 @@ class PatroniNode:
 
     def freeze(self) -> None:
         """SIGSTOP Patroni and its PostgreSQL server: the host hangs (its kernel still
-        accepts connections, nothing answers them)."""
+        accepts connections, nothing answers them, not even on the connections already
+        open). ``kill`` ends a frozen node."""
+        self._signal(signal.SIGSTOP)
+
+    def _signal(self, signo: int) -> None:
+        """Signal Patroni's group, the postmaster's, and each of the postmaster's
+        children: PostgreSQL puts every backend in a session of its own, out of reach
+        of a signal to the postmaster's group. The postmaster is signalled first (a
+        stopped or dead postmaster starts no more backends), its children are listed
+        before (a dead postmaster's children are no longer its children)."""
         self.watch_postmaster()
-        for group in self._groups():
+        postmaster = self.postmaster_pid()
+        children = _children(postmaster) if postmaster and _alive(postmaster) else []
+        for group in reversed(self._groups()):  # the postmaster's group, then Patroni's
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(group, signal.SIGSTOP)
+                os.killpg(group, signo)
+        if postmaster:
+            children = sorted({*children, *_children(postmaster)})
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signo)
+        self._signalled = children
 
     def _groups(self) -> list[int]:
         groups = []
@@ -218,6 +249,8 @@ class PatroniNode:
     def _any_alive(self) -> bool:
         pid = self.postmaster_pid()
         if pid is not None and _alive(pid):
+            return True
+        if any(_alive(child) for child in self._signalled):
             return True
         return self.proc is not None and self.proc.poll() is None
 
