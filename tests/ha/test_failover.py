@@ -8,8 +8,9 @@ AGI requests as Asterisk sends them (authorisations, hangup reports) and an AMI 
 hangup deadline as ``Setvar TIMEOUT(absolute)`` moves it, cuts a call whose deadline
 passes, and reports every end (``Hangup``, ``Cdr``, the hangup AGI report).
 
-The primary's host dies (Patroni and PostgreSQL SIGKILLed together) during a steady load
-of authorisations and a few answered calls renewed in short slices. Patroni promotes the
+The primary's host dies (Patroni and PostgreSQL SIGKILLed together), or hangs (all of
+them SIGSTOPped: connections are still taken, nothing answers), during a steady load of
+authorisations and a few answered calls renewed in short slices. Patroni promotes the
 replica; the gateway goes on without a restart. The test prints how long authorisations
 failed and what callers were told meanwhile, then checks the money in SQL on the new
 primary (the billing rules' §8 invariants): nothing billed twice, lost or left reserved.
@@ -375,7 +376,19 @@ def gateway_events(gw: GatewayProcess) -> dict[str, int]:
 
 NOTABLE = {"renew_failed", "deadline_moved", "deadline_move_failed", "settle_failed",
            "authorisation_failed", "pbx_lease_lost", "reconciled", "void_failed",
-           "authorisation_voided", "void_retrying", "voids_abandoned"}
+           "authorisation_voided", "void_retrying", "voids_abandoned",
+           "database_server_chosen"}
+
+
+def timeline(answers: list[Answer], killed_at: float) -> str:
+    """Per second from the breakdown: answers allowed / failed and the longest wait."""
+    seconds: dict[int, list[Answer]] = collections.defaultdict(list)
+    for a in answers:
+        if a.asked_at >= killed_at - 1:
+            seconds[int(a.asked_at - killed_at + 1) - 1].append(a)
+    return " ".join(
+        f"{s}:{sum(a.allowed for a in group)}/{sum(not a.allowed for a in group)}"
+        f"({max(a.seconds for a in group):.1f}s)" for s, group in sorted(seconds.items()))
 
 
 def explain_outage(answers: list[Answer], killed_at: float, promoted_at: float) -> dict:
@@ -391,7 +404,9 @@ def explain_outage(answers: list[Answer], killed_at: float, promoted_at: float) 
             failing_for_s=round(last - first, 2),
             told=dict(collections.Counter(
                 (a.reason, a.variables.get("GW_CAUSE", "")) for a in failed)),
-            longest_wait_s=round(max(a.seconds for a in failed), 2))
+            longest_wait_s=round(max(a.seconds for a in failed), 2),
+            # when the last failed answer came, counted from the promotion
+            last_failure_after_promotion_s=round(last - promoted_at, 2))
     allowed_again = [a for a in answers if a.allowed and a.asked_at >= promoted_at]
     if allowed_again:
         report["first_allowed_after_promotion_s"] = round(
@@ -402,6 +417,24 @@ def explain_outage(answers: list[Answer], killed_at: float, promoted_at: float) 
 
 async def test_the_primary_dies_under_load_and_the_gateway_carries_on_on_the_replica(
         cluster: HaCluster, pbx: ModelPbx, gateway: GatewayProcess):
+    await fail_over(cluster, pbx, gateway, "killed")
+
+
+async def test_the_primary_hangs_under_load_and_the_gateway_carries_on_on_the_replica(
+        cluster: HaCluster, pbx: ModelPbx, gateway: GatewayProcess):
+    """The primary's host hangs instead of dying (Patroni and PostgreSQL SIGSTOPped): its
+    kernel still takes connections and nothing answers them. Each server of the URL is
+    tried with its own short time limit (``gateway.store.pool.HostList``), so once the
+    replica is promoted new connections reach it, and authorisations resume, instead of
+    every connection waiting on the hung server until the pool gives up."""
+    report = await fail_over(cluster, pbx, gateway, "frozen")
+    assert "first_allowed_after_promotion_s" in report, report
+
+
+async def fail_over(cluster: HaCluster, pbx: ModelPbx, gateway: GatewayProcess,
+                    how: str) -> dict:
+    """The primary is ``killed`` or ``frozen`` under load; Patroni promotes the replica;
+    what callers were told is printed and the money checked on the new primary."""
     old = cluster.primary()
     load = Load(pbx, LOAD_WORKERS)
     calls: list[asyncio.Task[Channel]] = []
@@ -413,7 +446,7 @@ async def test_the_primary_dies_under_load_and_the_gateway_carries_on_on_the_rep
         assert (live if isinstance(live, int) else len(live)) >= LIVE_CALLS, live
 
         killed_at = time.monotonic()
-        await asyncio.to_thread(old.kill)
+        await asyncio.to_thread(old.kill if how == "killed" else old.freeze)
         new = await asyncio.to_thread(cluster.wait_primary, old.name, 60)
         promoted_at = time.monotonic()
         await asyncio.sleep(max(0.0, killed_at + AFTER_KILL - time.monotonic()))
@@ -424,8 +457,12 @@ async def test_the_primary_dies_under_load_and_the_gateway_carries_on_on_the_rep
         for task in calls:
             task.cancel()
         await asyncio.gather(*calls, return_exceptions=True)
+        # nothing stays stopped: a frozen primary is killed (its host is gone for good)
+        await asyncio.to_thread(old.kill)
     report = explain_outage(answers, killed_at, promoted_at)
-    print(f"\nfail-over {old.name} -> {new.name}: {report}")
+    print(f"\nprimary {how}, fail-over {old.name} -> {new.name}: {report}")
+    print("answers by the second they were asked in, from the", how, "primary "
+          "(allowed/failed, longest wait):", timeline(answers, killed_at))
     for chan in ended:
         print(f"live call {chan.call_id}: ended by {chan.ended_by} after "
               f"{chan.talk_ms / 1000:.1f} s")
@@ -487,3 +524,4 @@ async def test_the_primary_dies_under_load_and_the_gateway_carries_on_on_the_rep
         await assert_invariants(pool)
     finally:
         await pool.close()
+    return report
