@@ -31,7 +31,7 @@ from .dialplan_variables import HANGUP_ROUTE
 from .errors import Unavailable
 from .metrics import Metrics
 from .store.migrate import migrate
-from .store.pool import open_pool, start_embedded_async
+from .store.pool import HostList, open_pool, start_embedded_async
 from .store.repository import Repository
 
 log = structlog.get_logger("gateway.app")
@@ -391,7 +391,7 @@ async def open_billing(config: Config) -> AsyncIterator[Billing]:
 
 async def migrate_database(url: str) -> list[str]:
     """Bring the schema at ``url`` up to date (``gateway migrate``); return what was applied."""
-    conn = await asyncpg.connect(url)
+    conn = await HostList(url).connect()  # past a hung server of a multi-host URL
     try:
         return await migrate(conn)
     finally:
