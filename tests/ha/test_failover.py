@@ -429,6 +429,19 @@ async def test_the_primary_hangs_under_load_and_the_gateway_carries_on_on_the_re
     every connection waiting on the hung server until the pool gives up."""
     report = await fail_over(cluster, pbx, gateway, "frozen")
     assert "first_allowed_after_promotion_s" in report, report
+    # the gateway saw the writable server move, and went to the promoted one
+    new = cluster.primary()
+    chosen = [event for event in map(_json, gateway.log_lines())
+              if event.get("event") == "database_server_chosen"]
+    assert any(e.get("moved") and e.get("server") == new.address for e in chosen), chosen
+
+
+def _json(line: str) -> dict:
+    with contextlib.suppress(ValueError):
+        event = json.loads(line)
+        if isinstance(event, dict):
+            return event
+    return {}
 
 
 async def fail_over(cluster: HaCluster, pbx: ModelPbx, gateway: GatewayProcess,
