@@ -1,7 +1,8 @@
 """The operator page in a real browser: headless Chromium loads / from a started
 gateway, the page's JavaScript fetches /status with the token from ?token= and draws
-the live call, the tenant's pool and its wallet. Checked twice: the DOM after the
-scripts ran (--dump-dom) and a screenshot that must not be blank."""
+the PBXs (one owned here, one on standby), the live call, the tenant's pool and its
+wallet. Checked twice: the DOM after the scripts ran (--dump-dom) and a screenshot that
+must not be blank."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import zlib
 
 import pytest
 
+from gateway.config import PbxConfig
 from tests.support.agi import agi_outbound
 from tests.support.ci import need
 from tests.support.gateway import READ, running_gateway
@@ -100,6 +102,14 @@ def png_rows(data: bytes) -> tuple[int, int, int, list[bytes]]:
     return width, height, bpp, rows
 
 
+def row(html: str, marker: str) -> str:
+    """The table row (``<tr ...>...</tr>``) whose opening tag carries ``marker``."""
+    start = html.find(marker)
+    assert start >= 0, f"no row with {marker}"
+    start = html.rfind("<tr", 0, start)
+    return html[start:html.index("</tr>", start)]
+
+
 def colours(width: int, bpp: int, rows: list[bytes], step: int = 3) -> dict[bytes, int]:
     seen: dict[bytes, int] = {}
     for row in rows[::step]:
@@ -109,12 +119,20 @@ def colours(width: int, bpp: int, rows: list[bytes], step: int = 3) -> dict[byte
     return seen
 
 
-async def test_operator_page_draws_calls_pools_and_wallets(database_url, admin, tmp_path):
+async def test_operator_page_draws_pbxs_calls_pools_and_wallets(database_url, admin, repo,
+                                                                 tmp_path):
     binary = chromium()
     await standard_tenant(admin, wallet="20.00")
     # a small pool, so that the live call's reserved slice shows on its gauge
     await admin.set_allotment("CA", "domestic", 10)
-    async with running_gateway(database_url) as gw:
+    # two PBXs: pbx-east is ours (its AGI requests come from here; no AMI); pbx-west is
+    # held by another live process, so this one is on standby for it and never opens
+    # the AMI link configured for it (nothing listens there)
+    await repo.pool.execute("INSERT INTO pbx_leases (pbx, owner, expires_at)"
+                            " VALUES ('pbx-west', 'gw-other', now() + interval '1 hour')")
+    pbxes = (PbxConfig(name="pbx-east", agi_peers=("127.0.0.1",)),
+             PbxConfig(name="pbx-west", ami_host="127.0.0.1", ami_port=9, ami_secret="s"))
+    async with running_gateway(database_url, pbx=pbxes, instance_name="gw-here") as gw:
         reply = await agi_outbound(gw.agi.port, "alice", "+15145550123")
         assert reply["GW_DECISION"] == "ALLOW"
         url = f"http://127.0.0.1:{gw.http_port}/?token={READ}"
@@ -135,6 +153,22 @@ async def test_operator_page_draws_calls_pools_and_wallets(database_url, admin, 
     assert "20.00 USD available" in html
     assert 'class="pill ok">ready<' in html
     assert "Cannot read /status" not in html and "needs a read token" not in html
+    # each PBX: who owns it, its AMI link, its calls, its reconciliation and CDR table
+    east = row(html, 'data-pbx="pbx-east"')
+    assert 'data-owned="true"' in east and "this process" in east and "(gw-here)" in east
+    assert "standby" not in east
+    assert '<span class="state not_configured"' in east  # no AMI host for it
+    assert '<td class="num">1</td>' in east  # the live call is this PBX's
+    assert "nothing to do" in east or "kept" in east  # reconciled when the lease was won
+    assert 'class="state unverified"' in east  # no settled call to check table cdr with
+    west = row(html, 'data-pbx="pbx-west"')
+    assert 'data-owned="false"' in west and 'class="standby"' in west
+    assert "gw-other" in west and "this process" not in west and "expired" not in west
+    assert '<span class="state standby"' in west  # not drawn as an error
+    assert "state down" not in west and '<td class="num">0</td>' in west
+    assert "by its owner" in west and "checked by its owner" in west
+    assert "(1 of 2 owned here)" in html
+    assert "<td>pbx-east</td>" in row(html, f'data-call="{reply["GW_CALL_ID"]}"')
 
     data = open(png, "rb").read()  # noqa: ASYNC230 - the browser is done; a small file
     assert len(data) > 10_000

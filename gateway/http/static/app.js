@@ -1,4 +1,4 @@
-// Operator page: polls /status and draws live calls, pools and wallets.
+// Operator page: polls /status and draws the PBXs, live calls, pools and wallets.
 // No framework, no build step. Data is written with textContent only.
 "use strict";
 
@@ -117,13 +117,77 @@ function renderCalls(calls) {
   const body = document.querySelector("#calls tbody");
   body.replaceChildren(...calls.map((c) => el("tr", { "data-call": c.call_id },
     el("td", {}, c.direction), el("td", {}, c.tenant_id || ""), el("td", {}, c.caller),
-    el("td", {}, c.destination), el("td", {}, c.route || ""), el("td", {}, c.state),
+    el("td", {}, c.destination), el("td", {}, c.route || ""), el("td", {}, c.pbx || ""),
+    el("td", {}, c.state),
     el("td", { class: "num" }, duration(c.talk_seconds)),
     el("td", { class: "num" }, c.funded_seconds === null ? "unlimited" : duration(c.funded_seconds)),
     el("td", {}, c.source || "—"))));
   document.getElementById("live-count").textContent = `(${calls.length})`;
   document.getElementById("no-calls").hidden = calls.length > 0;
   document.getElementById("calls").hidden = calls.length === 0;
+}
+
+function clock(iso) {
+  return iso ? new Date(iso).toLocaleTimeString() : "";
+}
+
+function stateTag(state, reason) {
+  // A coloured dot and the state's word; the reason shows on hover.
+  return el("span", { class: `state ${state || "unknown"}`, title: reason || state },
+            (state || "unknown").replace(/_/g, " "));
+}
+
+const RECONCILE_COUNTS = ["adopted", "settled", "released", "estimated", "expired",
+                          "kept", "forgotten"];
+
+function reconcileSummary(rec) {
+  const counts = RECONCILE_COUNTS.filter((k) => num(rec[k]) > 0).map((k) => `${rec[k]} ${k}`);
+  return `${clock(rec.at)} · ${counts.length ? counts.join(", ") : "nothing to do"}`;
+}
+
+function renderPbx(name, p, generatedAt) {
+  // A PBX another process owns is on standby here: that process follows its calls,
+  // renews them and reconciles it, so no AMI link, calls or reconciliation is expected.
+  const standby = !p.owned;
+  const rec = p.last_reconcile;
+  const owner = p.owned
+    ? [el("strong", {}, "this process"),
+       p.owner ? el("span", { class: "muted" }, ` (${p.owner})`) : null]
+    : [p.owner ? p.owner : el("span", { class: "muted" }, "nobody yet")];
+  if (p.lease_error) {
+    owner.push(el("div", { class: "warn", title: p.lease_error }, `lease: ${p.lease_error}`));
+  }
+  let until = el("span", { class: "muted" }, "no lease");
+  if (p.lease_expires_at) {
+    const expired = new Date(p.lease_expires_at) <= new Date(generatedAt);
+    until = el("span", { class: expired ? "muted" : null },
+      `${expired ? "expired " : ""}${clock(p.lease_expires_at)}`,
+      p.generation ? el("span", { class: "muted", title: "lease generation: +1 at each new owner" },
+                        ` · gen ${p.generation}`) : null);
+  }
+  const ami = p.ami || {};
+  const recCell = rec ? reconcileSummary(rec)
+    : el("span", { class: "muted" }, standby ? "by its owner" : "not yet");
+  const cdrCell = rec && rec.cdr_table ? stateTag(rec.cdr_table, rec.cdr_table_reason)
+    : el("span", { class: "muted" }, standby ? "checked by its owner" : "not checked yet");
+  return el("tr", { "data-pbx": name, "data-owned": String(Boolean(p.owned)),
+                    class: standby ? "standby" : null },
+    el("td", {}, el("strong", {}, name),
+       standby ? el("span", { class: "tag" }, "standby") : null),
+    el("td", {}, ...owner), el("td", {}, until),
+    el("td", {}, stateTag(ami.state, ami.reason || ami.last_error)),
+    el("td", { class: "num" }, p.live_calls), el("td", {}, recCell), el("td", {}, cdrCell));
+}
+
+function renderPbxes(doc) {
+  const entries = Object.entries(doc.pbxes || {});
+  document.querySelector("#pbxes tbody").replaceChildren(
+    ...entries.map(([name, p]) => renderPbx(name, p, doc.generated_at)));
+  const owned = entries.filter(([, p]) => p.owned).length;
+  document.getElementById("pbx-count").textContent =
+    entries.length ? `(${owned} of ${entries.length} owned here)` : "";
+  document.getElementById("no-pbxes").hidden = entries.length > 0;
+  document.getElementById("pbxes").hidden = entries.length === 0;
 }
 
 function renderHeader(doc) {
@@ -166,6 +230,7 @@ async function refresh() {
     if (!response.ok) throw new Error(`/status answered ${response.status}`);
     const doc = await response.json();
     renderHeader(doc);
+    renderPbxes(doc);
     renderCalls(doc.live_calls);
     document.getElementById("tenants").replaceChildren(...doc.tenants.map(renderTenant));
     renderDecisions(doc.decisions);
