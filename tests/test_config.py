@@ -3,6 +3,8 @@ and the start-up failures an operator meets first."""
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
 from gateway.app import Gateway, StartupError
@@ -188,6 +190,31 @@ def test_a_bad_pbx_secret_is_never_echoed(tmp_path):
     with pytest.raises(ConfigError) as e:
         load(path, environ={})
     assert "pbx[0] (a).ami_secret" in str(e.value) and "123456789" not in str(e.value)
+
+
+def test_the_example_files_two_pbxs_work_as_its_comment_says(tmp_path):
+    """gateway.example.toml shows two [[pbx]] tables, commented: replacing its
+    ``pbx = []`` with them, uncommented, gives a configuration that loads."""
+    text = (pathlib.Path(__file__).parent.parent / "gateway.example.toml").read_text()
+    lines = text.splitlines()
+    end = lines.index("pbx = []")
+    start = next(i for i in range(end) if lines[i].startswith("#   [[pbx]]"))
+    tables = [line[4:] if line.startswith("#   ") else "" for line in lines[start:end]]
+    assert all(line.startswith("#") for line in lines[start:end])
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for name, secret in (("pbx1", "one-secret"), ("pbx2", "two-secret")):
+        (secrets / f"{name}-ami").write_text(secret + "\n")
+    body = "\n".join(tables).replace("/run/secrets/", f"{secrets}/")
+    path = tmp_path / "gw.toml"
+    path.write_text("\n".join(lines[:end] + [body] + lines[end + 1:]) + "\n")
+    cfg = load(path, environ={})
+    assert [p.name for p in cfg.pbxes] == ["pbx1", "pbx2"]
+    assert [p.ami_secret for p in cfg.pbxes] == ["one-secret", "two-secret"]
+    assert [p.agi_peers for p in cfg.pbxes] == [("10.0.0.11",), ("10.0.0.12",)]
+    assert {p.ami_host for p in cfg.pbxes} == {"10.0.0.11", "10.0.0.12"}
+    # the keys after the tables are still the file's own, not swallowed by a table
+    assert (cfg.admin_token, cfg.read_token, cfg.http_port) == ("", "", 8080)
 
 
 @pytest.mark.parametrize(
