@@ -349,10 +349,12 @@ def _machine_busy() -> tuple[int, int]:
 class CpuMeter:
     """CPU seconds of each part (sampled from /proc every 0.5 s in a thread)."""
 
-    def __init__(self, dbname: str, asterisk_pid: int | None) -> None:
+    def __init__(self, dbname: str, asterisk_pid: int | None, *,
+                 self_label: str = "gateway+bench (python)") -> None:
         self.dbname = dbname
         self.asterisk_pid = asterisk_pid
-        self.sipps: dict[str, int] = {}
+        self.self_label = self_label
+        self.procs: dict[str, int] = {}  # more processes to measure, by label
         self.exclude: set[int] = set()
         self.first: dict[tuple[str, int], int] = {}
         self.last: dict[tuple[str, int], int] = {}
@@ -362,12 +364,12 @@ class CpuMeter:
         self._task: asyncio.Task[None] | None = None
 
     def _sample(self) -> None:
-        pids: list[tuple[str, int]] = [("gateway+bench (python)", os.getpid())]
+        pids: list[tuple[str, int]] = [(self.self_label, os.getpid())]
         if self.asterisk_pid:
             pids.append(("asterisk", self.asterisk_pid))
         pids += [("postgres", p) for p in _postgres_backends(self.dbname)
                  if p not in self.exclude]
-        pids += [(label, p) for label, p in self.sipps.items()]
+        pids += [(label, p) for label, p in self.procs.items()]
         for key in pids:
             t = _ticks(key[1])
             if t is None:
@@ -432,6 +434,15 @@ class LoopLag:
         return summary(self.lags)
 
 
+async def pg_waits(conn: asyncpg.Connection, dbname: str) -> dict[str, int]:
+    """The backends of ``dbname`` running a statement now, by wait event (``CPU`` when
+    not waiting; ``Lock:tuple``/``Lock:transactionid`` are row-lock waits)."""
+    q = ("SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w, count(*)"
+         " FROM pg_stat_activity WHERE datname = $1 AND state = 'active'"
+         " AND pid <> pg_backend_pid() GROUP BY 1")
+    return {r["w"]: r["count"] for r in await conn.fetch(q, dbname, timeout=2)}
+
+
 class DbProbe:
     """What the gateway's database side was doing: every 100 ms, the backends of the
     bench database that are running a statement, by wait event (``Lock:tuple`` and
@@ -454,13 +465,10 @@ class DbProbe:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _pg(self) -> None:
-        q = ("SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS w, count(*)"
-             " FROM pg_stat_activity WHERE datname = $1 AND state = 'active'"
-             " AND pid <> pg_backend_pid() GROUP BY 1")
         while True:
             with contextlib.suppress(asyncpg.PostgresError, OSError):
-                for r in await self.conn.fetch(q, self.dbname, timeout=2):
-                    self.waits[r["w"]] = self.waits.get(r["w"], 0) + r["count"]
+                for w, n in (await pg_waits(self.conn, self.dbname)).items():
+                    self.waits[w] = self.waits.get(w, 0) + n
                 self.samples += 1
             await asyncio.sleep(0.1)
 
@@ -607,6 +615,56 @@ class Step:
         return self.failed == 0 and self.ok == self.calls
 
 
+async def provision(url: str) -> None:
+    """Migrate the bench database and provision ``standard_tenant`` (alice: Calling Plan,
+    usage location CA) with 1,000,000 domestic minutes per Calling Plan licence."""
+    pool = await open_pool(url, min_size=1, max_size=2)  # runs the migrations
+    try:
+        admin = Provisioning(Repository(pool))
+        await standard_tenant(admin)
+        await admin.set_allotment("CA", "domestic", 1_000_000)
+    finally:
+        await pool.close()
+
+
+def read_sipp(st: Step, uac: SippLoad, uas: SippLoad) -> None:
+    """Fill ``st`` from what the phone (``uac``) and carrier (``uas``) SIPp recorded."""
+    stats = uac.stats()
+    st.ok = int(stats.get("SuccessfulCall(C)", 0) or 0)
+    st.failed = int(stats.get("FailedCall(C)", 0) or 0)
+    created = int(stats.get("TotalCallCreated", 0) or 0)
+    if created < st.calls:
+        st.note = f"SIPp created only {created} of {st.calls} calls"
+    st.achieved_rate = uac.achieved_rate()
+    for k, v in stats.items():
+        if k.startswith("Failed") and k.endswith("(C)") and k != "FailedCall(C)":
+            with contextlib.suppress(ValueError):
+                if int(v):
+                    st.failure_kinds[k[6:-3]] = int(v)
+    st.responses = {k: v for k, v in uac.counts().items()
+                    if re.match(r"\d+_\d{3}_(Recv|Unexp)", k) and v}
+    st.pdd = uac.rtds()
+    st.invite_retrans = uac.counts().get("0_INVITE_Retrans", 0)
+    st.sipp_errors = uac.errors()
+    ustats = uas.stats()
+    st.uas_received = int(ustats.get("IncomingCall(C)", 0) or 0)
+    st.uas_failed = int(ustats.get("FailedCall(C)", 0) or 0)
+
+
+def step_failure(st: Step, max_median_ms: float) -> str:
+    """Why a ramp step counts as failed ('' when it did not): a call did not complete,
+    the median PDD is above ``max_median_ms``, or SIPp placed under 90 % of the rate."""
+    why = []
+    if not st.all_completed:
+        why.append(f"{st.calls - st.ok} of {st.calls} calls did not complete")
+    med = st.pdd_summary["p50"]
+    if med == med and med > max_median_ms:
+        why.append(f"median PDD {med:.0f} ms > {max_median_ms:g} ms")
+    if st.achieved_rate < 0.9 * st.rate:
+        why.append(f"SIPp reached only {st.achieved_rate:.1f} of {st.rate:g} calls/s")
+    return "; ".join(why)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -622,14 +680,7 @@ class Bench:
     # -- set-up --------------------------------------------------------------------
 
     async def provision(self) -> None:
-        pool = await open_pool(self.url, min_size=1, max_size=2)  # runs the migrations
-        try:
-            admin = Provisioning(Repository(pool))
-            await standard_tenant(admin)  # alice: Calling Plan, usage location CA
-            # enough pool for every call: 1,000,000 minutes per Calling Plan licence
-            await admin.set_allotment("CA", "domestic", 1_000_000)
-        finally:
-            await pool.close()
+        await provision(self.url)
 
     def start_pbx(self, agi_port: int) -> Pbx:
         extra = {"logger.conf": LOGGER_CONF}
@@ -734,7 +785,7 @@ class Bench:
         cpu.exclude = {self.db_conn.get_server_pid()}
         try:
             await uac.start()
-            cpu.sipps = {"sipp phone (UAC)": uac.pid, "sipp carrier (UAS)": uas.pid}
+            cpu.procs = {"sipp phone (UAC)": uac.pid, "sipp carrier (UAS)": uas.pid}
             cpu.start()
             lag.start()
             db.start()
@@ -757,26 +808,7 @@ class Bench:
         st.call_states = {k: v - states0.get(k, 0) for k, v in states1.items()
                           if v - states0.get(k, 0)}
 
-        stats = uac.stats()
-        st.ok = int(stats.get("SuccessfulCall(C)", 0) or 0)
-        st.failed = int(stats.get("FailedCall(C)", 0) or 0)
-        created = int(stats.get("TotalCallCreated", 0) or 0)
-        if created < calls:
-            st.note = f"SIPp created only {created} of {calls} calls"
-        st.achieved_rate = uac.achieved_rate()
-        for k, v in stats.items():
-            if k.startswith("Failed") and k.endswith("(C)") and k != "FailedCall(C)":
-                with contextlib.suppress(ValueError):
-                    if int(v):
-                        st.failure_kinds[k[6:-3]] = int(v)
-        st.responses = {k: v for k, v in uac.counts().items()
-                        if re.match(r"\d+_\d{3}_(Recv|Unexp)", k) and v}
-        st.pdd = uac.rtds()
-        st.invite_retrans = uac.counts().get("0_INVITE_Retrans", 0)
-        st.sipp_errors = uac.errors()
-        ustats = uas.stats()
-        st.uas_received = int(ustats.get("IncomingCall(C)", 0) or 0)
-        st.uas_failed = int(ustats.get("FailedCall(C)", 0) or 0)
+        read_sipp(st, uac, uas)
         warnings = self.new_log_warnings()
         st.asterisk_warning_count = len(warnings)
         st.asterisk_warnings = _top(warnings, 4)
@@ -852,15 +884,7 @@ class Bench:
 
     def step_failed(self, st: Step) -> str:
         """Why a ramp step counts as failed ('' when it did not)."""
-        why = []
-        if not st.all_completed:
-            why.append(f"{st.calls - st.ok} of {st.calls} calls did not complete")
-        med = st.pdd_summary["p50"]
-        if med == med and med > self.args.max_median_ms:
-            why.append(f"median PDD {med:.0f} ms > {self.args.max_median_ms:g} ms")
-        if st.achieved_rate < 0.9 * st.rate:
-            why.append(f"SIPp reached only {st.achieved_rate:.1f} of {st.rate:g} calls/s")
-        return "; ".join(why)
+        return step_failure(st, self.args.max_median_ms)
 
     @staticmethod
     def culprit(st: Step) -> str:

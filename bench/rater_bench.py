@@ -56,6 +56,28 @@ async def run(label: str, cycles: int, concurrency: int, one_cycle) -> dict:
     return result
 
 
+async def provision_tenants(admin: Provisioning, tenants: int) -> None:
+    """``tenants`` tenants t0..tN-1 (US), each with one Calling Plan user ``tK-u`` and so
+    one pool; 1,000,000 domestic minutes per licence."""
+    for t in range(tenants):
+        tid = f"t{t}"
+        await admin.create_tenant(tid, tid, "US")
+        await admin.set_subscription(tid, "business_voice_calling_plan", 1)
+        await admin.create_user(f"{tid}-u", tid, f"{tid}-u", "US")
+        await admin.assign_licence(f"{tid}-u", "business_voice_calling_plan")
+    await admin.set_allotment("US", "domestic", 1_000_000)
+
+
+def rater_cycle(rater: Rater, caller_of):
+    """One cycle for ``run``: authorise user ``caller_of(i)`` to a domestic number, then
+    settle the call at 61 s."""
+    async def one(i):
+        d = await rater.authorise_outbound(caller_of(i), "2125550100")
+        assert d.allow, d
+        await rater.settle(d.call_id, 61)
+    return one
+
+
 async def main(cycles: int, concurrency: int, tenants: int) -> None:
     # measure the rater, not the terminal: drop the per-call info lines
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
@@ -66,26 +88,15 @@ async def main(cycles: int, concurrency: int, tenants: int) -> None:
     pool = await open_pool(url, min_size=concurrency, max_size=concurrency)
     try:
         repo = Repository(pool)
-        admin = Provisioning(repo)
         rater = Rater(repo)
-        for t in range(tenants):
-            tid = f"t{t}"
-            await admin.create_tenant(tid, tid, "US")
-            await admin.set_subscription(tid, "business_voice_calling_plan", 1)
-            await admin.create_user(f"{tid}-u", tid, f"{tid}-u", "US")
-            await admin.assign_licence(f"{tid}-u", "business_voice_calling_plan")
-        await admin.set_allotment("US", "domestic", 1_000_000)
+        await provision_tenants(Provisioning(repo), tenants)
 
         async def baseline(i):
             for _ in range(3):  # context query, gw_authorise, gw_settle
                 await pool.fetchval("SELECT 1")
 
         def cycle(caller_of):
-            async def one(i):
-                d = await rater.authorise_outbound(caller_of(i), "2125550100")
-                assert d.allow, d
-                await rater.settle(d.call_id, 61)
-            return one
+            return rater_cycle(rater, caller_of)
 
         # warm up connections and plans
         await run("warm-up", 200, concurrency, cycle(lambda i: f"t{i % tenants}-u"))
