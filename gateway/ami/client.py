@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import inspect
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -55,7 +56,7 @@ from panoramisk.message import Message
 
 from gateway.dialplan_variables import PBX as PBX_GLOBAL
 
-from .events import AmiEvent, CoreShowChannel
+from .events import PBX_CLOCK_FUNCTION, AmiEvent, CoreShowChannel, CoreStatus, LinkLife
 
 AMI_LOGIN_FAILED = "AMI_LOGIN_FAILED"
 AMI_UNREACHABLE = "AMI_UNREACHABLE"
@@ -79,6 +80,9 @@ _LOGOFF_TIMEOUT = 1.0
 # PBX's calls; past it the gateway is not keeping up and events are dropped, counted,
 # and the ``on_events_lost`` callbacks re-sync from the PBX instead.
 DEFAULT_MAX_EVENT_BACKLOG = 10_000
+# the lives of the last links kept (``link_history``): enough to reach back past a PBX's
+# restart through a few reconnect attempts that came to nothing
+_LINK_HISTORY = 16
 
 
 class AmiError(Exception):
@@ -114,7 +118,7 @@ class _Link:
     """One TCP connection and everything that lives and dies with it."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 *, accepted: bool = True):
+                 *, accepted: bool = True, now: float = 0.0):
         self.reader = reader
         self.writer = writer
         self.version: str | None = None
@@ -126,6 +130,7 @@ class _Link:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.lost = asyncio.Event()
         self.closed = False
+        self.life = LinkLife(connected_at=now, last_heard=now)
 
 
 def _parse_block(block: bytes) -> dict[str, str] | None:
@@ -208,6 +213,7 @@ class AmiClient:
         expected_pbx: str | None = None,
         single_pbx: bool = True,
         misconfigured_retry: float = 10.0,
+        wall: Callable[[], float] = time.time,
     ):
         """``observe(event, seconds)``, when given, hears how long the handlers of each
         handled event ran (e.g. a metrics histogram). At most ``max_event_backlog``
@@ -228,7 +234,10 @@ class AmiClient:
         ``misconfigured_retry`` seconds, since an operator may fix the dialplan. An
         empty ``GW_PBX`` (a dialplan older than PBX names) is accepted with a warning
         ``pbx_unnamed`` when this PBX is the gateway's only one (``single_pbx``), and
-        refused when the gateway serves several: their calls could not be told apart."""
+        refused when the gateway serves several: their calls could not be told apart.
+
+        ``wall()`` (epoch seconds) times each link's life (``link_history``): when the PBX
+        last said anything on it."""
         self._host = host
         self._port = port
         self._username = username
@@ -246,6 +255,8 @@ class AmiClient:
         self._expected_pbx = expected_pbx
         self._single_pbx = single_pbx
         self._misconfigured_retry = misconfigured_retry
+        self._wall = wall
+        self._lives: deque[LinkLife] = deque(maxlen=_LINK_HISTORY)
 
         self.state: str = "disconnected"
         self.last_error: str | None = None
@@ -377,7 +388,16 @@ class AmiClient:
             "resyncs_after_drops": self.resyncs_after_drops,
             "pbx": self._expected_pbx,
             "pbx_reported": self.pbx_reported,
+            "last_heard_at": self._lives[-1].last_heard_at.isoformat() if self._lives else None,
+            "pbx_started_at": (self._lives[-1].pbx_started_at.isoformat()
+                               if self._lives and self._lives[-1].pbx_started_at else None),
         }
+
+    def link_history(self) -> list[LinkLife]:
+        """The lives of the last links that logged in, oldest first; the current one (if
+        any) last. A PBX that crashed leaves no record of its calls: the last time it was
+        heard on the link to it is what proves how long they can have been up."""
+        return list(self._lives)
 
     @property
     def event_backlog(self) -> int:
@@ -442,6 +462,18 @@ class AmiClient:
         """All live channels, typed (``core_show_channels`` parsed)."""
         return [CoreShowChannel.parse(c) for c in await self.core_show_channels()]
 
+    async def core_status(self) -> CoreStatus:
+        """When the PBX's current run started (``CoreStatus``, its local time turned into
+        UTC with the offset its ``STRFTIME`` gives), and its clock against ours. The start
+        is also noted on the current link's life (``link_history``)."""
+        link = self._require_link()
+        reply = await self._request(link, {"Action": "CoreStatus"})
+        clock = await self._request(link, {"Action": "Getvar", "Variable": PBX_CLOCK_FUNCTION})
+        status = CoreStatus.parse(reply, _get(clock, "Value") or "", read_at=self._wall())
+        if status.started_at is not None:
+            link.life.pbx_started_at = status.started_at
+        return status
+
     # -- internals: connection ------------------------------------------------------
 
     def _require_link(self) -> _Link:
@@ -471,7 +503,7 @@ class AmiClient:
                 AMI_UNREACHABLE, f"cannot connect to {self._address}: {exc.strerror or exc}"
             ) from None
 
-        link = _Link(reader, writer, accepted=self._expected_pbx is None)
+        link = _Link(reader, writer, accepted=self._expected_pbx is None, now=self._wall())
         try:
             await self._read_banner(link)
             link.tasks.add(asyncio.create_task(self._read_loop(link), name="ami-reader"))
@@ -487,6 +519,7 @@ class AmiClient:
         if reconnect:
             self.reconnects += 1
         self._link = link
+        self._lives.append(link.life)
         self.state = "connected"
         self._log.info(
             "ami.connected",
@@ -647,6 +680,7 @@ class AmiClient:
         if link.closed:
             return
         link.closed = True
+        link.life.lost_at = self._wall()
         # Abort, not close: a close would let the kernel keep retransmitting what is
         # unsent or unacknowledged (a Setvar TIMEOUT(absolute) among it) and deliver it
         # whenever a stalled network heals, where it would count from that late arrival.
@@ -757,6 +791,7 @@ class AmiClient:
                 pending.future.exception()  # mark retrieved: no "never retrieved" noise
 
     def _handle_block(self, link: _Link, block: bytes) -> None:
+        link.life.last_heard = self._wall()  # the PBX is alive: it just spoke
         message = _parse_block(block)
         if message is None:
             return

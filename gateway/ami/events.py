@@ -9,6 +9,8 @@ Only the fields the gateway uses are kept.
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, Self
@@ -115,4 +117,84 @@ class CoreShowChannel:
                    linkedid=h.text("Linkedid"))
 
 
-__all__ = ["AmiEvent", "Cdr", "CoreShowChannel", "DialEnd", "Hangup", "Headers"]
+# ``STRFTIME(,,%s %z)`` read with ``Getvar`` (no channel): the PBX's clock and its UTC
+# offset, the zone ``CoreStatus`` writes its local dates in
+PBX_CLOCK_FUNCTION = "STRFTIME(,,%s %z)"
+_PBX_CLOCK = re.compile(r"^\s*(\d+)\s+([+-])(\d\d):?(\d\d)\s*$")
+
+
+@dataclass(frozen=True)
+class CoreStatus:
+    """The PBX's answer to ``CoreStatus`` (with its clock, read at the same time).
+
+    Asterisk 22 writes ``CoreStartupDate: 2026-11-27`` and ``CoreStartupTime: 23:56:25``
+    in the PBX's local time, whole seconds, no zone; ``Getvar`` of
+    ``STRFTIME(,,%s %z)`` gives the PBX's epoch and the offset of that local time
+    (``1795823785 +0000``). ``started_at`` is the start of the PBX's current run, in UTC
+    and by the PBX's clock; ``clock_ahead`` is how far the PBX's clock is ahead of ours
+    (whole seconds: the PBX's epoch is truncated)."""
+
+    started_at: dt.datetime | None
+    current_calls: int
+    clock_ahead: float = 0.0
+
+    @classmethod
+    def parse(cls, headers: Mapping[str, str], pbx_clock: str, *,
+              read_at: float) -> CoreStatus:
+        h = Headers(headers)
+        epoch, offset = _parse_pbx_clock(pbx_clock)
+        started: dt.datetime | None = None
+        date, time = h.text("CoreStartupDate"), h.text("CoreStartupTime")
+        if date and time and offset is not None:
+            try:
+                local = dt.datetime.fromisoformat(f"{date.strip()}T{time.strip()}")
+            except ValueError:
+                local = None
+            if local is not None:
+                started = (local - offset).replace(tzinfo=dt.UTC)
+        ahead = epoch - read_at if epoch is not None else 0.0
+        return cls(started_at=started, current_calls=h.number("CoreCurrentCalls"),
+                   clock_ahead=ahead)
+
+
+def _parse_pbx_clock(value: str) -> tuple[int | None, dt.timedelta | None]:
+    match = _PBX_CLOCK.match(value or "")
+    if match is None:
+        return None, None
+    epoch, sign, hours, minutes = match.groups()
+    offset = dt.timedelta(hours=int(hours), minutes=int(minutes))
+    return int(epoch), -offset if sign == "-" else offset
+
+
+def uniqueid_epoch(uniqueid: str | None) -> int | None:
+    """The PBX's clock when it made the channel: a uniqueid is ``<epoch>.<sequence>``
+    (``<systemname>-<epoch>.<sequence>`` with a ``systemname``); None when it is not."""
+    if not uniqueid:
+        return None
+    head = uniqueid.rsplit("-", 1)[-1].split(".", 1)[0]
+    return int(head) if head.isdigit() and len(head) >= 9 else None
+
+
+@dataclass
+class LinkLife:
+    """One AMI link's life, kept for a while after it ended: when it was made, the last
+    time the PBX said anything on it (any message: an event, an answer, a Ping's reply:
+    proof the PBX was alive then) and the start of the PBX's run it spoke to, once read
+    (``CoreStatus``). Times are this process's wall clock (epoch seconds)."""
+
+    connected_at: float
+    last_heard: float
+    pbx_started_at: dt.datetime | None = None
+    lost_at: float | None = None
+
+    @property
+    def last_heard_at(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.last_heard, dt.UTC)
+
+    @property
+    def connected(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.connected_at, dt.UTC)
+
+
+__all__ = ["PBX_CLOCK_FUNCTION", "AmiEvent", "Cdr", "CoreShowChannel", "CoreStatus",
+           "DialEnd", "Hangup", "Headers", "LinkLife", "uniqueid_epoch"]

@@ -7,6 +7,8 @@ CDRs; never another PBX's).
                                        estimate or release what left no record
     a call past its funded end      -> settled from its record, else by the estimate:
       plus the grace                   nothing stays reserved forever, AMI or not
+    gone, no record, and made by an -> the PBX crashed under it: billed only up to the
+      earlier run of the PBX           last proof it was up (``reconcile-crash``)
     the PBX's lease gained          -> reconcile at once (``calls/lease.py``): every open
                                        call of an owned PBX is this process's to follow
 
@@ -24,7 +26,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from ..ami.events import Cdr, CoreShowChannel
+from ..ami.events import Cdr, CoreShowChannel, CoreStatus, LinkLife, uniqueid_epoch
 from ..billing.rater import MAX_BILLABLE, Rater
 from ..billing.recovery import CdrTableCheck, OpenCall, Recovery
 from .live import LiveCall, LiveCalls
@@ -36,6 +38,44 @@ class ChannelsLink(Protocol):
     """What reconciling needs from the AMI link."""
 
     async def live_channels(self) -> list[CoreShowChannel]: ...
+
+    # optional (``gateway.ami.AmiClient`` has both): what the crash rule needs
+    #   async def core_status(self) -> CoreStatus
+    #   def link_history(self) -> list[LinkLife]
+
+
+# the PBX's clock is taken as ours unless it is at least this far off (its epoch is read
+# in whole seconds): then the start it gives is moved onto our clock
+CLOCK_SKEW_TOLERANCE = 2.0
+
+
+class PbxRun:
+    """The PBX's current run as read after a (re)connect: when it started (UTC, by the PBX's
+    clock and by ours) and the last moment each earlier run was heard alive on a link."""
+
+    def __init__(self, status: CoreStatus, history: list[LinkLife]):
+        assert status.started_at is not None
+        self.started_pbx = status.started_at  # by the PBX's clock: uniqueids compare to it
+        ahead = status.clock_ahead if abs(status.clock_ahead) >= CLOCK_SKEW_TOLERANCE else 0.0
+        self.started_at = status.started_at - dt.timedelta(seconds=ahead)  # our clock
+        # links to an earlier run: the start they read was another, or (not read) they
+        # were made before this run began; the PBX said its last word on them before it
+        # went down
+        earlier = [life for life in history
+                   if (life.pbx_started_at is not None and life.pbx_started_at != self.started_pbx)
+                   or (life.pbx_started_at is None and life.connected < self.started_at)]
+        self.last_heard_before: dt.datetime | None = (
+            max(life.last_heard_at for life in earlier) if earlier else None)
+
+    def made_before(self, call: OpenCall) -> bool:
+        """Whether ``call`` was made by an earlier run of the PBX (it died with it). The
+        uniqueid's epoch is the PBX's own clock, the same clock as the start; without a
+        readable uniqueid, the answer (our clock) tells."""
+        epoch = uniqueid_epoch(call.pbx_uniqueid)
+        if epoch is not None:
+            return epoch < self.started_pbx.timestamp()
+        seen = call.answered_at or call.authorised_at
+        return seen < self.started_at
 
 
 class Reconciler:
@@ -54,6 +94,8 @@ class Reconciler:
         self.monotonic = monotonic
         self.ami: ChannelsLink | None = None  # no AMI: from the CDR table only
         self.last_reconcile: dict[str, Any] = {}
+        # uniqueid -> the last time a channel list showed the call up on the PBX
+        self.seen_up: dict[str, dt.datetime] = {}
         self.cdr_table: CdrTableCheck | None = None  # None: not checked yet
         self._running = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
@@ -85,7 +127,7 @@ class Reconciler:
 
     async def _reconcile(self) -> dict[str, int]:
         counts = {"adopted": 0, "settled": 0, "released": 0, "estimated": 0, "expired": 0,
-                  "kept": 0, "forgotten": 0}
+                  "crashed": 0, "kept": 0, "forgotten": 0}
         channels: list[CoreShowChannel] | None = None
         if self.ami is not None:
             try:
@@ -94,6 +136,7 @@ class Reconciler:
                 log.warning("reconcile_no_channels", error=str(exc))
         up = {c.uniqueid for c in channels or []}
         now = self.rater.clock()
+        run = await self._pbx_run() if channels is not None else None
         tracked_before = set(self.live.by_id)
         # every open call of this PBX, whichever process authorised it: the PBX's lease
         # makes this process the only one following them
@@ -103,6 +146,7 @@ class Reconciler:
             age = (now - call.authorised_at).total_seconds()
             tracked = call.call_id in self.live.by_id
             if channels is not None and uniqueid in up:
+                self.seen_up[uniqueid] = now
                 if not tracked:
                     self._adopt(call, channels)
                     counts["adopted"] += 1
@@ -120,10 +164,16 @@ class Reconciler:
                 counts["settled" if billable else "released"] += 1
             elif channels is not None and age >= self.stale_after:
                 # Not on the PBX and no record of it: the call ended unseen.
-                billable = self.estimate(call, now)
-                await self.live.settle(call.call_id, billable, by="reconcile-estimate",
-                                       fenced=True)
-                counts["estimated" if billable else "released"] += 1
+                if run is not None and run.made_before(call):
+                    # the PBX went down under it (a crash leaves no record): up to the
+                    # last proof it was up, never past the PBX's restart
+                    billable = self.crash_estimate(call, run, self.seen_up.get(uniqueid), now)
+                    by, counted = "reconcile-crash", "crashed"
+                else:
+                    billable = self.estimate(call, now)
+                    by, counted = "reconcile-estimate", "estimated"
+                await self.live.settle(call.call_id, billable, by=by, fenced=True)
+                counts[counted if billable else "released"] += 1
             elif now >= self.ends_by(call):
                 # Without AMI we cannot ask the PBX, but past its funded end and the grace
                 # the PBX has cut it: settle by the same estimate (docs/billing.md).
@@ -135,6 +185,9 @@ class Reconciler:
                 counts["kept"] += 1
         # the table of live calls keeps no call the database says is over
         open_ids = {c.call_id for c in open_calls}
+        still_open = {c.pbx_uniqueid for c in open_calls}
+        for uniqueid in [u for u in self.seen_up if u not in still_open]:
+            del self.seen_up[uniqueid]
         for call_id in tracked_before - open_ids:
             gone = self.live.by_id.get(call_id)
             if gone is not None:
@@ -166,6 +219,38 @@ class Reconciler:
         if call.answered_at is None:
             return 0
         return max(0, min(call.funded_seconds, int((now - call.answered_at).total_seconds())))
+
+    @staticmethod
+    def crash_estimate(call: OpenCall, run: PbxRun, seen_up: dt.datetime | None,
+                       now: dt.datetime) -> int:
+        """Billable seconds of a call the PBX lost in a crash (docs/billing.md,
+        "Recovery"): from its answer to the last moment this process had proof the PBX
+        was alive with the call up (the last word heard on the link to that run, the last
+        channel list that showed the call, the answer itself), and never past the PBX's
+        restart nor its funding. Never seen answered, nothing."""
+        if call.answered_at is None:
+            return 0
+        proofs = [t for t in (run.last_heard_before, seen_up) if t is not None]
+        end = min(run.started_at, now)
+        if proofs:
+            end = min(end, max(proofs))
+        talked = int((end - call.answered_at).total_seconds())
+        return max(0, min(call.funded_seconds, talked))
+
+    async def _pbx_run(self) -> PbxRun | None:
+        """The PBX's current run and the links to its earlier ones; None when the link
+        cannot tell (then the plain estimate applies)."""
+        ami: Any = self.ami
+        if ami is None or not hasattr(ami, "core_status") or not hasattr(ami, "link_history"):
+            return None
+        try:
+            status = await ami.core_status()
+        except Exception as exc:  # noqa: BLE001 - the next round asks again
+            log.warning("reconcile_no_core_status", pbx=self.pbx, error=str(exc))
+            return None
+        if status.started_at is None:
+            return None
+        return PbxRun(status, ami.link_history())
 
     async def _check_cdr_table(self, now: dt.datetime) -> None:
         try:
@@ -247,4 +332,4 @@ def live_call_of(open_call: OpenCall, pbx: str) -> LiveCall:
     )
 
 
-__all__ = ["ChannelsLink", "Reconciler", "live_call_of"]
+__all__ = ["ChannelsLink", "PbxRun", "Reconciler", "live_call_of"]
