@@ -43,11 +43,12 @@ def embedded_data_path(config: Config) -> pathlib.Path:
 
 
 def instance_name(config: Config) -> str:
-    """The name of this process in ``calls.owner`` and the heartbeat table. Stable across
-    restarts (the configured name, else hostname and AGI port: one listener per port on a
-    node), so that a restarted gateway adopts its dead incarnation's calls at start
-    instead of waiting for its heartbeat to expire. With AGI port 0 nothing is stable:
-    a name of its own per process."""
+    """The name of this process in ``calls.owner``, the heartbeat table and the PBX
+    leases. Stable across restarts (the configured name, else hostname and AGI port: one
+    listener per port on a node), so that a restarted gateway renews its dead
+    incarnation's leases at once instead of waiting for them to expire. With AGI port 0
+    nothing is stable: a name of its own per process. Two live processes must never
+    share a name (docs/fleet.md)."""
     if config.instance_name:
         return config.instance_name
     if config.agi_port:
@@ -71,6 +72,7 @@ class Gateway:
         self.metrics = Metrics()
         self.repo: Repository | None = None
         self.rater: Rater | None = None
+        self.recovery: Recovery | None = None
         self.provisioning: Provisioning | None = None
         self.views: Views | None = None
         self.calls: CallService | None = None
@@ -115,7 +117,7 @@ class Gateway:
         self.rater = Rater(self.repo, clock=self.clock, slice_seconds=cfg.slice_seconds)
         self.provisioning = Provisioning(self.repo, clock=self.clock)
         self.views = Views(self.repo, clock=self.clock)
-        recovery = Recovery(self.repo)
+        recovery = self.recovery = Recovery(self.repo)
         pbxes = cfg.pbxes
         self.calls = CallService(self.rater, recovery, metrics=self.metrics,
                                  renew_before_seconds=cfg.renew_before_seconds,
@@ -324,6 +326,15 @@ class Gateway:
             return {}
         return {name: {**pbx.view(), "ami": self.pbx_ami_status(name)}
                 for name, pbx in self.calls.pbxes.items()}
+
+    async def processes_status(self) -> list[dict[str, Any]]:
+        """The gateway processes sharing the database (heartbeat table): alive or not,
+        this one or not, and the PBXs each serves now (their leases)."""
+        if self.recovery is None:
+            return []
+        alive_within = self.config.heartbeat_seconds * 4
+        return [{**p.view(), "this": p.name == self.instance_id}
+                for p in await self.recovery.processes(alive_within)]
 
     def agi_status(self) -> dict[str, Any]:
         if self.agi is None or not self.agi.listening:

@@ -97,10 +97,10 @@ class Config:
     # end plus this grace is settled from the PBX's record, else by the estimate
     settle_grace_seconds: int = 60
     ring_allowance_seconds: int = 300  # longest ringing, for calls never seen answered
-    # this process in calls.owner and the heartbeat table; empty: <hostname>-<agi_port>,
-    # so that a restarted gateway knows its previous incarnation's calls as its own
+    # this process in calls.owner, the heartbeat table and the PBX leases; empty:
+    # <hostname>-<agi_port>, so that a restarted gateway renews its own leases at once
     instance_name: str = ""
-    heartbeat_seconds: int = 5  # expires after 4 beats: another process adopts
+    heartbeat_seconds: int = 5  # /status lists a process as alive for 4 beats
     # a PBX's lease (its owner process) expires this long after its last renewal
     lease_seconds: int = 6
     # logging: auto = readable on a terminal, JSON lines otherwise

@@ -234,3 +234,25 @@ async def test_a_pbx_another_process_owns_is_on_standby_and_taken_when_its_lease
                 break
             await asyncio.sleep(0.05)
         assert pbx["last_reconcile"]["kept"] == 1  # the call decided while on standby
+
+
+async def test_status_lists_the_processes_sharing_the_database_and_what_each_serves(
+        database_url, repo):
+    # a process killed long ago (its heartbeat row stays) and one that serves a PBX
+    await repo.pool.execute(
+        "INSERT INTO gateway_instances (id, started_at, last_seen) VALUES"
+        " ('gw-dead', now() - interval '1 hour', now() - interval '10 minutes'),"
+        " ('gw-east', now(), now())")
+    await repo.pool.execute("INSERT INTO pbx_leases (pbx, owner, expires_at)"
+                            " VALUES ('east', 'gw-east', now() + interval '1 hour'),"
+                            " ('west', 'gw-dead', now() - interval '9 minutes')")
+    async with running_gateway(database_url) as gw, aiohttp.ClientSession() as session:
+        http = Client(session, gw.http_port, token=READ)
+        processes = {p["name"]: p for p in (await http("GET", "/status")).body["processes"]}
+    assert set(processes) == {"gw-dead", "gw-east", gw.instance_id}
+    me = processes[gw.instance_id]
+    assert (me["this"], me["alive"], me["pbxes"]) == (True, True, ["default"])
+    assert (processes["gw-east"]["alive"], processes["gw-east"]["pbxes"]) == (True, ["east"])
+    # an expired lease is not served by anyone
+    dead = processes["gw-dead"]
+    assert (dead["this"], dead["alive"], dead["pbxes"]) == (False, False, [])

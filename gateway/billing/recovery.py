@@ -113,6 +113,22 @@ def _scoped(pbx: str, uniqueid: str | None) -> tuple[str, str]:
     return (DEFAULT_PBX, pbx) if uniqueid is None else (pbx, uniqueid)
 
 
+@dataclass(frozen=True)
+class GatewayProcess:
+    """A gateway process sharing this database, as its heartbeat and leases show it."""
+
+    name: str  # its instance name (calls.owner, pbx_leases.owner)
+    started_at: dt.datetime
+    last_seen: dt.datetime
+    alive: bool  # heartbeat recent enough; a SIGKILLed process stays listed, not alive
+    pbxes: tuple[str, ...]  # the PBXs whose lease it holds now
+
+    def view(self) -> dict[str, Any]:
+        return {"name": self.name, "started_at": self.started_at.isoformat(),
+                "last_seen": self.last_seen.isoformat(), "alive": self.alive,
+                "pbxes": list(self.pbxes)}
+
+
 class Recovery:
     """Reads for reconciliation, this process's heartbeat, and the PBX leases."""
 
@@ -181,6 +197,16 @@ class Recovery:
                       expires_at=r["expires_at"], held=r["held"])
                 for r in await self._repo.leases()]
 
+    async def processes(self, alive_within: float) -> list[GatewayProcess]:
+        """Every gateway process that ever sent a heartbeat to this database (a graceful
+        stop removes its row), whether it is alive (a heartbeat within
+        ``alive_within`` seconds), and the PBXs it serves now."""
+        return [GatewayProcess(name=r["id"], started_at=r["started_at"],
+                               last_seen=r["last_seen"],
+                               alive=r["silent_seconds"] <= alive_within,
+                               pbxes=tuple(r["pbxes"]))
+                for r in await self._repo.instances()]
+
     async def live_instances(self, within_seconds: float) -> set[str]:
         """Gateway processes that sent a heartbeat within the last ``within_seconds``."""
         return await self._repo.live_instances(within_seconds)
@@ -190,4 +216,5 @@ class Recovery:
         await self._repo.heartbeat(instance_id)
 
 
-__all__ = ["DEFAULT_PBX", "CdrRecord", "CdrTableCheck", "Lease", "OpenCall", "Recovery"]
+__all__ = ["DEFAULT_PBX", "CdrRecord", "CdrTableCheck", "GatewayProcess", "Lease", "OpenCall",
+           "Recovery"]

@@ -1,5 +1,5 @@
 """The /status document: health of each component, live calls, each PBX (its owner
-process, AMI link and calls), each tenant's month (pools, add-on minutes, wallet),
+process, AMI link and calls), the gateway processes sharing the database, each tenant's month (pools, add-on minutes, wallet),
 decision counters and the last reconciliation.
 
 Read-only; secrets never appear (the configuration goes through Config.public()).
@@ -38,6 +38,7 @@ async def status_document(gateway: Any, started_at: dt.datetime) -> dict[str, An
     guard = getattr(gateway, "http_guard", None)
     if guard is not None:  # open, refused and timed-out HTTP connections
         doc["http"] = guard.stats()
+    doc["processes"] = await _processes(gateway)
     doc["tenants"], doc["tenants_error"] = await _tenants(gateway)
     return doc
 
@@ -48,6 +49,15 @@ def decision_counts(counts: Any) -> list[dict[str, Any]]:
         {"direction": direction, "decision": decision, "reason": reason, "count": n}
         for (direction, decision, reason), n in sorted(counts.items())
     ]
+
+
+async def _processes(gateway: Any) -> list[dict[str, Any]] | None:
+    """The gateway processes sharing the database; None when it cannot be read."""
+    try:
+        return await gateway.processes_status()
+    except Exception as exc:  # noqa: BLE001 - the rest of the page stays useful
+        log.warning("status_processes_failed", error=str(exc) or type(exc).__name__)
+        return None
 
 
 async def _tenants(gateway: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:

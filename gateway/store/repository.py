@@ -778,5 +778,17 @@ class Repository:
         )
         return {r["id"] for r in rows}
 
+    async def instances(self) -> list[asyncpg.Record]:
+        """Every gateway process that sent a heartbeat, with the seconds since its last
+        one by the database's clock, and the PBXs whose lease it holds now."""
+        return await self._fetch(
+            "SELECT i.id, i.started_at, i.last_seen,"
+            " extract(epoch FROM now() - i.last_seen)::float8 AS silent_seconds,"
+            " coalesce(array_agg(l.pbx ORDER BY l.pbx) FILTER (WHERE l.pbx IS NOT NULL),"
+            " '{}') AS pbxes"
+            " FROM gateway_instances i"
+            " LEFT JOIN pbx_leases l ON l.owner = i.id AND l.expires_at > now()"
+            " GROUP BY i.id ORDER BY i.id")
+
     async def forget_instance(self, instance_id: str) -> None:
         await self._execute("DELETE FROM gateway_instances WHERE id = $1", instance_id)
