@@ -406,6 +406,12 @@ class CallsBench:
         return await self.conn.fetchval(
             "SELECT count(*) FROM calls WHERE state IN ('authorised', 'answered')")
 
+    async def call_counts(self) -> dict[str, int]:
+        """Calls in the database by PBX, authorising process and state."""
+        rows = await self.conn.fetch("SELECT pbx, owner, state, count(*) AS n FROM calls"
+                                     " GROUP BY 1, 2, 3")
+        return {f"{r['pbx']} by {r['owner']} {r['state']}": r["n"] for r in rows}
+
     async def quiet(self, within: float = 20.0) -> int:
         """Wait until no PBX has a channel and no call is open in the database; return
         how many calls are still open then."""
@@ -438,7 +444,7 @@ class CallsBench:
                            limit=limit, rate=share_rate, service=NUMBER,
                            timeout=duration + hold_s + 40)
             loads[name] = (uac, uas)
-        open0 = await self.open_calls()
+        open0, counts0 = await self.open_calls(), await self.call_counts()
         for _, uas in loads.values():
             await uas.start(wait_bound=True)
         cpu = CpuMeter(self.dbname, None, self_label="bench driver (python)")
@@ -468,6 +474,8 @@ class CallsBench:
             if pg is not None:
                 await pg.stop()
         left = await self.quiet()
+        counts = {k: n - counts0.get(k, 0) for k, n in (await self.call_counts()).items()
+                  if n - counts0.get(k, 0)}
         steps = {}
         for name, (uac, uas) in loads.items():
             st = Step(mode=f"{mode}/{name}", rate=share_rate, calls=share_calls)
@@ -478,7 +486,7 @@ class CallsBench:
         if left - open0 > 0:
             why.append(f"{left - open0} calls still open in the database")
         return {"mode": mode, "rate": rate, "calls": share_calls * len(used), "steps": steps,
-                "cpu": shares, "pg": pgr, "failed": "; ".join(why)}
+                "cpu": shares, "pg": pgr, "failed": "; ".join(why), "db_calls": counts}
 
     @staticmethod
     def describe(r: dict[str, Any]) -> list[str]:
@@ -496,6 +504,7 @@ class CallsBench:
             r["cpu"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
         out.append(f"    CPU (share of one core; machine = all {_machine_cores()} cores): {cpu}")
         out.append(f"    {describe_pg(r['pg'])}")
+        out.append(f"    calls in the database (PBX by process, state): {r['db_calls']}")
         return out
 
     async def run(self) -> int:
