@@ -4,6 +4,8 @@ fake AMI link (the real PBX proves the same paths in test_e2e_*)."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import uuid
 from decimal import Decimal
 
 import pytest
@@ -12,9 +14,17 @@ from gateway import dialplan_variables as var
 from gateway.agi import AgiReply, parse_environment
 from gateway.ami import AMI_ACTION_FAILED, AMI_DISCONNECTED, AmiError
 from gateway.ami import client as ami_client
-from gateway.ami.events import Cdr, CoreShowChannel, DialEnd
+from gateway.ami.events import (
+    Cdr,
+    CoreShowChannel,
+    CoreStatus,
+    DialEnd,
+    LinkLife,
+    uniqueid_epoch,
+)
 from gateway.billing.rater import Rater
-from gateway.billing.recovery import Recovery
+from gateway.billing.recovery import OpenCall, Recovery
+from gateway.calls.reconcile import PbxRun, Reconciler
 from gateway.calls.service import CallService
 from tests.support.ami import SECRET as AMI_SECRET
 from tests.support.ami import USERNAME as AMI_USERNAME
@@ -607,7 +617,7 @@ async def test_a_flood_of_ami_events_is_dropped_counted_and_followed_by_a_resync
 
 
 def test_an_agi_request_is_mapped_to_its_pbx_in_the_documented_order():
-    from gateway.calls.routes import PbxMap
+    from gateway.calls.routes import PbxMap, PbxNotServed
 
     def session(*args: str, peer: str = "10.0.0.9") -> Session:
         s = Session("outbound", *args)
@@ -616,21 +626,25 @@ def test_an_agi_request_is_mapped_to_its_pbx_in_the_documented_order():
 
     fleet = PbxMap(["pbx1", "pbx2"], {"pbx1": ["10.0.0.11"], "pbx2": ["10.0.2.0/24"]})
     at = var.OUTBOUND_PBX
-    # 1. the GW_PBX argument, well-formed, even for a PBX this process does not serve
+    # 1. the GW_PBX argument, well-formed, of a PBX this process serves
     assert fleet.pbx_of(session("2125550100", "alice", "l", "pbx2", peer="10.0.0.11"),
                         at) == "pbx2"
-    assert fleet.pbx_of(session("2125550100", "alice", "l", "pbx9"), at) == "pbx9"
+    # ... and one it does not serve is refused, not recorded on a PBX nobody follows
+    with pytest.raises(PbxNotServed) as refused:
+        fleet.pbx_of(session("2125550100", "alice", "l", "pbx9"), at)
+    assert refused.value.named == "pbx9" and "'pbx9'" in refused.value.message
     # 2. else the PBX whose AGI peers hold the address (an empty or malformed name)
     assert fleet.pbx_of(session("2125550100", "alice", "l", "", peer="10.0.0.11"),
                         at) == "pbx1"
     assert fleet.pbx_of(session("2125550100", "alice", "l", "bad name!",
                                 peer="10.0.2.7"), at) == "pbx2"
     assert fleet.pbx_of(session("2125550100", "alice", "l", peer="10.0.2.7"), at) == "pbx2"
-    # 4. several PBXs and nothing to tell them apart: "default"
-    assert fleet.pbx_of(session("2125550100", "alice", "l"), at) == "default"
+    # 4. several PBXs and nothing to tell them apart: refused (no "default" any more)
+    with pytest.raises(PbxNotServed):
+        fleet.pbx_of(session("2125550100", "alice", "l"), at)
     overlapping = PbxMap(["pbx1", "pbx2"], {"pbx1": ["10.0.0.0/8"], "pbx2": ["10.0.0.11"]})
-    assert overlapping.pbx_of(session("2125550100", "alice", "l", peer="10.0.0.11"),
-                              at) == "default"  # two matches: not one
+    with pytest.raises(PbxNotServed):  # two matches: not one
+        overlapping.pbx_of(session("2125550100", "alice", "l", peer="10.0.0.11"), at)
     # 3. a single PBX configured: that one, whatever the peer
     assert PbxMap(["solo"]).pbx_of(session("2125550100", "alice", "l"), at) == "solo"
     assert PbxMap(["solo"]).pbx_of(Session("outbound", "2125550100"), at) == "solo"
@@ -822,3 +836,194 @@ async def test_a_pbx_unreachable_at_the_take_over_is_served_from_its_cdr_until_i
     await keeper.stop()
     await svc.stop()
     await keeper.release()
+
+
+# ---- a PBX that crashed under its calls (docs/billing.md, "Recovery") --------------------
+
+
+def crashed_call(uniqueid: str, answered: dt.datetime | None, *, funded: int = 300
+                 ) -> OpenCall:
+    authorised = (answered or dt.datetime(2026, 11, 15, 12, 0, tzinfo=dt.UTC)) \
+        - dt.timedelta(seconds=3)
+    return OpenCall(call_id=uuid.uuid4(), direction="outbound", tenant_id=TENANT,
+                    caller="alice", destination="12125550100", route="pstn",
+                    sources=("pool",), funded_seconds=funded, pbx_uniqueid=uniqueid,
+                    linkedid=uniqueid, owner="gw-a", authorised_at=authorised,
+                    answered_at=answered, pbx="pbx2")
+
+
+def link_life(connected: dt.datetime, heard: dt.datetime,
+              started: dt.datetime | None = None) -> LinkLife:
+    return LinkLife(connected_at=connected.timestamp(), last_heard=heard.timestamp(),
+                    pbx_started_at=started)
+
+
+def seconds(n: float) -> dt.timedelta:
+    return dt.timedelta(seconds=n)
+
+
+ANSWER = dt.datetime(2026, 11, 15, 12, 0, tzinfo=dt.UTC)
+OLD_RUN = ANSWER - dt.timedelta(hours=2)  # when the PBX's crashed run had started
+RESTART = ANSWER + seconds(60)  # the PBX crashed some time before this and came back
+
+
+def uid(at: dt.datetime, n: int = 1) -> str:
+    return f"{int(at.timestamp())}.{n}"
+
+
+def test_a_call_lost_in_a_crash_is_billed_to_the_last_word_heard_from_its_run():
+    old = link_life(OLD_RUN + seconds(5), ANSWER + seconds(7), OLD_RUN)
+    new = link_life(RESTART + seconds(2), RESTART + seconds(30), RESTART)
+    run = PbxRun(CoreStatus(started_at=RESTART, current_calls=0), [old, new])
+    assert run.last_heard_before == ANSWER + seconds(7)  # the new run's link is no proof
+    now = RESTART + seconds(30)
+    call = crashed_call(uid(ANSWER - seconds(3)), ANSWER)
+    assert run.made_before(call)
+    # the owner renewed it while the PBX was down: 90 s funded; it talked 7 s, proven
+    assert Reconciler.crash_estimate(call, run, None, now) == 7
+    assert Reconciler.estimate(call, now) == 90  # what the plain estimate would bill
+    # a channel list showed it up later than the last word on the link: the later proof
+    assert Reconciler.crash_estimate(call, run, ANSWER + seconds(9), now) == 9
+    # never past its funding
+    short = crashed_call(uid(ANSWER - seconds(3)), ANSWER, funded=5)
+    assert Reconciler.crash_estimate(short, run, None, now) == 5
+    # never answered, nothing; heard last before the answer (the link was cut before,
+    # the PBX crashed later): the answer itself is the only proof, nothing is billed
+    assert Reconciler.crash_estimate(crashed_call(uid(ANSWER), None), run, None, now) == 0
+    cut = PbxRun(CoreStatus(started_at=RESTART, current_calls=0),
+                 [link_life(OLD_RUN, ANSWER - seconds(20), OLD_RUN), new])
+    assert Reconciler.crash_estimate(call, cut, None, now) == 0
+
+
+def test_without_a_link_to_the_crashed_run_the_restart_bounds_the_bill():
+    # a process that took the PBX's lease while it was down never heard its old run
+    new = link_life(RESTART + seconds(2), RESTART + seconds(30), RESTART)
+    run = PbxRun(CoreStatus(started_at=RESTART, current_calls=0), [new])
+    assert run.last_heard_before is None
+    call = crashed_call(uid(ANSWER - seconds(3)), ANSWER)
+    assert Reconciler.crash_estimate(call, run, None, RESTART + seconds(500)) == 60
+    # a link whose start was never read counts as the old run's only when it was made
+    # before the restart
+    unread_old = link_life(OLD_RUN, ANSWER + seconds(12))
+    unread_new = link_life(RESTART + seconds(1), RESTART + seconds(20))
+    run = PbxRun(CoreStatus(started_at=RESTART, current_calls=0), [unread_old, unread_new])
+    assert run.last_heard_before == ANSWER + seconds(12)
+
+
+def test_the_uniqueid_tells_which_run_made_a_call_on_the_pbx_clock():
+    run = PbxRun(CoreStatus(started_at=RESTART, current_calls=0, clock_ahead=30.0), [])
+    # the PBX's clock is 30 s ahead of ours: its start, on our clock, is 30 s earlier
+    assert run.started_at == RESTART - seconds(30)
+    # uniqueids are the PBX's clock too: compared with the start as the PBX gave it
+    assert run.made_before(crashed_call(uid(RESTART - seconds(1)), RESTART - seconds(20)))
+    assert not run.made_before(crashed_call(uid(RESTART), RESTART - seconds(20)))
+    assert run.made_before(crashed_call(f"pbx2-{uid(RESTART - seconds(5))}", None))
+    # no epoch in it: the answer (our clock) against the start (our clock)
+    assert run.made_before(crashed_call("odd", RESTART - seconds(31)))
+    assert not run.made_before(crashed_call("odd", RESTART - seconds(29)))
+    assert uniqueid_epoch("1795823785.12") == 1795823785
+    assert uniqueid_epoch("gw-1795823785.12") == 1795823785
+    assert uniqueid_epoch("u-3") is None and uniqueid_epoch(None) is None
+
+
+def test_core_status_is_read_in_the_pbx_local_time_and_turned_into_utc():
+    headers = {"Response": "Success", "CoreStartupDate": "2026-11-27",
+               "CoreStartupTime": "18:56:25", "CoreCurrentCalls": "4"}
+    status = CoreStatus.parse(headers, "1795823800 -0500", read_at=1795823790.4)
+    assert status.started_at == dt.datetime(2026, 11, 27, 23, 56, 25, tzinfo=dt.UTC)
+    assert status.current_calls == 4 and status.clock_ahead == pytest.approx(9.6)
+    east = CoreStatus.parse({**headers, "CoreStartupTime": "05:26:25",
+                             "CoreStartupDate": "2026-11-28"}, "1795823800 +0530",
+                            read_at=1795823800.0)
+    assert east.started_at == dt.datetime(2026, 11, 27, 23, 56, 25, tzinfo=dt.UTC)
+    # a PBX that does not say: no start, and the crash rule does not apply
+    assert CoreStatus.parse(headers, "", read_at=0.0).started_at is None
+    assert CoreStatus.parse({"Response": "Success"}, "1 +0000", read_at=0.0).started_at is None
+
+
+class CrashedPbx(FakeAmi):
+    """A link to a PBX that restarted at ``started_at``; ``history`` as the client keeps it."""
+
+    def __init__(self, started_at: dt.datetime, history: list[LinkLife]):
+        super().__init__()
+        self.status = CoreStatus(started_at=started_at, current_calls=0)
+        self.history = history
+
+    async def core_status(self):
+        return self.status
+
+    def link_history(self):
+        return list(self.history)
+
+
+async def test_reconcile_bills_a_crashed_pbxs_calls_only_up_to_its_last_word(
+        admin, service, repo, clock):
+    """Made by the run that crashed, gone, no record: ``reconcile-crash``, to the last word
+    heard from that run; a call made by the current run and gone without a record keeps the
+    plain estimate; one still up is adopted and its sighting noted."""
+    await standard_tenant(admin)
+    t0 = clock.now
+    crashed, current, up = uid(t0, 1), uid(t0 + seconds(400), 2), uid(t0, 3)
+    for n, u in enumerate((crashed, current, up)):
+        await service.agi_outbound(Session("outbound", "2125550100", "alice", uniqueid=u))
+        await service.on_dial_end(answer(u, f"PJSIP/carrier-{n}"))
+    restart = t0 + seconds(300)
+    history = [link_life(t0 - seconds(600), t0 + seconds(70), t0 - seconds(3600)),
+               link_life(restart + seconds(2), restart + seconds(200), restart)]
+    fresh = CallService(service.rater, Recovery(repo), stale_after_seconds=10)
+    ami = CrashedPbx(restart, history)
+    fresh.attach_ami(ami)
+    ami.channels = [CoreShowChannel(channel="PJSIP/alice-1", uniqueid=up, linkedid=up)]
+    clock.advance(seconds=500)  # renewed while the PBX was down; found gone only now
+    counts = await fresh.reconcile()
+    assert (counts["crashed"], counts["estimated"], counts["adopted"]) == (1, 1, 1)
+    rows = {r["pbx_uniqueid"]: r for r in await repo.pool.fetch("SELECT * FROM calls")}
+    # 70 s talked, whole minutes: 120 (the plain estimate would have billed 500 s: 540)
+    assert (rows[crashed]["settled_by"], rows[crashed]["billed_seconds"]) == (
+        "reconcile-crash", 120)
+    assert (rows[current]["settled_by"], rows[current]["billed_seconds"]) == (
+        "reconcile-estimate", 300)  # the estimate, capped by its 300 s of funding
+    assert rows[up]["state"] == "answered"
+    assert fresh.pbx().reconciler.seen_up == {up: clock.now}
+    await fresh.stop()
+    await service.stop()
+    await ledger_agrees(repo)
+
+
+async def test_the_ami_client_keeps_each_links_life_and_reads_the_pbx_start():
+    pbx = FakeAmiServer()
+    now = [1795823000.0]
+
+    async def core_status(conn, action):
+        await conn.reply(action, CoreStartupDate="2026-11-27", CoreStartupTime="23:56:25",
+                         CoreCurrentCalls="0")
+
+    async def getvar(conn, action):
+        assert action["Variable"] == "STRFTIME(,,%s %z)"
+        await conn.reply(action, Variable=action["Variable"], Value="1795823000 +0000")
+
+    pbx.scripts["corestatus"] = core_status
+    pbx.scripts["getvar"] = getvar
+    await pbx.start()
+    client = ami_client.AmiClient("127.0.0.1", pbx.port, AMI_USERNAME, AMI_SECRET,
+                                  backoff_initial=0.05, wall=lambda: now[0])
+    try:
+        await client.start()
+        [first] = client.link_history()
+        assert first.connected_at == first.last_heard == 1795823000.0
+        status = await client.core_status()
+        assert status.started_at == dt.datetime(2026, 11, 27, 23, 56, 25, tzinfo=dt.UTC)
+        assert first.pbx_started_at == status.started_at
+        now[0] += 5
+        await pbx.event({"Event": "Newchannel"})  # any word from the PBX is proof of life
+        await eventually(lambda: first.last_heard == 1795823005.0, within=5)
+        now[0] += 20  # silence, then the link drops: the silence proves nothing
+        pbx.drop()
+        await eventually(lambda: len(client.link_history()) == 2, within=5)
+        assert first.last_heard == 1795823005.0 and first.lost_at == 1795823025.0
+        second = client.link_history()[1]
+        assert second.pbx_started_at is None and second.connected_at == 1795823025.0
+        assert client.status()["last_heard_at"] == "2026-11-27T23:43:45+00:00"
+    finally:
+        await client.stop()
+        await pbx.close()
