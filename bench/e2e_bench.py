@@ -665,6 +665,65 @@ def step_failure(st: Step, max_median_ms: float) -> str:
     return "; ".join(why)
 
 
+@dataclass
+class Ramp:
+    """What ``run_ramp`` found: every step's result, the highest rate at which each mode
+    passed, the result and reason of the step where each failed, and the rate the time
+    budget stopped the ramp before (None when it did not)."""
+    results: list[Any]
+    best: dict[str, float | None]
+    failed_at: dict[str, Any]
+    reasons: dict[str, str]
+    stopped_by_budget: float | None
+    failed_rate: dict[str, float] = field(default_factory=dict)
+
+    def verdicts(self, last_rate: float) -> list[str]:
+        """One line a mode: the highest rate at which every call completed, and why the
+        next step failed (or that none did)."""
+        out = []
+        for m, best in self.best.items():
+            top = f"{best:g} calls/s" if best is not None else "none of the rates"
+            if self.failed_at[m] is not None:
+                tail = f"; failed at {self.failed_rate[m]:g}: {self.reasons[m]}"
+            elif self.stopped_by_budget is not None:
+                tail = (f"; not failed (ramp stopped by the time budget before "
+                        f"{self.stopped_by_budget:g})")
+            else:
+                tail = f"; never failed up to {last_rate:g} calls/s"
+            out.append(f"{m}: every call completed up to {top}{tail}")
+        return out
+
+
+async def run_ramp(a: argparse.Namespace, modes: tuple[str, ...], one_step, budget_end: float,
+                   *, min_calls: int, slack: float) -> Ramp:
+    """Ramp ``a.ramp`` (``a.step_seconds`` of calls a step, at most ``a.max_step_calls``)
+    in every mode, alternating at each rate; ``await one_step(mode, rate, calls)`` returns
+    (result, why it failed or ''). A mode stops at its first failed step; the ramp stops
+    when every mode has failed, or before a step that would end after ``budget_end``
+    (``slack`` seconds allowed for settling)."""
+    r = Ramp([], dict.fromkeys(modes), dict.fromkeys(modes), {}, None)
+    for rate in a.ramp:
+        calls = max(min_calls, min(int(rate * a.step_seconds), a.max_step_calls))
+        need = calls / rate + a.hold_ms / 1000 + slack
+        for mode in modes:
+            if r.failed_at[mode] is not None:
+                continue
+            if time.monotonic() + need > budget_end:
+                r.stopped_by_budget = rate
+                break
+            result, why = await one_step(mode, rate, calls)
+            r.results.append(result)
+            if why:
+                r.failed_at[mode] = result
+                r.reasons[mode] = why
+                r.failed_rate[mode] = rate
+            else:
+                r.best[mode] = rate
+        if r.stopped_by_budget is not None or all(r.failed_at[m] for m in modes):
+            break
+    return r
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -1007,34 +1066,18 @@ class Bench:
         # part 2: ramp -----------------------------------------------------------------------
         log(f"part 2: ramp {','.join(f'{r:g}' for r in a.ramp)} calls/s, "
             f"{a.step_seconds:g} s a step, both modes")
-        best: dict[str, float | None] = dict.fromkeys(MODES)
-        failed_at: dict[str, Step | None] = dict.fromkeys(MODES)
-        reasons: dict[str, str] = {}
-        steps: list[Step] = []
-        stopped_by_budget = None
-        for rate in a.ramp:
-            calls = max(1, min(int(rate * a.step_seconds), a.max_step_calls))
-            need = calls / rate + a.hold_ms / 1000 + 8
-            for mode in MODES:
-                if failed_at[mode] is not None:
-                    continue
-                if time.monotonic() + need > budget_end:
-                    stopped_by_budget = rate
-                    break
-                st = await self.step(mode, rate, calls)
-                steps.append(st)
-                for line in self.describe(st):
-                    print(line, flush=True)
-                why = self.step_failed(st)
-                if why:
-                    failed_at[mode] = st
-                    reasons[mode] = why
-                    print(f"    -> {mode} FAILS at {rate:g} calls/s: {why}", flush=True)
-                    print(f"    -> first reading: {self.culprit(st)}", flush=True)
-                else:
-                    best[mode] = rate
-            if stopped_by_budget is not None or all(failed_at[m] for m in MODES):
-                break
+        async def one_step(mode: str, rate: float, calls: int) -> tuple[Step, str]:
+            st = await self.step(mode, rate, calls)
+            for line in self.describe(st):
+                print(line, flush=True)
+            why = self.step_failed(st)
+            if why:
+                print(f"    -> {mode} FAILS at {rate:g} calls/s: {why}", flush=True)
+                print(f"    -> first reading: {self.culprit(st)}", flush=True)
+            return st, why
+
+        ramp = await run_ramp(a, MODES, one_step, budget_end, min_calls=1, slack=8)
+        steps, failed_at = ramp.results, ramp.failed_at
 
         print()
         print("Ramp (PDD p50/p99 ms, calls ok/total):")
@@ -1055,15 +1098,8 @@ class Bench:
             print(f"  {r:>8g}  " + "".join(cells))
         if any(st.invite_retrans for st in steps):
             print("  * = SIPp had to retransmit INVITEs: the PBX ignored some (overload)")
-        for m in MODES:
-            top = f"{best[m]:g} calls/s" if best[m] is not None else "none of the rates"
-            if failed_at[m] is not None:
-                tail = f"; failed at {failed_at[m].rate:g}: {reasons[m]}"
-            elif stopped_by_budget is not None:
-                tail = f"; not failed (ramp stopped by the time budget before {stopped_by_budget:g})"
-            else:
-                tail = f"; never failed up to {a.ramp[-1]:g} calls/s"
-            print(f"  {m}: every call completed up to {top}{tail}")
+        for line in ramp.verdicts(a.ramp[-1]):
+            print(f"  {line}")
         gf, df = failed_at["gateway"], failed_at["direct"]
         if gf is None:
             verdict = "the gateway mode never failed first"
@@ -1080,22 +1116,28 @@ class Bench:
         return 0
 
 
+def add_ramp_args(p: argparse.ArgumentParser, *, ramp: str, max_step_calls: int,
+                  budget: float) -> None:
+    """The options of a ramp (``run_ramp``) and of its steps' pass/fail rule."""
+    p.add_argument("--ramp", default=ramp, help=f"calls/s of the ramp steps, ascending ({ramp})")
+    p.add_argument("--step-seconds", type=float, default=8.0,
+                   help="seconds of calls per ramp step (8)")
+    p.add_argument("--max-step-calls", type=int, default=max_step_calls,
+                   help=f"at most this many calls in one ramp step ({max_step_calls})")
+    p.add_argument("--hold-ms", type=int, default=1000, help="talk time of each call (1000)")
+    p.add_argument("--max-median-ms", type=float, default=500.0,
+                   help="a ramp step fails when a PBX's median PDD is above this (500)")
+    p.add_argument("--budget", type=float, default=budget,
+                   help=f"seconds for the whole run; later ramp steps are skipped ({budget:g})")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate", type=float, default=10.0, help="calls/s of part 1 (10)")
     p.add_argument("--calls", type=int, default=200, help="calls per mode in part 1 (200)")
-    p.add_argument("--ramp", default="20,40,60,80,100,120,140,160,200,240",
-                   help="calls/s of the ramp steps, ascending (20,40,...,160,200,240)")
-    p.add_argument("--step-seconds", type=float, default=8.0,
-                   help="seconds of calls per ramp step (8)")
-    p.add_argument("--max-step-calls", type=int, default=2000,
-                   help="at most this many calls in one ramp step (2000)")
-    p.add_argument("--hold-ms", type=int, default=1000, help="talk time of each call (1000)")
-    p.add_argument("--max-median-ms", type=float, default=500.0,
-                   help="a ramp step fails when its median PDD is above this (500)")
-    p.add_argument("--budget", type=float, default=285.0,
-                   help="seconds for the whole run; later ramp steps are skipped (285)")
+    add_ramp_args(p, ramp="20,40,60,80,100,120,140,160,200,240", max_step_calls=2000,
+                  budget=285.0)
     p.add_argument("--overload-trigger", default="", choices=("", "global", "pjsip_only", "none"),
                    help="PJSIP taskprocessor_overload_trigger (Asterisk's default, global)")
     p.add_argument("--stasis-decline", default="",

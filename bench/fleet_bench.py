@@ -63,12 +63,14 @@ from bench.e2e_bench import (
     Step,
     _postgres_backends,
     _ticks,
+    add_ramp_args,
     fmt_ms,
     log,
     pct,
     pg_waits,
     provision,
     read_sipp,
+    run_ramp,
     step_failure,
 )
 from bench.rater_bench import provision_tenants, rater_cycle
@@ -529,29 +531,15 @@ class CallsBench:
             await self.step(mode, a.warmup_rate, max(4, int(a.warmup_rate)))
         log(f"ramp {','.join(f'{r:g}' for r in a.ramp)} calls/s in all, {a.step_seconds:g} s "
             f"a step, held {a.hold_ms} ms")
-        results: list[dict[str, Any]] = []
-        best: dict[str, float | None] = dict.fromkeys(MODES)
-        failed: dict[str, dict[str, Any] | None] = dict.fromkeys(MODES)
-        stopped = None
-        for rate in a.ramp:
-            calls = max(2, min(int(rate * a.step_seconds), a.max_step_calls))
-            need = calls / rate + a.hold_ms / 1000 + 15
-            for mode in MODES:
-                if failed[mode] is not None:
-                    continue
-                if time.monotonic() + need > budget_end:
-                    stopped = rate
-                    break
-                r = await self.step(mode, rate, calls)
-                results.append(r)
-                for line in self.describe(r):
-                    print(line, flush=True)
-                if r["failed"]:
-                    failed[mode] = r
-                else:
-                    best[mode] = rate
-            if stopped is not None or all(failed[m] for m in MODES):
-                break
+
+        async def one_step(mode: str, rate: float, calls: int) -> tuple[dict[str, Any], str]:
+            r = await self.step(mode, rate, calls)
+            for line in self.describe(r):
+                print(line, flush=True)
+            return r, r["failed"]
+
+        ramp = await run_ramp(a, MODES, one_step, budget_end, min_calls=2, slack=15)
+        results, best = ramp.results, ramp.best
 
         print()
         print("Calls/s in all, single (pbx1 + gw-a) vs fleet (pbx1 + gw-a and pbx2 + gw-b at "
@@ -573,15 +561,8 @@ class CallsBench:
                         + (" FAIL" if r["failed"] else ""))
                 cells.append(f"{cell:>36s}")
             print(f"  {rate:>8g}" + "".join(cells))
-        for m in MODES:
-            top = f"{best[m]:g} calls/s" if best[m] is not None else "none of the rates"
-            if failed[m] is not None:
-                tail = f"; failed at {failed[m]['rate']:g}: {failed[m]['failed']}"
-            elif stopped is not None:
-                tail = f"; not failed (the time budget stopped the ramp before {stopped:g})"
-            else:
-                tail = f"; never failed up to {a.ramp[-1]:g} calls/s"
-            print(f"  {m}: every call completed up to {top}{tail}")
+        for line in ramp.verdicts(a.ramp[-1]):
+            print(f"  {line}")
         if best["single"] and best["fleet"]:
             print(f"  ratio fleet/single (highest clean total rate): "
                   f"{best['fleet'] / best['single']:.2f}")
@@ -597,19 +578,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("calls", help="two PBXs and two gateway processes vs one of each")
-    c.add_argument("--ramp", default="40,80,120,160,200,240,280",
-                   help="total calls/s of the ramp steps, ascending (40,80,...,280)")
-    c.add_argument("--step-seconds", type=float, default=8.0,
-                   help="seconds of calls per ramp step (8)")
-    c.add_argument("--max-step-calls", type=int, default=2400,
-                   help="at most this many calls in one step (2400)")
-    c.add_argument("--hold-ms", type=int, default=1000, help="talk time of each call (1000)")
-    c.add_argument("--max-median-ms", type=float, default=500.0,
-                   help="a step fails when a PBX's median PDD is above this (500)")
+    add_ramp_args(c, ramp="40,80,120,160,200,240,280", max_step_calls=2400, budget=900.0)
     c.add_argument("--warmup-rate", type=float, default=10.0,
                    help="calls/s (and calls) of the uncounted warm-up step per mode (10)")
-    c.add_argument("--budget", type=float, default=900.0,
-                   help="seconds for the whole run; later ramp steps are skipped (900)")
     c.add_argument("--pbx-root", default="", help="the sid root folder ($PBX_ROOT)")
     r = sub.add_parser("rater", help="rater cycles/s with 1, 2, 4 processes on one database")
     r.add_argument("--processes", default="1,2,4", help="process counts, the first is the "
