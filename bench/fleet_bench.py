@@ -301,7 +301,7 @@ async def rater_main(a: argparse.Namespace) -> int:
               f"{a.seconds:g} s per run, {_machine_cores()} cores shared by everything:")
         print(f"  {'run':26s}{'procs':>6s}{'cycles/s':>10s}{'vs 1':>7s}{'p50 ms':>8s}"
               f"{'p99 ms':>8s}{'machine':>9s}{'pg CPU':>8s}{'commit/s':>9s}{'lock wait':>10s}"
-              f"{'WAL wait':>9s}")
+              f"{'WAL wait':>9s}{'pg ms/c':>8s}{'gw ms/c':>8s}")
         for hot in (False, True):
             rows = [r for r in table if r["hot"] == hot]
             base = rows[0]["per_s"] or float("nan")
@@ -313,10 +313,12 @@ async def rater_main(a: argparse.Namespace) -> int:
                       f"{r['per_s'] / base:>7.2f}{r['p50']:>8.2f}{r['p99']:>8.2f}"
                       f"{r['machine'] * 100:>8.0f}%{r['pg']['cpu'] * 100:>7.0f}%"
                       f"{r['pg']['commits_per_s']:>9.0f}{lock_waits(r['pg']):>10.2f}"
-                      f"{wal:>9.2f}")
+                      f"{wal:>9.2f}{r['pg']['cpu'] * 1000 / r['per_s']:>8.2f}"
+                      f"{r['workers_cpu'] * 1000 / r['per_s']:>8.2f}")
         print("  (vs 1: ratio to the 1-process run of the same kind; machine: all cores busy;"
               " pg CPU: PostgreSQL backends, share of one core; lock wait / WAL wait: backends"
-              " waiting on a row lock / on the WAL flush, average over the run)")
+              " waiting on a row lock / on the WAL flush, average over the run; pg ms/c and gw"
+              " ms/c: CPU ms per cycle in PostgreSQL's backends and in the rater processes)")
         for hot in (False, True):
             rows = [r for r in table if r["hot"] == hot]
             print("  " + limit_reading(rows, hot))
@@ -336,9 +338,10 @@ def limit_reading(rows: list[dict[str, Any]], hot: bool) -> str:
     parts = [f"{kind}: {top['processes']} processes give {gain:.2f}x the 1-process rate"]
     cores = _machine_cores()
     if top["machine"] > 0.9:
-        parts.append(f"the machine is {top['machine'] * 100:.0f}% busy (PostgreSQL "
-                     f"{top['pg']['cpu'] * 100:.0f}% of a core of the {cores} cores, the rater "
-                     f"processes {top['workers_cpu'] * 100:.0f}%)")
+        used = top["machine"] * cores
+        parts.append(f"the machine is {top['machine'] * 100:.0f}% busy: PostgreSQL's backends "
+                     f"{top['pg']['cpu'] * 100:.0f}% of a core ({top['pg']['cpu'] / used * 100:.0f}%"
+                     f" of the CPU used), the rater processes {top['workers_cpu'] * 100:.0f}%")
     lw = lock_waits(top["pg"])
     if lw >= 0.5:
         parts.append(f"{lw:.1f} backends on average wait for a row lock "
