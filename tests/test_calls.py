@@ -1027,3 +1027,125 @@ async def test_the_ami_client_keeps_each_links_life_and_reads_the_pbx_start():
     finally:
         await client.stop()
         await pbx.close()
+
+
+# ---- AGI requests of a PBX this process does not serve (issue 9 review) ------------------------
+
+
+def peered(script: str, *args: str, peer: str, uniqueid: str) -> Session:
+    s = Session(script, *args, uniqueid=uniqueid)
+    s.peer = (peer, 40000)
+    return s
+
+
+async def _calls(repo) -> dict[str, str]:
+    return {r["pbx_uniqueid"]: r["pbx"]
+            for r in await repo.pool.fetch("SELECT pbx_uniqueid, pbx FROM calls")}
+
+
+async def test_a_request_naming_a_pbx_not_served_here_is_refused_and_nothing_reserved(
+        admin, repo, clock):
+    from structlog.testing import capture_logs
+
+    await standard_tenant(admin)
+    svc = CallService(Rater(repo, clock=clock), Recovery(repo), pbxes=("pbx1", "pbx2"),
+                      agi_peers={"pbx1": ["10.0.0.11"]})
+    with capture_logs() as logs:
+        out = peered("outbound", "2125550100", "alice", "l", "pbx9", peer="10.0.0.11",
+                     uniqueid="u-out")
+        await svc.agi_outbound(out)
+        inbound = peered("inbound", "+15145550101", "2125550100", "l", "pbx9",
+                         peer="10.0.0.11", uniqueid="u-in")
+        await svc.agi_inbound(inbound)
+    for s in (out, inbound):  # GATEWAY_ERROR: the dialplan's 503
+        assert (s.vars[var.DECISION], s.vars[var.REASON], s.vars[var.CAUSE],
+                s.vars[var.CALL_ID]) == ("REJECT", "GATEWAY_ERROR", "34", ""), s.vars
+    assert await _calls(repo) == {} and svc.live == {}
+    said = [e for e in logs if e["event"] == "agi_pbx_not_served"]
+    assert [(e["route"], e["named_pbx"], e["peer"], e["action"], e["log_level"])
+            for e in said] == [("outbound", "pbx9", "10.0.0.11:40000", "refused", "error"),
+                               ("inbound", "pbx9", "10.0.0.11:40000", "refused", "error")]
+    assert "pbx1, pbx2" in said[0]["error"]  # what this process does serve
+    assert svc.metrics.reason_counts[("outbound", "REJECT", "GATEWAY_ERROR")] == 1
+    await svc.stop()
+    await ledger_agrees(repo)
+
+
+async def test_a_single_pbx_process_refuses_a_request_naming_another_pbx(admin, repo, clock):
+    await standard_tenant(admin)
+    svc = CallService(Rater(repo, clock=clock), Recovery(repo))  # the flat form: "default"
+    named = peered("outbound", "2125550100", "alice", "l", "pbx2", peer="127.0.0.1",
+                   uniqueid="u-named")
+    await svc.agi_outbound(named)
+    assert named.vars[var.REASON] == "GATEWAY_ERROR"
+    # an old dialplan (no GW_PBX) or one naming this PBX: the one configured
+    unnamed = peered("outbound", "2125550100", "alice", "l", "", peer="127.0.0.1",
+                     uniqueid="u-unnamed")
+    await svc.agi_outbound(unnamed)
+    ours = peered("outbound", "2125550100", "alice", "l", "default", peer="127.0.0.1",
+                  uniqueid="u-ours")
+    await svc.agi_outbound(ours)
+    assert (unnamed.vars[var.DECISION], ours.vars[var.DECISION]) == ("ALLOW", "ALLOW")
+    assert await _calls(repo) == {"u-unnamed": "default", "u-ours": "default"}
+    await svc.stop()
+
+
+async def test_several_pbxs_a_request_naming_none_is_mapped_by_its_peer_or_refused(
+        admin, repo, clock):
+    from structlog.testing import capture_logs
+
+    await standard_tenant(admin)
+    svc = CallService(Rater(repo, clock=clock), Recovery(repo), pbxes=("pbx1", "pbx2"),
+                      agi_peers={"pbx1": ["10.0.0.11"], "pbx2": ["10.0.2.0/24"]})
+    sessions = {
+        # the AGI server on a dual-stack socket sees IPv4 peers as ::ffff:a.b.c.d
+        "mapped": peered("outbound", "2125550100", "alice", "l", "", peer="::ffff:10.0.0.11",
+                         uniqueid="mapped"),
+        "plain": peered("outbound", "2125550100", "alice", "l", "", peer="10.0.2.7",
+                        uniqueid="plain"),
+        "malformed": peered("outbound", "2125550100", "alice", "l", "not a name!",
+                            peer="10.0.2.8", uniqueid="malformed"),
+        "stranger": peered("outbound", "2125550100", "alice", "l", "", peer="10.9.9.9",
+                           uniqueid="stranger"),
+        "no-peer": Session("outbound", "2125550100", "alice", "l", uniqueid="no-peer"),
+    }
+    with capture_logs() as logs:
+        for s in sessions.values():
+            await svc.agi_outbound(s)
+    decisions = {k: s.vars[var.REASON] for k, s in sessions.items()}
+    assert decisions == {"mapped": "FUNDED", "plain": "FUNDED", "malformed": "FUNDED",
+                         "stranger": "GATEWAY_ERROR", "no-peer": "GATEWAY_ERROR"}
+    assert await _calls(repo) == {"mapped": "pbx1", "plain": "pbx2", "malformed": "pbx2"}
+    said = [(e["named_pbx"], e["peer"]) for e in logs if e["event"] == "agi_pbx_not_served"]
+    assert said == [(None, "10.9.9.9:40000"), (None, None)]
+    assert {c.uniqueid: c.pbx for c in svc.live.values()} == {
+        "mapped": "pbx1", "plain": "pbx2", "malformed": "pbx2"}
+    await svc.stop()
+
+
+async def test_the_end_report_of_a_call_on_a_pbx_not_served_here_is_settled_and_said(
+        admin, repo, clock):
+    """Its call exists already (authorised by the PBX's own gateway): the report is the
+    PBX's statement of the talk time, and settling it only frees the reservation."""
+    from structlog.testing import capture_logs
+
+    await standard_tenant(admin)
+    rater = Rater(repo, clock=clock)
+    theirs = CallService(rater, Recovery(repo), pbxes=("pbx2",))
+    s = peered("outbound", "2125550100", "alice", "l", "pbx2", peer="10.0.2.7",
+               uniqueid="u-2")
+    await theirs.agi_outbound(s)
+    assert s.vars[var.DECISION] == "ALLOW"
+    ours = CallService(rater, Recovery(repo), pbxes=("pbx1",))
+    with capture_logs() as logs:
+        await ours.agi_hangup(peered("hangup", s.vars[var.CALL_ID], "42300", "ANSWER", "42",
+                                     "pbx2", peer="10.0.2.7", uniqueid="u-2"))
+    row = await repo.pool.fetchrow("SELECT * FROM calls WHERE pbx_uniqueid = 'u-2'")
+    # 42 s talked, billed by the minute
+    assert (row["state"], row["billed_seconds"], row["settled_by"]) == ("settled", 60, "agi")
+    [said] = [e for e in logs if e["event"] == "agi_pbx_not_served"]
+    assert (said["route"], said["named_pbx"], said["action"], said["call_id"]) == (
+        "hangup", "pbx2", "settled", s.vars[var.CALL_ID])
+    await ours.stop()
+    await theirs.stop()
+    await ledger_agrees(repo)

@@ -8,8 +8,11 @@ A failure while deciding denies the call (GATEWAY_ERROR): the gateway fails clos
 
 Each request is mapped to its PBX (``PbxMap``): the PBX's name as the route's last
 argument (``GW_PBX``), else the PBX whose AGI peers the request came from, else the only
-PBX configured, else ``default``. Any process answers any PBX's requests; an allowed
-call is followed (tracked) only by the process that owns its PBX.
+PBX configured. A request that maps to no PBX this process is configured with is refused
+(GATEWAY_ERROR, nothing reserved): a call recorded on a PBX that no process serves would
+never be renewed, reconciled or expired, and its reservation would hold the tenant's
+money for good. Any process answers the requests of the PBXs it is configured with; an
+allowed call is followed (tracked) only by the process that owns its PBX.
 """
 
 from __future__ import annotations
@@ -36,7 +39,18 @@ log = structlog.get_logger("gateway.calls")
 
 
 PBX_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-DEFAULT_PBX = "default"
+
+
+class PbxNotServed(GatewayError):
+    """An AGI request names a PBX this process is not configured with, or cannot be told
+    apart among several: it is refused rather than recorded on a PBX nobody follows."""
+
+    status = 503
+    code = "PBX_NOT_SERVED"
+
+    def __init__(self, message: str, *, named: str | None):
+        super().__init__(message)
+        self.named = named
 
 
 class PbxMap:
@@ -51,25 +65,43 @@ class PbxMap:
     def pbx_of(self, session: AgiSession, index: int) -> str:
         """1. the ``GW_PBX`` argument at ``index`` when present and well-formed; 2. the
         PBX whose ``agi_peers`` hold the peer address (exactly one); 3. the only PBX
-        configured; 4. ``default``. A name this process does not serve is kept: the
-        call is recorded on it, and its owner follows it."""
+        configured. The answer is always one of this process's PBXs: a name it is not
+        configured with, or several PBXs and nothing to tell which, raises
+        ``PbxNotServed`` (the caller refuses the request)."""
         named = _arg(session.request.args, index)
         if named is not None and PBX_NAME.fullmatch(named):
-            return named
-        peer = getattr(session, "peer", None)
-        if peer and self._peers:
-            try:
-                address = ipaddress.ip_address(peer[0])
-            except ValueError:
-                address = None
-            if address is not None:
-                found = {name for name, net in self._peers
-                         if address.version == net.version and address in net}
-                if len(found) == 1:
-                    return found.pop()
+            if named in self.names:
+                return named
+            raise PbxNotServed(
+                f"the AGI request names PBX {named!r}, which this process is not "
+                f"configured with (it serves {', '.join(self.names)}): list that PBX in "
+                "the configuration of every gateway its dialplan names in GW_AGI or "
+                "GW_AGI_BACKUP", named=named)
+        found = self.by_peer(getattr(session, "peer", None))
+        if found is not None:
+            return found
         if len(self.names) == 1:
             return self.names[0]
-        return DEFAULT_PBX
+        raise PbxNotServed(
+            "the AGI request names no PBX (empty or malformed GW_PBX) and its peer "
+            f"address is in the agi_peers of none of this process's PBXs "
+            f"({', '.join(self.names)}), or of more than one", named=named)
+
+    def by_peer(self, peer: Any) -> str | None:
+        """The one PBX whose ``agi_peers`` hold the peer's address (an IPv4-mapped IPv6
+        address counts as its IPv4 address, as for the AGI server's allow list)."""
+        if not peer or not self._peers:
+            return None
+        try:
+            address = ipaddress.ip_address(str(peer[0]).partition("%")[0])
+        except ValueError:
+            return None
+        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            candidates.append(address.ipv4_mapped)
+        found = {name for name, net in self._peers
+                 for a in candidates if a.version == net.version and a in net}
+        return found.pop() if len(found) == 1 else None
 
 
 class AgiRoutes:
@@ -99,9 +131,8 @@ class AgiRoutes:
         req = session.request
         dialled = _arg(req.args, var.OUTBOUND_DIALLED) or req.extension or ""
         endpoint = _arg(req.args, var.OUTBOUND_ENDPOINT) or _endpoint_of(req.channel)
-        pbx = self.pbx_map.pbx_of(session, var.OUTBOUND_PBX)
-        await self._decide(session, "outbound", endpoint, dialled, pbx,
-                           lambda: self.rater.authorise_outbound(
+        await self._decide(session, "outbound", endpoint, dialled, var.OUTBOUND_PBX,
+                           lambda pbx: self.rater.authorise_outbound(
                                endpoint, dialled, pbx_uniqueid=req.uniqueid or None,
                                linkedid=_arg(req.args, var.OUTBOUND_LINKEDID), pbx=pbx))
 
@@ -110,21 +141,32 @@ class AgiRoutes:
         req = session.request
         called = _arg(req.args, var.INBOUND_CALLED) or req.extension or ""
         caller = _arg(req.args, var.INBOUND_CALLER) or req.callerid or ""
-        pbx = self.pbx_map.pbx_of(session, var.INBOUND_PBX)
-        await self._decide(session, "inbound", caller, called, pbx,
-                           lambda: self.rater.authorise_inbound(
+        await self._decide(session, "inbound", caller, called, var.INBOUND_PBX,
+                           lambda pbx: self.rater.authorise_inbound(
                                called, caller, pbx_uniqueid=req.uniqueid or None,
                                linkedid=_arg(req.args, var.INBOUND_LINKEDID), pbx=pbx))
 
     async def _decide(self, session: AgiSession, direction: str, caller: str, dialled: str,
-                      pbx: str, authorise: Callable[[], Awaitable[Decision]]) -> None:
-        with _bound(session), structlog.contextvars.bound_contextvars(pbx=pbx):
+                      pbx_index: int, authorise: Callable[[str], Awaitable[Decision]]
+                      ) -> None:
+        with _bound(session):
             started = time.perf_counter()
             try:
-                decision = await authorise()
-            except Exception as exc:  # noqa: BLE001 - one deny path for every failure
-                decision = self._failed(direction, exc, dialled, caller)
-            await self._answer(session, direction, decision, caller, pbx, started)
+                pbx = self.pbx_map.pbx_of(session, pbx_index)
+            except PbxNotServed as exc:
+                # refused before anything is reserved: the dialplan answers GATEWAY_ERROR
+                # with its 503 (emergency numbers never ask the gateway)
+                _not_served(session, exc, direction, refused=True)
+                decision = Decision(False, Reason.GATEWAY_ERROR, None, destination=dialled)
+                await self._answer(session, direction, decision, caller, exc.named or "",
+                                   started)
+                return
+            with structlog.contextvars.bound_contextvars(pbx=pbx):
+                try:
+                    decision = await authorise(pbx)
+                except Exception as exc:  # noqa: BLE001 - one deny path for every failure
+                    decision = self._failed(direction, exc, dialled, caller)
+                await self._answer(session, direction, decision, caller, pbx, started)
 
     def _failed(self, direction: str, exc: Exception, dialled: str, caller: str) -> Decision:
         if isinstance(exc, GatewayError):
@@ -188,8 +230,26 @@ class AgiRoutes:
             billable = answered_ms // 1000
         else:
             billable = billsec or 0
-        pbx = self.pbx_map.pbx_of(session, var.HANGUP_PBX)
+        try:
+            pbx = self.pbx_map.pbx_of(session, var.HANGUP_PBX)
+        except PbxNotServed as exc:
+            # The call exists already (some gateway authorised it): its end report is the
+            # PBX's own statement of the talk time, and settling it (exactly once, in SQL)
+            # only ever frees its reservation, so it is settled all the same; loudly, as
+            # the configuration is wrong.
+            _not_served(session, exc, "hangup", refused=False, call_id=str(call_id))
+            pbx = exc.named or ""
         await self.reporting(pbx, call_id).settle(call_id, billable, by="agi")
+
+
+def _not_served(session: AgiSession, exc: PbxNotServed, route: str, *, refused: bool,
+                **fields: Any) -> None:
+    """One error line naming the PBX the request named (if any) and the peer it came
+    from: a dialplan sends this process requests of a PBX it is not configured with."""
+    peer = getattr(session, "peer", None)
+    log.error("agi_pbx_not_served", route=route, named_pbx=exc.named,
+              peer=f"{peer[0]}:{peer[1]}" if peer else None,
+              action="refused" if refused else "settled", error=exc.message, **fields)
 
 
 def _answer_variables(d: Decision) -> list[tuple[str, str]]:
