@@ -165,3 +165,34 @@ async def test_the_fleet_migration_gives_existing_calls_and_records_to_pbx_defau
             ("default", "1700000000.1"), ("default", "1700000000.2"), ("pbx2", "1700000000.1")]
     finally:
         await conn.close()
+
+
+async def test_the_fleet_migration_fails_at_once_behind_a_lock_and_changes_nothing(
+        empty_database):
+    """Migration 008 rewrites the keys of calls and cdr under an exclusive lock. A
+    process still holding a lock on either (a gateway left running, a long report) makes
+    it fail by its lock_timeout, before any change, rather than queue: a queued exclusive
+    lock would hold every other query on those tables behind it. Once the lock is gone
+    it applies."""
+    conn, holder = await asyncpg.connect(empty_database), await asyncpg.connect(empty_database)
+    try:
+        await apply_up_to(conn, "007_user_deactivation")
+        for table in ("calls", "cdr"):
+            reading = holder.transaction()
+            await reading.start()
+            await holder.fetchval(f"SELECT count(*) FROM {table}")  # ACCESS SHARE, kept
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await asyncio.wait_for(migrate(conn), 60)  # the guard of a hang, no limit
+            await reading.rollback()
+            assert await conn.fetchval(
+                "SELECT max(version) FROM schema_migrations") == "007_user_deactivation"
+            assert await conn.fetchval(
+                "SELECT count(*) FROM information_schema.columns"
+                " WHERE table_name IN ('calls', 'cdr') AND column_name = 'pbx'") == 0
+            assert await conn.fetchval("SELECT to_regclass('pbx_leases')") is None
+        applied = await migrate(conn)
+        assert applied[0] == "008_fleet"
+        assert await conn.fetchval("SHOW lock_timeout") == "0"  # SET LOCAL: 008's alone
+    finally:
+        await holder.close()
+        await conn.close()

@@ -4,11 +4,28 @@
 -- at a time owns a PBX, by a lease in pbx_leases; a process settles a PBX's calls on
 -- reconciliation only while it holds that PBX's lease (the repository's fenced settle).
 -- Applied in one transaction, like every migration.
+--
+-- This migration rewrites the keys of calls and cdr: it holds both tables exclusively
+-- until it commits (a few seconds on a million rows each; see docs/fleet.md,
+-- "Migrating"), so it is applied with every gateway process stopped. A lock it cannot
+-- have within lock_timeout (a process still running, a long report reading calls) makes
+-- it fail at once, with nothing changed, instead of queueing: a queued exclusive lock
+-- would stop every other query on calls and cdr behind it (cdr_pgsql's inserts too) for
+-- as long as it waited.
+
+SET LOCAL lock_timeout = '3s';
+-- Both tables at once, before any change: a lock that is not to be had fails the
+-- migration before it has done any work, and cdr_pgsql never waits behind a half-done
+-- calls rewrite.
+LOCK TABLE calls, cdr IN ACCESS EXCLUSIVE MODE;
 
 -- ---- calls: the PBX a call's channel lives on ------------------------------------------
 
--- Every call recorded before the fleet came from the single PBX, now named 'default'
--- (ADD COLUMN with a constant default writes it into every existing row).
+-- Every call recorded before the fleet came from the single PBX, now named 'default'.
+-- ADD COLUMN with a constant default changes only the catalogue (no row is rewritten);
+-- its CHECK reads the table once. (Adding the CHECK NOT VALID and validating it after
+-- would read it all the same, and gain nothing here: within this one transaction the
+-- exclusive lock taken above is held to the end anyway.)
 ALTER TABLE calls ADD COLUMN pbx text NOT NULL DEFAULT 'default'
     CONSTRAINT calls_pbx_name CHECK (pbx ~ '^[A-Za-z0-9_.-]{1,64}$');
 ALTER TABLE calls DROP CONSTRAINT calls_pbx_uniqueid_key;
