@@ -109,6 +109,10 @@ class _OneConnection:
 
 
 class Repository:
+    # a fenced transaction left idle this long is ended by the server (see ``_fenced``);
+    # well under a lease's length (the gateway sets it from ``lease_seconds``)
+    fence_idle_seconds: float = 2.0
+
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
 
@@ -130,7 +134,9 @@ class Repository:
                 tx = conn.transaction()
                 await tx.start()
                 try:
-                    yield Repository(_OneConnection(conn))  # type: ignore[arg-type]
+                    inner = Repository(_OneConnection(conn))  # type: ignore[arg-type]
+                    inner.fence_idle_seconds = self.fence_idle_seconds
+                    yield inner
                 except BaseException:
                     await tx.rollback()
                     raise
@@ -299,20 +305,27 @@ class Repository:
 
     async def _fenced(self, fence: Fence | None, sql: str, *args: Any) -> asyncpg.Record:
         """Run one statement returning a row; with ``fence`` = (pbx, owner), in a
-        transaction that first finds ``owner``'s unexpired lease of ``pbx`` and holds it
-        with FOR SHARE until the commit. A take-over of the lease (an update of its row)
-        waits for that commit, and one that committed first leaves no such row: so a
-        fenced write never commits after another process took the PBX over. No lease:
-        nothing is written and ``NotOwner`` is raised."""
+        transaction that first holds the PBX's fence (``gw_fence``: an advisory lock
+        taken shared until the commit) and finds ``owner``'s unexpired lease. A change
+        of the lease's owner takes that lock exclusively: it waits for the fenced
+        transactions in flight, and one that committed first is seen when the lock is
+        granted. So a fenced write never commits after another process took the PBX
+        over, while the owner's renewals of its own lease never wait for its fenced
+        writes. No lease: nothing is written and ``NotOwner`` is raised.
+
+        A process that stops inside the transaction (frozen, its link half open) would
+        keep the PBX from every other process: the server ends the session once the
+        transaction stays idle ``fence_idle_seconds``, and its locks with it."""
         if fence is None:
             r = await self._fetchrow(sql, *args)
         else:
             pbx, owner = fence
+            idle = f"{max(100, round(self.fence_idle_seconds * 1000))}ms"
             async with self.transaction() as conn:
                 held = await conn.fetchval(
-                    "SELECT 1 FROM pbx_leases WHERE pbx = $1 AND owner = $2"
-                    " AND expires_at > now() FOR SHARE", pbx, owner)
-                if held is None:
+                    "SELECT set_config('idle_in_transaction_session_timeout', $3, true)"
+                    " IS NOT NULL AND gw_fence($1, $2)", pbx, owner, idle)
+                if not held:
                     raise NotOwner(f"{owner} does not hold the lease of PBX {pbx}",
                                    code="NOT_PBX_OWNER")
                 r = await conn.fetchrow(sql, *args)
@@ -742,13 +755,21 @@ class Repository:
 
     # ---- PBX leases ------------------------------------------------------------------
 
-    async def lease(self, pbx: str, owner: str, seconds: float | Decimal
-                    ) -> asyncpg.Record:
+    async def lease(self, pbx: str, owner: str, seconds: float | Decimal,
+                    wait: float | Decimal | None = None) -> asyncpg.Record:
         """Take or renew ``owner``'s lease of ``pbx`` for ``seconds`` (``gw_lease``): the
         lease as it is afterwards (owner, generation, expires_at): ``owner`` holds it
-        if the row's owner is ``owner``."""
-        r = await self._fetchrow("SELECT * FROM gw_lease($1, $2, $3)", pbx, owner,
-                                 Decimal(str(seconds)))
+        if the row's owner is ``owner``. A change of owner waits for the fenced
+        transactions in flight at most ``wait`` seconds (default a sixth of
+        ``seconds``), then raises ``Unavailable`` (``LEASE_BUSY``); a renewal in time by
+        the owner waits for none."""
+        try:
+            r = await self._fetchrow(
+                "SELECT * FROM gw_lease($1, $2, $3, $4)", pbx, owner, Decimal(str(seconds)),
+                None if wait is None else Decimal(str(wait)))
+        except asyncpg.LockNotAvailableError as exc:
+            raise Unavailable(f"the lease of PBX {pbx} is busy: {exc}",
+                              code="LEASE_BUSY") from exc
         assert r is not None
         return r
 
