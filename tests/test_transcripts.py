@@ -386,19 +386,22 @@ class StubRater:
         self.decision = decision
         self.asked: list[tuple[Any, ...]] = []
 
-    async def authorise_outbound(self, endpoint, dialled, *, pbx_uniqueid, linkedid):
+    async def authorise_outbound(self, endpoint, dialled, *, pbx_uniqueid, linkedid, pbx):
+        # the recordings come from a PBX without GW_PBX: the sole PBX configured
+        assert pbx == "default"
         self.asked.append(("outbound", endpoint, dialled, pbx_uniqueid, linkedid))
         return self.decision
 
-    async def authorise_inbound(self, called, caller, *, pbx_uniqueid, linkedid):
+    async def authorise_inbound(self, called, caller, *, pbx_uniqueid, linkedid, pbx):
+        assert pbx == "default"
         self.asked.append(("inbound", called, caller, pbx_uniqueid, linkedid))
         return self.decision
 
-    async def settle(self, call_id, billable, *, by):
+    async def settle(self, call_id, billable, *, by, fence=None):
         self.asked.append(("settle", call_id, billable, by))
         return _Settled()
 
-    async def release(self, call_id, *, by):
+    async def release(self, call_id, *, by, fence=None):
         self.asked.append(("release", call_id, by))
         return _Settled()
 
