@@ -114,6 +114,8 @@ class Gateway:
             raise StartupError(f"database: cannot connect to "
                                f"{cfg.public()['database_url'] or 'embedded'}: {exc}") from exc
         self.repo = Repository(self.pool)
+        # a fenced transaction left idle (a frozen process) ends well before its lease
+        self.repo.fence_idle_seconds = cfg.lease_seconds / 3
         self.rater = Rater(self.repo, clock=self.clock, slice_seconds=cfg.slice_seconds)
         self.provisioning = Provisioning(self.repo, clock=self.clock)
         self.views = Views(self.repo, clock=self.clock)
@@ -138,7 +140,9 @@ class Gateway:
         # before taking calls: each PBX whose lease is free (or ours from before a
         # restart) is ours at once: its AMI link is made, its calls still up adopted and
         # those that ended meanwhile settled (without AMI, from its CDR table only).
-        # A PBX whose lease another live process holds stays on standby.
+        # A PBX whose lease another live process holds stays on standby. An AMI link
+        # refused for its configuration (the wrong PBX, a wrong secret) stops the start;
+        # an unreachable PBX is served without AMI until its link is made.
         for name, keeper in self.leases.items():
             try:
                 await keeper.attempt(strict=True)
@@ -236,12 +240,14 @@ class Gateway:
                 await task
         for keeper in self.leases.values():
             await keeper.stop()  # no more lease attempts, no reconcile timers
+        for keeper in self.leases.values():
+            # no more events before the calls stop: an answer heard after would start
+            # a renewal nobody cancels
+            await keeper.stop_ami()
         if self.calls is not None:
             await self.calls.stop()
         if self.rater is not None:
             await self.rater.stop()  # voids of lost authorisations still retrying
-        for keeper in self.leases.values():
-            await keeper.stop_ami()
         for keeper in self.leases.values():
             # the next owner (another process, or ours restarted) takes each PBX at once
             await keeper.release()

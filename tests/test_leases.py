@@ -5,15 +5,22 @@ against the real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import time
+import uuid
 from decimal import Decimal
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
-from gateway.billing.rater import Rater
+from gateway.ami.events import CoreShowChannel
+from gateway.billing.rater import Rater, Renewal
 from gateway.billing.recovery import Lease, Recovery
-from gateway.errors import Conflict, InvalidInput, NotOwner
+from gateway.calls.live import LiveCall, LiveCalls
+from gateway.errors import Conflict, InvalidInput, NotOwner, Unavailable
+from gateway.metrics import Metrics
 from gateway.store.pool import open_pool
 from gateway.store.repository import Repository
 from tests.support.ledger import ledger_agrees, pool_row
@@ -351,7 +358,7 @@ async def test_a_take_over_in_flight_refuses_the_old_owners_settlement(
                 assert (taken["owner"], taken["generation"]) == ("gw-b", 2)
                 settling = asyncio.create_task(old.settle(
                     d.call_id, 65, rater.clock(), "reconcile-cdr", fence=("pbx1", "gw-a")))
-                await waiting_on_lock(repo, "FOR SHARE")
+                await waiting_on_lock(repo, "gw_fence")
                 assert not settling.done()
                 await tx.commit()
             await settling
@@ -364,7 +371,7 @@ async def test_a_take_over_in_flight_refuses_the_old_owners_settlement(
 async def test_a_fenced_settlement_in_flight_commits_before_the_take_over(
         admin, rater, repo, recovery, patient):
     """The old owner's settlement passed its fence, then its lease expired: the new
-    owner's take-over waits for the settlement's commit (FOR SHARE), never the reverse."""
+    owner's take-over waits for the settlement's commit (the fence), never the reverse."""
     d = await open_call(admin, rater)
     settler = Rater(patient, clock=rater.clock)
     async with patient.pool.acquire() as blocker:
@@ -387,3 +394,249 @@ async def test_a_fenced_settlement_in_flight_commits_before_the_take_over(
     taken = await taking
     assert (taken.owner, taken.generation) == ("gw-b", 2)
     await ledger_agrees(repo)
+
+
+# ---- the fence without a row lock (migration 009) ----------------------------------------------
+
+async def test_a_frozen_fenced_transaction_cannot_keep_its_pbx_from_a_take_over(
+        admin, rater, repo, recovery, patient):
+    """The old owner froze inside a fenced settlement (SIGSTOP, a half-open link): it never
+    sends another word. The server ends its idle transaction, and its fence with it, so
+    another process takes the PBX over; the frozen settlement never commits."""
+    d = await open_call(admin, rater)
+    lease = await recovery.lease("pbx1", "gw-a", 3)
+    patient.fence_idle_seconds = 1.0
+    fenced = asyncio.Event()
+
+    async def frozen_owner() -> None:
+        async with patient.one_transaction() as tx:
+            await tx.settle(d.call_id, 65, rater.clock(), "reconcile-cdr",
+                            fence=("pbx1", "gw-a"))
+            fenced.set()
+            await asyncio.Event().wait()  # frozen: the transaction stays open, idle
+
+    holder = asyncio.create_task(frozen_owner())
+    await fenced.wait()
+    await until_database_time_passes(repo, lease.expires_at)
+    refused: list[str] = []
+    try:
+        async with asyncio.timeout(30):  # before the fix: refused for ever
+            while True:
+                try:
+                    taken = await recovery.lease("pbx1", "gw-b", 3)
+                    break
+                except Unavailable as exc:
+                    refused.append(exc.code)
+    finally:
+        holder.cancel()
+        with contextlib.suppress(BaseException):
+            await holder
+    assert (taken.owner, taken.generation) == ("gw-b", 2)
+    # while the frozen transaction lived, each attempt gave up at its lock timeout
+    assert set(refused) <= {"LEASE_BUSY"}
+    assert (await call_row(repo, d.call_id))["state"] == "authorised"
+    s = await rater.settle(d.call_id, 125, by="reconcile-cdr", fence=("pbx1", "gw-b"))
+    assert (s.outcome, s.billed_seconds) == ("settled", 180)
+    await ledger_agrees(repo)
+
+
+async def test_a_take_over_waits_for_fenced_writes_only_so_long(admin, rater, repo, recovery,
+                                                                 patient):
+    """A take-over waits for the fenced transactions in flight at most a sixth of the
+    lease (half its renewal interval), then says the lease is busy: a lease attempt
+    never hangs past its own interval."""
+    d = await open_call(admin, rater)
+    lease = await recovery.lease("pbx1", "gw-a", 3)
+    patient.fence_idle_seconds = 60.0
+    async with patient.one_transaction() as tx:
+        await tx.settle(d.call_id, 65, rater.clock(), "reconcile-cdr", fence=("pbx1", "gw-a"))
+        await until_database_time_passes(repo, lease.expires_at)
+        with pytest.raises(Unavailable) as e:
+            await recovery.lease("pbx1", "gw-b", 3)
+        assert e.value.code == "LEASE_BUSY"
+    # the settlement committed before any take-over; the next attempt takes the PBX
+    assert (await call_row(repo, d.call_id))["state"] == "settled"
+    taken = await recovery.lease("pbx1", "gw-b", 3)
+    assert (taken.owner, taken.generation) == ("gw-b", 2)
+    await ledger_agrees(repo)
+
+
+async def test_the_owners_renewal_never_waits_for_its_own_fenced_writes(
+        admin, rater, repo, recovery, patient):
+    """A renewal of the lease by its holder does not conflict with the holder's fenced
+    transactions: however many are in flight, the lease cannot run out behind them."""
+    d = await open_call(admin, rater)
+    first = await recovery.lease("pbx1", "gw-a", 30)
+    patient.fence_idle_seconds = 60.0
+    async with patient.one_transaction() as tx:
+        await tx.renew(d.call_id, 300, rater.clock(), fence=("pbx1", "gw-a"))
+        renewed = await recovery.lease("pbx1", "gw-a", 60)  # before the fix: blocked
+        assert (renewed.owner, renewed.generation) == ("gw-a", 1)
+        assert renewed.expires_at > first.expires_at
+    assert await pool_row(repo) == (0, 600)  # the fenced renewal committed
+    await ledger_agrees(repo)
+
+
+async def test_a_waiting_take_over_is_not_overtaken_by_new_fenced_writes(
+        admin, rater, repo, recovery, patient):
+    """While a take-over waits for a fenced transaction, a new fenced write of the old
+    owner queues behind the take-over (it does not slip past it), then finds the lease
+    gone and writes nothing."""
+    await standard_tenant(admin)
+    one = await rater.authorise_outbound("alice", "2125550100", pbx_uniqueid="17.1", pbx="pbx1")
+    two = await rater.authorise_outbound("bob", "2125550100", pbx_uniqueid="17.2", pbx="pbx1")
+    lease = await recovery.lease("pbx1", "gw-a", 2)
+    patient.fence_idle_seconds = 60.0
+    late = Rater(patient, clock=rater.clock)
+    async with patient.one_transaction() as tx:
+        await tx.settle(one.call_id, 65, rater.clock(), "reconcile-cdr", fence=("pbx1", "gw-a"))
+        await until_database_time_passes(repo, lease.expires_at)
+        taking = asyncio.create_task(patient.lease("pbx1", "gw-b", 30, wait=60))
+        take_pid = await waiting_on_lock(repo, "gw_lease")
+        settling = asyncio.create_task(
+            late.settle(two.call_id, 65, by="reconcile-cdr", fence=("pbx1", "gw-a")))
+        settle_pid = await waiting_on_lock(repo, "gw_fence")
+        assert take_pid in await repo.pool.fetchval("SELECT pg_blocking_pids($1)", settle_pid)
+        assert not settling.done() and not taking.done()
+    taken = await taking
+    assert (taken["owner"], taken["generation"]) == ("gw-b", 2)
+    with pytest.raises(NotOwner):
+        await settling
+    assert (await call_row(repo, one.call_id))["state"] == "settled"
+    assert (await call_row(repo, two.call_id))["state"] == "authorised"
+    await ledger_agrees(repo)
+
+
+# ---- the lease keeper ---------------------------------------------------------------------------
+
+async def test_a_lease_that_lapsed_and_was_taken_again_by_its_owner_adopts_its_calls_anew(
+        admin, repo, clock):
+    """An attempt timed out, the lease ran out in the database (a call's fenced renewal
+    was refused meanwhile and gave up), and the next attempt took the lease again under
+    the same owner. That is a new tenure: the table is dropped and the calls adopted again
+    from the PBX, renewals and all."""
+    from structlog.testing import capture_logs
+
+    from tests.test_calls import LeasedAmi, Session, answer, leased_process
+
+    await standard_tenant(admin)
+    up = [CoreShowChannel(channel="PJSIP/alice-1", uniqueid="u1", linkedid="u1"),
+          CoreShowChannel(channel="PJSIP/carrier-1", uniqueid="p1", linkedid="u1")]
+    now = [1000.0]
+    amis: list[LeasedAmi] = []
+    svc, keeper = leased_process(Rater(repo, clock=clock), Recovery(repo), "gw-a",
+                                 lambda: amis.append(LeasedAmi(up)) or amis[-1],
+                                 monotonic=lambda: now[0])
+    pbx = svc.pbx("pbx1")
+    try:
+        await keeper.attempt(strict=True)
+        await svc.agi_outbound(Session("outbound", "2125550100", "alice", "u1", "pbx1",
+                                       uniqueid="u1"))
+        await pbx.on_dial_end(answer("u1", "PJSIP/carrier-1"))
+        [before] = svc.live.values()
+        assert before.renew_task is not None and pbx.lease.generation == 1
+
+        await expire(repo, "pbx1")  # ran out while an attempt hung
+        now[0] += 2  # well before the lease's end as this process counts it
+        with capture_logs() as logs:
+            await keeper.attempt()
+            await keeper.served()
+        assert [e["event"] for e in logs if e["event"].startswith("pbx_lease_")] == [
+            "pbx_lease_lost", "pbx_lease_gained"]
+        assert pbx.owned and pbx.lease.generation == 2 and pbx.lease_changes == 3
+        assert before.renew_task.done() and amis[0].stopped and len(amis) == 2
+        [after] = svc.live.values()
+        assert after is not before and after.call_id == before.call_id
+        assert after.dest_channel == "PJSIP/carrier-1"
+
+        # the same generation, but asked for only after our lease's end as we count it:
+        # as good as lapsed, the calls are adopted again all the same
+        now[0] += 7
+        with capture_logs() as logs:
+            await keeper.attempt()
+            await keeper.served()
+        assert [e["event"] for e in logs if e["event"].startswith("pbx_lease_")] == [
+            "pbx_lease_lost", "pbx_lease_gained"]
+        assert pbx.owned and pbx.lease.generation == 2 and len(svc.live) == 1
+
+        # in time, the same generation: nothing happens
+        now[0] += 1
+        with capture_logs() as logs:
+            await keeper.attempt()
+        assert [e["event"] for e in logs if e["event"].startswith("pbx_lease_")] == []
+    finally:
+        await keeper.stop()
+        await svc.stop()
+        await keeper.release()
+    assert (await repo.pool.fetchval("SELECT state FROM calls")) == "answered"
+    await ledger_agrees(repo)
+
+
+class RefusingRater:
+    """A rater whose first ``refusals`` renewals are refused by the fence."""
+
+    slice_seconds = 3
+
+    def __init__(self, refusals: int):
+        self.refusals = refusals
+        self.asked = 0
+
+    async def renew(self, call_id, fence=None):
+        self.asked += 1
+        if self.asked <= self.refusals:
+            raise NotOwner("gw-a does not hold the lease of PBX pbx1", code="NOT_PBX_OWNER")
+        return Renewal(slice_seconds=0, funded_seconds=3, open=False)
+
+
+@pytest.mark.parametrize("owned", [True, False])
+async def test_a_renewal_refused_by_the_fence_is_tried_again_while_the_pbx_is_ours(owned):
+    rater = RefusingRater(refusals=2)
+    live = LiveCalls(rater, Metrics(), renew_before_seconds=30, monotonic=time.monotonic,
+                     pbx="pbx1")
+    live.fence = ("pbx1", "gw-a")
+    live.owned = lambda: owned
+    live.ami = object()  # a deadline link: renewals start
+    call = LiveCall(call_id=uuid.uuid4(), direction="outbound", tenant_id="acme",
+                    caller="alice", destination="12125550100", route="pstn", rated=True,
+                    funded_seconds=0, uniqueid="u1", pbx="pbx1", dest_channel="PJSIP/c-1",
+                    answered_mono=time.monotonic())
+    live.track(call)
+    live.start_renewals(call)
+    assert call.renew_task is not None
+    await asyncio.wait_for(call.renew_task, 30)
+    # ours: tried again until the fence lets it through; another's: given up at once
+    assert rater.asked == (3 if owned else 1)
+
+
+# ---- start and stop of a process serving several PBXs ------------------------------------------
+
+async def test_an_unreachable_pbx_does_not_stop_the_start_of_the_others(database_url):
+    """pbx2's AMI cannot be reached: an outage, not a configuration error. The process
+    starts, owns both PBXs, serves pbx2 without AMI and keeps trying its link."""
+    from gateway.app import Gateway
+    from gateway.config import Config, PbxConfig
+    from tests.support.pbx.ports import free_port
+
+    down = free_port()  # nothing listens there
+    cfg = Config(database_url=database_url, agi_port=0, http_port=0, instance_name="gw-a",
+                 pbx=(PbxConfig(name="pbx1"),
+                      PbxConfig(name="pbx2", ami_host="127.0.0.1", ami_port=down,
+                                ami_secret="s3cret")))
+    gw = Gateway(cfg, configure_logs=False)
+    try:
+        await gw.start()  # before the fix: StartupError "ami: pbx2: AMI_UNREACHABLE ..."
+        assert gw.calls.pbx("pbx1").owned and gw.calls.pbx("pbx2").owned
+        assert gw.leases["pbx2"].ami is None
+        assert gw.calls.pbx("pbx2").lease_error is None
+    finally:
+        await gw.stop()
+    rows = await gw_leases(database_url)
+    assert {r["pbx"]: r["held"] for r in rows} == {"pbx1": False, "pbx2": False}  # released
+
+
+async def gw_leases(database_url):
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetch("SELECT pbx, expires_at > now() AS held FROM pbx_leases")
+    finally:
+        await conn.close()

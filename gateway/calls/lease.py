@@ -10,6 +10,9 @@ clock decides). Then:
     lost    -> another process holds it, or renewals failed until our lease's own end:
                stop the timer and the AMI link, drop the live table without settling
                (``pbx_lease_lost``); the new owner adopts the calls
+    lapsed  -> ours again, but as a new tenure (another generation: the lease ran out
+               in between, and our fenced renewals may have been refused meanwhile):
+               lost, then gained (the table dropped, the calls adopted again)
     stopped -> release it (graceful stop): another process takes it at its next attempt
 
 A dead owner's lease expires ``lease_seconds`` after its last renewal; another process
@@ -32,6 +35,11 @@ from .pbx import AmiLink, PbxCalls
 
 log = structlog.get_logger("gateway.calls")
 
+# AMI failures at start that are the configuration's fault (the wrong PBX at that
+# address, credentials refused): the process refuses to start. Any other (the PBX down or
+# unreachable) is an outage: the PBX is served without AMI until its link is made.
+CONFIGURATION_ERRORS = frozenset({"AMI_PBX_MISMATCH", "AMI_LOGIN_FAILED"})
+
 
 class LeaseKeeper:
     """Takes, keeps and gives up one PBX's lease for this process."""
@@ -51,7 +59,11 @@ class LeaseKeeper:
         self.reconcile_interval = reconcile_interval
         self.ami_factory = ami_factory
         self.monotonic = monotonic
+        # a call's renewal refused by the fence is tried again while the PBX is ours (the
+        # lease lapsed and is being taken again), given up once it is not
+        pbx.live.owned = lambda: pbx.owned
         self.held_until = 0.0  # monotonic time our lease surely lasts until
+        self.generation: int | None = None  # the generation of the tenure we hold
         self.ami: Any = None  # the client started for this ownership
         self._timer: asyncio.Task[None] | None = None
         self._loop: asyncio.Task[None] | None = None
@@ -63,7 +75,8 @@ class LeaseKeeper:
 
     async def attempt(self, *, strict: bool = False) -> None:
         """Ask for the lease once and act on the answer. ``strict`` (the first attempt
-        at start): an AMI link that cannot be made raises (the lease is released)."""
+        at start): an AMI link refused for its configuration (``CONFIGURATION_ERRORS``)
+        raises (the lease is released); an unreachable PBX is served without AMI."""
         name = self.pbx.name
         asked = self.monotonic()
         try:
@@ -82,8 +95,14 @@ class LeaseKeeper:
             if self.pbx.owned:
                 await self._lose(f"taken by {lease.owner}")
             return
+        generation = getattr(lease, "generation", None)
+        if self.pbx.owned and (generation != self.generation or asked >= self.held_until):
+            # ours again after it lapsed: whatever was refused in between (a renewal
+            # told NOT_PBX_OWNER gave up) is put right by adopting the calls anew
+            await self._lose(f"lapsed (generation {self.generation} then {generation})")
         # the database set its expiry at least this late
         self.held_until = asked + self.seconds
+        self.generation = generation
         if not self.pbx.owned:
             self._gain(lease)
             if strict:  # at start: before the first call is taken
@@ -145,9 +164,11 @@ class LeaseKeeper:
         except Exception as exc:
             self.ami = None
             self.pbx.detach_ami()
-            if strict:
+            if strict and getattr(exc, "code", None) in CONFIGURATION_ERRORS:
                 await self.release()
                 raise
+            # an outage (unreachable, no answer): served without AMI meanwhile, the link
+            # tried again at each renewal
             log.warning("pbx_ami_not_connected", pbx=self.pbx.name, error=str(exc))
             return
         # after each AMI reconnect, and after dropped events, the PBX may have changed

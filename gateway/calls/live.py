@@ -128,6 +128,9 @@ class LiveCalls:
         # reconciler's settlements commit only while the lease is still ours. None: no
         # lease is kept (one process, one PBX, as in unit tests).
         self.fence: tuple[str, str] | None = None
+        # whether this process owns the PBX now (its lease keeper answers; without one
+        # a renewal refused by the fence ends the renewals)
+        self.owned: Callable[[], bool] = lambda: False
         self.rater = rater
         self.metrics = metrics
         self.renew_before = renew_before_seconds
@@ -234,6 +237,11 @@ class LiveCalls:
                                 error=exc.message)
                     self.metrics.reservations.labels("error").inc()
                     await asyncio.sleep(1)
+                    continue
+                if self.owned():
+                    # our lease lapsed and is being taken again: the keeper drops and
+                    # re-adopts the calls, or the next renewal passes the fence
+                    await asyncio.sleep(DEADLINE_RETRY_SECONDS)
                     continue
                 # the PBX's lease went to another process: it renews the call now
                 log.warning("renew_not_owner", call_id=str(call.call_id), pbx=self.pbx)
