@@ -640,3 +640,38 @@ async def gw_leases(database_url):
         return await conn.fetch("SELECT pbx, expires_at > now() AS held FROM pbx_leases")
     finally:
         await conn.close()
+
+
+async def test_a_stop_hears_no_more_answers_once_it_stops_the_calls(database_url, admin):
+    """At a stop the AMI links stop before the calls: an answer the PBX reports while the
+    process stops can no longer start a renewal that nothing would cancel."""
+    from gateway.app import Gateway
+    from gateway.config import Config
+    from tests.test_calls import LeasedAmi, Session, answer
+
+    await standard_tenant(admin)
+    gw = Gateway(Config(database_url=database_url, agi_port=0, http_port=0,
+                        instance_name="gw-a"), configure_logs=False)
+    await gw.start()
+    pbx = gw.calls.pbx("default")
+    ami = LeasedAmi()  # a link that delivers events until it is stopped
+    pbx.attach_ami(ami)
+    gw.leases["default"].ami = ami
+    await gw.calls.agi_outbound(Session("outbound", "2125550100", "alice", "u1", "default",
+                                        uniqueid="u1"))
+    [call] = pbx.live.by_id.values()
+    stop_calls = gw.calls.stop
+
+    async def stop_then_hear_an_answer() -> None:
+        await stop_calls()
+        if not ami.stopped:  # the link still delivers: the PBX's DialEnd comes through
+            await pbx.on_dial_end(answer("u1", "PJSIP/carrier-1"))
+
+    gw.calls.stop = stop_then_hear_an_answer
+    try:
+        await gw.stop()
+        assert ami.stopped
+        assert call.renew_task is None or call.renew_task.done()
+    finally:
+        if call.renew_task is not None:
+            call.renew_task.cancel()
