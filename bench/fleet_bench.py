@@ -72,6 +72,7 @@ from bench.e2e_bench import (
     read_sipp,
     run_ramp,
     step_failure,
+    taskprocessors,
 )
 from bench.rater_bench import provision_tenants, rater_cycle
 from gateway.billing.provisioning import Provisioning
@@ -450,6 +451,9 @@ class CallsBench:
                            timeout=duration + hold_s + 40)
             loads[name] = (uac, uas)
         open0, counts0 = await self.open_calls(), await self.call_counts()
+        for name in used:
+            with contextlib.suppress(Exception):
+                await self.pbxes[name].acli("core reset taskprocessors")
         for _, uas in loads.values():
             await uas.start(wait_bound=True)
         cpu = CpuMeter(self.dbname, None, self_label="bench driver (python)")
@@ -469,6 +473,11 @@ class CallsBench:
             shares = await cpu.stop()
             pgr = await pg.stop()
             pg = None
+            queues = {}
+            for name in used:
+                with contextlib.suppress(Exception):
+                    queues[name] = taskprocessors(
+                        await self.pbxes[name].acli("core show taskprocessors"))
             await asyncio.gather(*(uas.wait(5) for _, uas in loads.values()))
         finally:
             for uac, uas in loads.values():
@@ -491,7 +500,8 @@ class CallsBench:
         if left - open0 > 0:
             why.append(f"{left - open0} calls still open in the database")
         return {"mode": mode, "rate": rate, "calls": share_calls * len(used), "steps": steps,
-                "cpu": shares, "pg": pgr, "failed": "; ".join(why), "db_calls": counts}
+                "cpu": shares, "pg": pgr, "failed": "; ".join(why), "db_calls": counts,
+                "queues": queues}
 
     @staticmethod
     def describe(r: dict[str, Any]) -> list[str]:
@@ -505,6 +515,12 @@ class CallsBench:
                        f"INVITE retransmissions {st.invite_retrans}"
                        + (f"; {st.note}" if st.note else "")
                        + (f"; SIPp failures {st.failure_kinds}" if st.failure_kinds else ""))
+        for name, tasks in r["queues"].items():
+            mgr = tasks.get("stasis/m:manager:core", (0, 0, 0))
+            over = [k for k, (_, d, h) in tasks.items() if h and d >= h]
+            out.append(f"    Asterisk {name}: AMI manager queue max depth {mgr[1]} (high water "
+                       f"{mgr[2]}); queues over their high water mark: "
+                       f"{', '.join(over) or 'none'}")
         cpu = ", ".join(f"{k} {v * 100:.0f}%" for k, v in sorted(
             r["cpu"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
         out.append(f"    CPU (share of one core; machine = all {_machine_cores()} cores): {cpu}")
