@@ -418,6 +418,16 @@ class CallsBench:
                                      " GROUP BY 1, 2, 3")
         return {f"{r['pbx']} by {r['owner']} {r['state']}": r["n"] for r in rows}
 
+    async def decisions(self) -> dict[str, int]:
+        """Each gateway process's decision counters (``/status``), as
+        ``"gw-a outbound allow REASON"`` -> count."""
+        out: dict[str, int] = {}
+        for name, gw in self.gws.items():
+            with contextlib.suppress(Exception):
+                for d in (await gw.status()).get("decisions") or []:
+                    out[f"{name} {d['direction']} {d['decision']} {d['reason']}"] = d["count"]
+        return out
+
     async def quiet(self, within: float = 20.0) -> int:
         """Wait until no PBX has a channel and no call is open in the database; return
         how many calls are still open then."""
@@ -451,6 +461,7 @@ class CallsBench:
                            timeout=duration + hold_s + 40)
             loads[name] = (uac, uas)
         open0, counts0 = await self.open_calls(), await self.call_counts()
+        decisions0 = await self.decisions()
         for name in used:
             with contextlib.suppress(Exception):
                 await self.pbxes[name].acli("core reset taskprocessors")
@@ -490,6 +501,8 @@ class CallsBench:
         left = await self.quiet()
         counts = {k: n - counts0.get(k, 0) for k, n in (await self.call_counts()).items()
                   if n - counts0.get(k, 0)}
+        decisions = {k: n - decisions0.get(k, 0) for k, n in (await self.decisions()).items()
+                     if n - decisions0.get(k, 0)}
         steps = {}
         for name, (uac, uas) in loads.items():
             st = Step(mode=f"{mode}/{name}", rate=share_rate, calls=share_calls)
@@ -501,7 +514,7 @@ class CallsBench:
             why.append(f"{left - open0} calls still open in the database")
         return {"mode": mode, "rate": rate, "calls": share_calls * len(used), "steps": steps,
                 "cpu": shares, "pg": pgr, "failed": "; ".join(why), "db_calls": counts,
-                "queues": queues}
+                "queues": queues, "decisions": decisions}
 
     @staticmethod
     def describe(r: dict[str, Any]) -> list[str]:
@@ -526,6 +539,7 @@ class CallsBench:
         out.append(f"    CPU (share of one core; machine = all {_machine_cores()} cores): {cpu}")
         out.append(f"    {describe_pg(r['pg'])}")
         out.append(f"    calls in the database (PBX by process, state): {r['db_calls']}")
+        out.append(f"    decisions (gateway /status): {r['decisions']}")
         return out
 
     async def run(self) -> int:
