@@ -51,4 +51,5 @@ def test_two_pbxs_two_gateways_against_one_of_each(pbx_root):
     # each PBX's calls were decided by the gateway that owns it, and all were settled
     assert "'pbx1 by gw-a settled': 4" in fleet_step, out
     assert "'pbx2 by gw-b settled': 4" in fleet_step, out
+    assert "'gw-a outbound ALLOW FUNDED': 4, 'gw-b outbound ALLOW FUNDED': 4" in fleet_step, out
     assert "ratio fleet/single (highest clean total rate): 1.00" in out, out
