@@ -517,7 +517,7 @@ async def test_a_lease_that_lapsed_and_was_taken_again_by_its_owner_adopts_its_c
     from the PBX, renewals and all."""
     from structlog.testing import capture_logs
 
-    from tests.test_calls import LeasedAmi, Session, answer, leased_process
+    from tests.support.calls import LeasedAmi, Session, answer, leased_process
 
     await standard_tenant(admin)
     up = [CoreShowChannel(channel="PJSIP/alice-1", uniqueid="u1", linkedid="u1"),
@@ -647,7 +647,7 @@ async def test_a_stop_hears_no_more_answers_once_it_stops_the_calls(database_url
     process stops can no longer start a renewal that nothing would cancel."""
     from gateway.app import Gateway
     from gateway.config import Config
-    from tests.test_calls import LeasedAmi, Session, answer
+    from tests.support.calls import LeasedAmi, Session, answer
 
     await standard_tenant(admin)
     gw = Gateway(Config(database_url=database_url, agi_port=0, http_port=0,
