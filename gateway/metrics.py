@@ -1,11 +1,19 @@
 """Prometheus metrics of one gateway process, in a registry of its own (so several
-gateways in one test process never clash)."""
+gateways in one test process never clash). The registry also holds the process's own
+figures (``process_resident_memory_bytes``, CPU seconds, open files), read from /proc."""
 
 from __future__ import annotations
 
 from collections import Counter as PyCounter
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
@@ -17,6 +25,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # resident memory, CPU and descriptors of this process (what a live call costs);
+        # where /proc is missing it reports nothing
+        ProcessCollector(registry=r)
         self.decisions = Counter(
             "gateway_authorisations", "Call decisions by direction, decision and reason",
             ["direction", "decision", "reason"], registry=r)
