@@ -19,10 +19,13 @@ from tests.support.pbx import free_port
 
 
 class GatewayProcess:
-    def __init__(self, *, nofile: int | None = None, **config: Any):
+    def __init__(self, *, nofile: int | None = None,
+                 argv: tuple[str, ...] = ("-m", "gateway", "serve"), **config: Any):
         """``nofile``: the process's open-files limit, soft and hard (the gateway cannot
-        raise it), to put it at the descriptor limit."""
+        raise it), to put it at the descriptor limit. ``argv``: the interpreter's
+        arguments (a bench may start the gateway through a wrapper of its own)."""
         self.nofile = nofile
+        self.argv = argv
         self.http_port = free_port()
         self.config = {"http_port": self.http_port, "log_format": "json",
                        "log_level": "info", **config}
@@ -47,7 +50,7 @@ class GatewayProcess:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", env=self.env(),
+            sys.executable, *self.argv, env=self.env(),
             stdout=self._log, stderr=self._log, start_new_session=True,
             preexec_fn=lower_limit)
         await self.wait_ready(ready_within)
