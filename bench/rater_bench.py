@@ -84,7 +84,8 @@ def rater_cycle(rater: Rater, caller_of):
     return one
 
 
-async def main(cycles: int, concurrency: int, tenants: int) -> None:
+async def main(cycles: int, concurrency: int, tenants: int,
+               extra_sql: str | None = None) -> None:
     # measure the rater, not the terminal: drop the per-call info lines
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     name = f"gw_bench_{uuid.uuid4().hex[:8]}"
@@ -93,6 +94,10 @@ async def main(cycles: int, concurrency: int, tenants: int) -> None:
     url = ADMIN_URL.rpartition("/")[0] + "/" + name
     pool = await open_pool(url, min_size=concurrency, max_size=concurrency)
     try:
+        if extra_sql:
+            # a candidate change, measured before it becomes a migration
+            await pool.execute(extra_sql)
+            await pool.expire_connections()
         repo = Repository(pool)
         rater = Rater(repo)
         await provision_tenants(Provisioning(repo), tenants)
@@ -155,5 +160,8 @@ if __name__ == "__main__":
     ap.add_argument("--cycles", type=int, default=4000)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--tenants", type=int, default=200)
+    ap.add_argument("--extra-sql", metavar="FILE",
+                    help="SQL run after the migrations (a candidate change to measure)")
     a = ap.parse_args()
-    asyncio.run(main(a.cycles, a.concurrency, a.tenants))
+    extra = open(a.extra_sql, encoding="utf-8").read() if a.extra_sql else None
+    asyncio.run(main(a.cycles, a.concurrency, a.tenants, extra))

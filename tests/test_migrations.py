@@ -141,7 +141,7 @@ async def test_the_fleet_migration_gives_existing_calls_and_records_to_pbx_defau
             " 'inbound', '2125550100', '+15145550100', 'local', 'ALLOW', 'INTERNAL',"
             " 'internal', '1700000000.1', NULL, NULL, '{}', NULL, 300, now())")
         assert decision == "ALLOW"
-        assert await migrate(conn) == ["008_fleet", "009_lease_fence"]
+        assert (await migrate(conn))[:2] == ["008_fleet", "009_lease_fence"]
         rows = await conn.fetch("SELECT pbx, pbx_uniqueid, state FROM calls")
         assert [tuple(r) for r in rows] == [("default", "1700000000.1", "authorised")]
         assert await conn.fetchval("SELECT pbx FROM cdr") is None

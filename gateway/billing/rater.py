@@ -2,15 +2,20 @@
 
 Data path of one authorisation: one query loads the caller's context, the pure rules
 give a ``Ruling``, and one call of ``gw_authorise`` records it, looks up the rate and
-reserves the first slice atomically — two database round trips. The rules decide the
-row of the table; the database decides funding, so an allowed rated ruling may come
-back as ``NO_RATE`` or ``NO_BALANCE``, and the returned ``Decision`` is what it recorded.
+reserves the first slice atomically — two database round trips. For a caller seen
+before, the context read last time is used again and the one call checks that it is
+still the tenant's (its context version) and that the dialled string is not internal:
+one round trip; when the check fails nothing is written and the two-trip path runs.
+The rules decide the row of the table; the database decides funding, so an allowed
+rated ruling may come back as ``NO_RATE`` or ``NO_BALANCE``, and the returned
+``Decision`` is what it recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,13 +35,15 @@ from ..rating.model import (
     Ruling,
     Settlement,
 )
-from ..store.repository import DEFAULT_PBX, Fence, Repository
+from ..store.repository import DEFAULT_PBX, CallerRow, Fence, Repository
 
 log = structlog.get_logger("gateway.rater")
 
 Clock = Callable[[], dt.datetime]
 
 MAX_DIALLED = 64
+# callers whose context is kept for the one-round-trip path (oldest dropped first)
+MAX_KNOWN_CALLERS = 10_000
 MAX_BILLABLE = 7 * 24 * 3600  # a week: anything longer is not a call report
 
 
@@ -83,6 +90,8 @@ class Rater:
         self.slice_seconds = slice_seconds
         # voids in progress, by call id (see _void_later)
         self._voids: dict[uuid.UUID, asyncio.Task[None]] = {}
+        # endpoint -> the caller's context as last read, with its tenant's version
+        self._known: dict[str, CallerRow] = {}
 
     # ---- authorisation ---------------------------------------------------------------
 
@@ -106,7 +115,16 @@ class Rater:
             return self._emergency(dialled, sip_endpoint)
         row = None
         if sip_endpoint and len(sip_endpoint) <= 80:
+            known = self._known.get(sip_endpoint)
+            if known is not None:
+                decided = await self._authorise_known(known, sip_endpoint, dialled, raw,
+                                                      pbx_uniqueid, linkedid, pbx)
+                if decided is not None:
+                    return decided
+                self._known.pop(sip_endpoint, None)  # the context changed: read it again
             row = await self.repo.find_caller(sip_endpoint, dialled, raw)
+            if row is not None and row.context_version is not None:
+                self._remember(sip_endpoint, row)
         if row is None:
             ruling = rules.decide_outbound(None, dialled, Classified(NumberClass.INVALID))
             return self._log(Decision(False, ruling.reason, None, destination=dialled),
@@ -128,8 +146,42 @@ class Rater:
         ruling = rules.decide_outbound(ctx, raw if internal == raw else dialled, classified)
         if ruling.reason is Reason.EMERGENCY:
             return self._emergency(dialled, sip_endpoint)
+        decision = await self._record(ruling, ctx.tenant.id, ctx.user.id,
+                                      Direction.OUTBOUND, sip_endpoint, pbx_uniqueid,
+                                      linkedid, pbx)
+        assert decision is not None  # recorded unconditionally
+        return decision
+
+    def _remember(self, sip_endpoint: str, row: CallerRow) -> None:
+        self._known.pop(sip_endpoint, None)
+        while len(self._known) >= MAX_KNOWN_CALLERS:
+            self._known.pop(next(iter(self._known)))
+        self._known[sip_endpoint] = row
+
+    async def _authorise_known(self, known: CallerRow, sip_endpoint: str, dialled: str,
+                               raw: str, pbx_uniqueid: str | None, linkedid: str | None,
+                               pbx: str) -> Decision | None:
+        """Decide from the caller's context as last read, assuming the dialled string is
+        not internal; recorded only if the database finds both still true (one round
+        trip). None when it does not: nothing was written."""
+        classified = (
+            numbers.classify(dialled, known.user.usage_location)
+            if len(dialled) <= MAX_DIALLED
+            else Classified(NumberClass.INVALID)
+        )
+        ctx = CallerContext(user=known.user, tenant=known.tenant, internal_target=None)
+        ruling = rules.decide_outbound(ctx, dialled, classified)
+        if ruling.reason is Reason.EMERGENCY:
+            return self._emergency(dialled, sip_endpoint)
+        assert known.context_version is not None
         return await self._record(ruling, ctx.tenant.id, ctx.user.id, Direction.OUTBOUND,
-                                  sip_endpoint, pbx_uniqueid, linkedid, pbx)
+                                  sip_endpoint, pbx_uniqueid, linkedid, pbx,
+                                  known=(known.context_version, dialled, raw))
+
+    @property
+    def known_callers(self) -> int:
+        """Callers whose context is kept for the one-round-trip path."""
+        return len(self._known)
 
     async def authorise_inbound(
         self,
@@ -148,17 +200,29 @@ class Rater:
             ruling = rules.decide_inbound(e164, None, None)
             return self._log(Decision(False, ruling.reason, None, destination=called), caller)
         ruling = rules.decide_inbound(number.e164, number.kind, number.target)
-        return await self._record(ruling, number.tenant_id, None, Direction.INBOUND,
-                                  numbers.normalise(caller)[:MAX_DIALLED] or "anonymous",
-                                  pbx_uniqueid, linkedid, pbx)
+        decision = await self._record(ruling, number.tenant_id, None, Direction.INBOUND,
+                                      numbers.normalise(caller)[:MAX_DIALLED] or "anonymous",
+                                      pbx_uniqueid, linkedid, pbx)
+        assert decision is not None  # recorded unconditionally
+        return decision
 
     async def _record(self, ruling: Ruling, tenant_id: str, user_id: str | None,
                       direction: Direction, caller: str, pbx_uniqueid: str | None,
-                      linkedid: str | None, pbx: str) -> Decision:
+                      linkedid: str | None, pbx: str,
+                      known: tuple[int, str, str] | None = None) -> Decision | None:
+        """Record ``ruling``. With ``known`` = (context version, dialled, dialled as typed),
+        only if the database finds the context still current (else None, nothing
+        written; see ``_authorise_known``)."""
         call_id = uuid.uuid4()
         destination = ruling.destination[:MAX_DIALLED]
         try:
-            result = await self.repo.authorise(
+            if known is None:
+                authorise = self.repo.authorise
+            else:
+                authorise = functools.partial(
+                    self.repo.authorise_known, context_version=known[0], dialled=known[1],
+                    dialled_as_typed=known[2])
+            result = await authorise(
                 call_id=call_id,
                 tenant_id=tenant_id,
                 user_id=user_id,
@@ -185,6 +249,8 @@ class Rater:
             self._void_later(_Void(call_id, tenant_id, direction.value, caller, destination,
                                    ruling.number_class.value, pbx_uniqueid, linkedid, pbx))
             raise
+        if result is None:
+            return None
         # the store's answer wins: it may have turned an allowed ruling into a rejection
         allow = result.decision == "ALLOW"
         decision = Decision(

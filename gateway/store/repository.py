@@ -34,6 +34,8 @@ class CallerRow:
     internal_user_endpoint: str | None
     # (e164, endpoint it rings) of the tenant's numbers that end like the dialled digits
     number_candidates: tuple[tuple[str, str | None], ...]
+    # the tenant's context version when this was read (see ``authorise_known``)
+    context_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ class Repository:
         r = await self._fetchrow(
             """
             SELECT u.id AS user_id, u.tenant_id, u.sip_endpoint, u.usage_location, u.extension,
-                   t.country, t.timezone, t.currency, t.blocked_classes,
+                   t.country, t.timezone, t.currency, t.blocked_classes, t.context_version,
                    ARRAY(SELECT la.sku FROM licence_assignments la
                          WHERE la.user_id = u.id) AS licences,
                    (SELECT u2.sip_endpoint FROM users u2
@@ -216,7 +218,7 @@ class Repository:
             blocked_classes=frozenset(r["blocked_classes"]),
         )
         numbers = tuple((n[0], n[1]) for n in r["numbers"])
-        return CallerRow(user, tenant, r["internal_user"], numbers)
+        return CallerRow(user, tenant, r["internal_user"], numbers, r["context_version"])
 
     async def find_inbound_number(self, e164: str) -> InboundNumber | None:
         r = await self._fetchrow(
@@ -265,6 +267,33 @@ class Repository:
             pool_country, slice_seconds, now, pbx,
         )
         assert r is not None
+        return AuthoriseResult(
+            r["decision"], r["reason"], r["funded"], r["price"], r["first_increment"],
+            r["increment"], r["rate_prefix"],
+        )
+
+    async def authorise_known(self, *, context_version: int, dialled: str,
+                              dialled_as_typed: str, **decision: Any) -> AuthoriseResult | None:
+        """``authorise`` in the same round trip as the check that the outbound decision was
+        made from the tenant's current context (``gw_authorise_known``): the tenant's
+        context version is still ``context_version`` and ``dialled`` is none of its
+        users, extensions or numbers (compared as ``find_caller`` does). None, with
+        nothing written, when either does not hold."""
+        digits = "".join(_DIGITS.findall(dialled or ""))
+        r = await self._fetchrow(
+            "SELECT * FROM gw_authorise_known($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+            " $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
+            context_version, dialled, dialled_as_typed, digits[-7:] if digits else None,
+            decision["call_id"], decision["tenant_id"], decision["user_id"],
+            decision["direction"], decision["caller"], decision["destination"],
+            decision["number_class"], decision["decision"], decision["reason"],
+            decision["route"], decision["pbx_uniqueid"], decision["linkedid"],
+            decision["rate_kind"], list(decision["sources"]), decision["pool_country"],
+            decision["slice_seconds"], decision["now"], decision.get("pbx", DEFAULT_PBX),
+        )
+        assert r is not None
+        if r["decision"] is None:
+            return None
         return AuthoriseResult(
             r["decision"], r["reason"], r["funded"], r["price"], r["first_increment"],
             r["increment"], r["rate_prefix"],
