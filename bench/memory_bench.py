@@ -213,6 +213,12 @@ class MemoryBench:
         status = await self.gw.status()
         return sum(1 for c in status.get("live_calls") or [] if c.get("state") == "answered")
 
+    async def ami_backlog(self) -> int:
+        """AMI events received and not yet handled, over every PBX (``/status``)."""
+        pbxes = (await self.gw.status()).get("pbxes") or {}
+        values = pbxes.values() if isinstance(pbxes, dict) else pbxes
+        return sum((p.get("ami") or {}).get("event_backlog") or 0 for p in values)
+
     async def collect(self) -> int:
         """A full collection in the gateway process; its number (the snapshot's)."""
         self.collections += 1
@@ -332,24 +338,28 @@ class MemoryBench:
         await bounded(len(ups), a.width, lambda i: self.pbx.end(ups[i], 61_000))
 
         async def drained() -> bool:
+            # the hang-up AGI reports settle first; the AMI events behind them (Hangup,
+            # Cdr) are handled after: their messages count until then
             m = await self.metrics()
             return (m.get(f"gateway_live_calls{{pbx={PBX_NAME}}}", 0) == 0
-                    and await self.open_calls() == 0)
+                    and await self.open_calls() == 0 and await self.ami_backlog() == 0)
 
         drained_ok = True
         try:
-            await self.wait_for("the live table and the open calls back to none", drained)
+            await self.wait_for("the live table, the open calls and the AMI backlog back to "
+                                "none", drained)
         except RuntimeError as exc:
             print(exc)
             drained_ok = False
         after = await self.measure("after hang-up", 0)
         self.report(rows, after)
         if a.trace and len(rows) >= 2:
-            self.trace_report(rows[-2], rows[-1])
+            self.trace_report(rows, after)
         return 0 if drained_ok and peak["live"] == peak["calls"] else 1
 
     async def _answered_is(self, n: int) -> bool:
-        return await self.answered() == n and await self.open_calls() == n
+        return (await self.answered() == n and await self.open_calls() == n
+                and await self.ami_backlog() == 0)
 
     # ---- the report ------------------------------------------------------------------------
 
@@ -389,22 +399,44 @@ class MemoryBench:
         kib = (hi["rss"] - lo["rss"]) / 1024 / calls if calls else 0.0
         return lo["calls"], hi["calls"], kib
 
-    def trace_report(self, lo: dict[str, Any], hi: dict[str, Any]) -> None:
-        """Where the traced heap grew between two levels, by source line, per call."""
-        calls = max(hi["calls"] - lo["calls"], 1)
+    def trace_report(self, rows: list[dict[str, Any]], after: dict[str, Any]) -> None:
+        """The traced heap at each level and after the hang-up (what a leak would keep),
+        and where it grew between the last two levels, by source line, per call."""
         noise = [tracemalloc.Filter(False, tracemalloc.__file__),
                  tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
-        before = tracemalloc.Snapshot.load(str(self.marks / f"snap-{lo['snapshot']}"))
-        after = tracemalloc.Snapshot.load(str(self.marks / f"snap-{hi['snapshot']}"))
-        before, after = before.filter_traces(noise), after.filter_traces(noise)
-        total = (sum(s.size for s in after.statistics("filename"))
-                 - sum(s.size for s in before.statistics("filename")))
+        snaps = {r["snapshot"]: tracemalloc.Snapshot.load(
+            str(self.marks / f"snap-{r['snapshot']}")).filter_traces(noise)
+            for r in [*rows, after]}
+
+        def heap(r: dict[str, Any]) -> int:
+            return sum(s.size for s in snaps[r["snapshot"]].statistics("filename"))
+
         print()
+        print("traced Python heap (after a full collection)")
+        for r in rows:
+            print(f"  {r['calls']:>10}  {heap(r) / 2**20:>12.2f} MiB")
+        print(f"  {'hung up':>10}  {heap(after) / 2**20:>12.2f} MiB")
+        base, peak = rows[0], rows[-1]
+        if peak["calls"] > base["calls"]:
+            kept = (heap(after) - heap(base)) / (peak["calls"] - base["calls"])
+            print(f"after hang-up the traced heap keeps {kept:.0f} B per call of the "
+                  f"{peak['calls']} calls against {base['calls']} calls")
+        lo, hi = rows[-2], rows[-1]
+        calls = max(hi["calls"] - lo["calls"], 1)
         print(f"traced Python heap, {lo['calls']} -> {hi['calls']} calls: "
-              f"{total / 1024 / calls:.1f} KiB per call")
-        print(f"  top {self.a.top} source lines by growth (per call: bytes, blocks)")
+              f"{(heap(hi) - heap(lo)) / 1024 / calls:.1f} KiB per call")
+        self._top_lines(f"top {self.a.top} source lines by growth",
+                        snaps[lo["snapshot"]], snaps[hi["snapshot"]], calls)
+        if peak["calls"] > base["calls"]:
+            self._top_lines(f"top {self.a.top} source lines kept after the hang-up, against "
+                            f"{base['calls']} calls", snaps[base["snapshot"]],
+                            snaps[after["snapshot"]], peak["calls"] - base["calls"])
+
+    def _top_lines(self, title: str, before: tracemalloc.Snapshot,
+                   now: tracemalloc.Snapshot, calls: int) -> None:
+        print(f"  {title} (per call: bytes, blocks)")
         root = str(Path(__file__).resolve().parent.parent) + os.sep
-        for s in after.compare_to(before, "lineno")[:self.a.top]:
+        for s in now.compare_to(before, "lineno")[:self.a.top]:
             frame = s.traceback[0]
             where = frame.filename.replace(root, "")
             where = where.split("site-packages" + os.sep)[-1]

@@ -47,8 +47,14 @@ def test_a_tiny_traced_run_reports_each_level_and_the_hang_up():
                      out, re.M), out
     assert re.search(r"^after hang-up: live table 0, open calls in the database 0;", out,
                      re.M), out
-    # the traced run names where the heap grew, line by line
+    # the traced run says what the heap keeps once the calls are gone, and names where
+    # it grew, line by line
+    assert re.search(r"^after hang-up the traced heap keeps -?\d+ B per call of the 5 calls",
+                     out, re.M), out
     assert re.search(r"^traced Python heap, 2 -> 5 calls: -?[\d.]+ KiB per call$", out,
                      re.M), out
-    top = out.split("source lines by growth")[-1].strip().splitlines()[1:]
-    assert len(top) == 3 and all(re.search(r"B .*:\d+$", line) for line in top), out
+    grew = out.split("source lines by growth")[-1].split("source lines kept")[0]
+    kept = out.split("source lines kept after the hang-up")[-1]
+    for section in (grew, kept):
+        lines = section.strip().splitlines()[1:4]
+        assert len(lines) == 3 and all(re.search(r"B .*:\d+$", x) for x in lines), out
