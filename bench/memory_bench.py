@@ -475,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.command == "serve":
         return serve()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"memory bench {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
-          f"{os.cpu_count()} cores, {' '.join(sys.argv)}", flush=True)
+          f"{os.cpu_count()} cores, load average {load}, {' '.join(sys.argv)}", flush=True)
     try:
         return asyncio.run(MemoryBench(a).run())
     except KeyboardInterrupt:
