@@ -1,11 +1,14 @@
-"""The one-round-trip authorisation of a caller seen before (migration 010): decided from
-the context read last time, recorded only while it is still the tenant's, and the same
-decision as the two-trip path in every case; a stale attempt writes nothing."""
+"""The rater's cheaper paths of migration 010. The one-round-trip authorisation of a
+caller seen before: decided from the context read last time, recorded only while it is
+still the tenant's, and the same decision as the two-trip path in every case; a stale
+attempt writes nothing. The pool row written last in gw_authorise: re-checked under its
+lock, and reserved the general way when the pool ran short meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 
 from gateway.billing.rater import Rater
@@ -214,3 +217,52 @@ async def test_known_callers_racing_a_licence_change_keep_the_invariants(
         "SELECT count(*) FROM calls WHERE state IN ('authorised', 'answered')") == 0
     await ledger_agrees(repo)
     await assert_invariants(repo.pool)
+
+
+# ---- the pool row written last (gw_authorise, migration 010) ---------------------------
+
+async def test_a_pool_that_runs_short_while_waiting_for_its_lock_is_reserved_from_again(
+        admin, rater, repo, database_url):
+    """gw_authorise writes a pool-funded call's own rows first and updates the pool row
+    last, re-checking under its lock what is free. When another authorisation took the
+    pool while this one waited for the lock, its rows are taken back and the slice is
+    reserved the general way: what the pool still has, then the wallet."""
+    await standard_tenant(admin, wallet="10")  # alice and bob: 2 x 3000 min = 360,000 s
+    capacity = await repo.pool.fetchval("SELECT gw_pool_capacity($1, 'CA')", TENANT)
+    warm = await rater.authorise_outbound("alice", "5145550123")  # the month's pool row
+    await rater.release(warm.call_id)
+    other = await asyncpg.connect(database_url)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        # another gateway reserves all but 120 s of the pool and has not committed yet
+        taken = await other.fetchrow(
+            "SELECT * FROM gw_authorise(gen_random_uuid(), $1, 'bob', 'outbound', 'bob',"
+            " '+15145550199', 'domestic', 'ALLOW', 'FUNDED', 'pstn', NULL, NULL,"
+            " 'domestic_overage', '{pool}', 'CA', $2, $3)",
+            TENANT, capacity - 120, rater.clock())
+        assert taken["funded"] == capacity - 120
+        waiting = asyncio.create_task(rater.authorise_outbound("alice", "5145550123"))
+        for _ in range(200):  # until it waits for the pool row's lock
+            if await repo.pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the authorisation never waited for the pool row")
+        await tx.commit()
+        d = await waiting
+    finally:
+        await other.close()
+    assert (d.allow, d.funded_seconds) == (True, 300)
+    funding = {r["source"]: r["reserved_seconds"] for r in await repo.pool.fetch(
+        "SELECT source, reserved_seconds FROM call_funding WHERE call_id = $1", d.call_id)}
+    assert funding == {"pool": 120, "wallet": 180}
+    assert await pool_row(repo) == (0, capacity)
+    # no row of the attempt that was taken back is left
+    assert await repo.pool.fetchval(
+        "SELECT count(*) FROM ledger WHERE call_id = $1 AND entry = 'reserve'",
+        d.call_id) == 2
+    await rater.settle(d.call_id, 200)
+    await ledger_agrees(repo)
