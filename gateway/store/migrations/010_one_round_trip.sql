@@ -58,13 +58,17 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER users_context_version AFTER INSERT OR UPDATE OR DELETE ON users
-FOR EACH ROW EXECUTE FUNCTION gw_context_changed();
-CREATE TRIGGER licence_assignments_context_version
+-- Deferred to the commit: the tenant row is locked only while its transaction commits,
+-- so that provisioning writes of one tenant do not queue behind each other's whole
+-- transactions (nor deadlock with a lock taken later in one of them).
+CREATE CONSTRAINT TRIGGER users_context_version AFTER INSERT OR UPDATE OR DELETE ON users
+DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION gw_context_changed();
+CREATE CONSTRAINT TRIGGER licence_assignments_context_version
 AFTER INSERT OR UPDATE OR DELETE ON licence_assignments
-FOR EACH ROW EXECUTE FUNCTION gw_context_changed();
-CREATE TRIGGER phone_numbers_context_version AFTER INSERT OR UPDATE OR DELETE ON phone_numbers
-FOR EACH ROW EXECUTE FUNCTION gw_context_changed();
+DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION gw_context_changed();
+CREATE CONSTRAINT TRIGGER phone_numbers_context_version
+AFTER INSERT OR UPDATE OR DELETE ON phone_numbers
+DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION gw_context_changed();
 CREATE TRIGGER users_context_emptied AFTER TRUNCATE ON users
 FOR EACH STATEMENT EXECUTE FUNCTION gw_context_emptied();
 CREATE TRIGGER licence_assignments_context_emptied AFTER TRUNCATE ON licence_assignments
