@@ -311,31 +311,56 @@ class MemoryBench:
 
         a = self.a
         rows = []
-        refused: dict[str, int] = {}
         if a.warmup:
             # the first calls open the database pool's connections and fill its
             # statement caches, and load code: a cost per process, not per call
             log(f"warm-up: {a.warmup} calls placed and ended")
-            for reason in await bounded(a.warmup, a.width, lambda i: self.pbx.place()):
-                if reason is not None:
-                    refused[reason] = refused.get(reason, 0) + 1
-            ups = list(self.pbx.up)
-            await bounded(len(ups), a.width, lambda i: self.pbx.end(ups[i], 1_000))
-        for level in a.levels:
-            more = level - len(self.pbx.up)
-            for reason in await bounded(more, a.width, lambda i: self.pbx.place()):
-                if reason is not None:
-                    refused[reason] = refused.get(reason, 0) + 1
-            if refused:
-                print(f"calls refused: {refused}")
+            if not await self.hold(a.warmup) or not await self.hang_up():
                 return 1
-            await self.wait_for(f"{level} calls answered and followed",
-                                lambda level=level: self._answered_is(level))
+        for level in a.levels:
+            if not await self.hold(level):
+                return 1
             rows.append(await self.measure(f"{level} live calls", level))
         peak = rows[-1]
+        drained_ok = await self.hang_up()
+        after = await self.measure("after hang-up", 0)
+        # later rounds: the most calls again, then none; memory that the first round
+        # left resident is used again if their peaks stay at the first one's
+        rounds = []
+        for n in range(2, a.rounds + 1):
+            if not await self.hold(peak["calls"]):
+                return 1
+            top = await self.measure(f"round {n}: {peak['calls']} live calls", peak["calls"])
+            drained_ok = await self.hang_up() and drained_ok
+            rounds.append((n, top, await self.measure(f"round {n}: after hang-up", 0)))
+        self.report(rows, after, rounds)
+        if a.trace and len(rows) >= 2:
+            self.trace_report(rows, after)
+        return 0 if drained_ok and peak["live"] == peak["calls"] else 1
+
+    async def hold(self, level: int) -> bool:
+        """Place calls until ``level`` are up, and wait until the gateway follows them
+        all, answered; False (printed) when a call was refused."""
+        refused: dict[str, int] = {}
+        more = level - len(self.pbx.up)
+        for reason in await bounded(more, self.a.width, lambda i: self.pbx.place()):
+            if reason is not None:
+                refused[reason] = refused.get(reason, 0) + 1
+        if refused:
+            print(f"calls refused: {refused}")
+            return False
+        await self.wait_for(f"{level} calls answered and followed",
+                            lambda: self._answered_is(level))
+        return True
+
+    async def hang_up(self) -> bool:
+        """End every call; whether the live table, the open calls and the AMI backlog
+        came back to none (printed when not)."""
+        from bench.e2e_bench import log
+
         log(f"hanging up {len(self.pbx.up)} calls")
         ups = list(self.pbx.up)
-        await bounded(len(ups), a.width, lambda i: self.pbx.end(ups[i], 61_000))
+        await bounded(len(ups), self.a.width, lambda i: self.pbx.end(ups[i], 61_000))
 
         async def drained() -> bool:
             # the hang-up AGI reports settle first; the AMI events behind them (Hangup,
@@ -344,18 +369,13 @@ class MemoryBench:
             return (m.get(f"gateway_live_calls{{pbx={PBX_NAME}}}", 0) == 0
                     and await self.open_calls() == 0 and await self.ami_backlog() == 0)
 
-        drained_ok = True
         try:
             await self.wait_for("the live table, the open calls and the AMI backlog back to "
                                 "none", drained)
         except RuntimeError as exc:
             print(exc)
-            drained_ok = False
-        after = await self.measure("after hang-up", 0)
-        self.report(rows, after)
-        if a.trace and len(rows) >= 2:
-            self.trace_report(rows, after)
-        return 0 if drained_ok and peak["live"] == peak["calls"] else 1
+            return False
+        return True
 
     async def _answered_is(self, n: int) -> bool:
         return (await self.answered() == n and await self.open_calls() == n
@@ -363,7 +383,8 @@ class MemoryBench:
 
     # ---- the report ------------------------------------------------------------------------
 
-    def report(self, rows: list[dict[str, Any]], after: dict[str, Any]) -> None:
+    def report(self, rows: list[dict[str, Any]], after: dict[str, Any],
+               rounds: list[tuple[int, dict[str, Any], dict[str, Any]]]) -> None:
         mib = 2**20
         print()
         print(f"resident memory of the gateway process{' (traced)' if self.a.trace else ''}")
@@ -392,6 +413,11 @@ class MemoryBench:
             lo, hi, kib = slopes[len(rows) - 2] if len(rows) > 1 else slopes[-1]
             verdict = "met" if kib < 100 else "NOT met"
             print(f"target < 100 KiB per live call ({lo} -> {hi} calls): {verdict}")
+        for n, top, end in rounds:
+            print(f"round {n}: {top['calls']} live calls {top['rss'] / mib:.2f} MiB "
+                  f"({(top['rss'] - peak['rss']) / 1024:+.0f} KiB against the first round's), "
+                  f"live table {top['live']}; after hang-up {end['rss'] / mib:.2f} MiB, "
+                  f"live table {end['live']}, open calls in the database {end['open']}")
 
     @staticmethod
     def _slope(lo: dict[str, Any], hi: dict[str, Any]) -> tuple[int, int, float]:
@@ -459,6 +485,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the gateway's slice: long, so that no renewal falls due")
     p.add_argument("--warmup", type=int, default=50,
                    help="calls placed and ended before the first level (default 50)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="hold the most calls this many times, hanging up between (default 2)")
     p.add_argument("--width", type=int, default=8, help="calls placed or ended at once")
     p.add_argument("--trace", action="store_true",
                    help="trace the gateway's heap; print a snapshot diff of the last levels")

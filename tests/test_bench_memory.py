@@ -30,7 +30,7 @@ def test_metrics_carry_the_process_resident_memory():
 def test_a_tiny_traced_run_reports_each_level_and_the_hang_up():
     res = subprocess.run(
         [sys.executable, "-m", "bench.memory_bench", "--levels", "0,2,5", "--settle", "0.1",
-         "--warmup", "2", "--trace", "--top", "3"],
+         "--warmup", "2", "--rounds", "2", "--trace", "--top", "3"],
         cwd=REPO, env=os.environ.copy(), stdin=subprocess.DEVNULL, capture_output=True,
         text=True, timeout=240)
     out = res.stdout
@@ -47,6 +47,10 @@ def test_a_tiny_traced_run_reports_each_level_and_the_hang_up():
                      out, re.M), out
     assert re.search(r"^after hang-up: live table 0, open calls in the database 0;", out,
                      re.M), out
+    # a second round holds the most calls again, and ends them all again
+    assert re.search(r"^round 2: 5 live calls [\d.]+ MiB \([+-]\d+ KiB against the first "
+                     r"round's\), live table 5; after hang-up [\d.]+ MiB, live table 0, open "
+                     r"calls in the database 0$", out, re.M), out
     # the traced run says what the heap keeps once the calls are gone, and names where
     # it grew, line by line
     assert re.search(r"^after hang-up the traced heap keeps -?\d+ B per call of the 5 calls",
