@@ -1021,6 +1021,27 @@ async def test_cdr_event_carries_the_agi_uniqueid(pbx, gw, ami):
     assert cdr.get("LinkedID") == uniqueid, cdr
 
 
+def test_ami_eventfilter_lets_through_every_event_the_gateway_handles():
+    # The example account's eventfilter lines (what the PBX tests log in with) and the
+    # events the calls layer subscribes to must stay in step: an event the gateway
+    # starts handling but the filter does not name would never reach it.
+    from gateway.calls.service import CallService
+    from tests.support.calls import FakeAmi
+    from tests.support.pbx.asterisk import _manager_perms
+
+    _, _, filters = _manager_perms()
+    named = set()
+    for line in filters:
+        m = re.fullmatch(r"eventfilter\(action\(include\),name\((\w+)\)\) =", line)
+        assert m, line  # name-only include filters, nothing that excludes
+        named.add(m.group(1))
+    link = FakeAmi()
+    CallService(None, None).attach_ami(link)
+    handled = {event.NAME for event in link.handlers}
+    assert handled == {"DialEnd", "Hangup", "Cdr"}, handled
+    assert named == handled | {"FullyBooted"}, named
+
+
 async def test_ami_least_privilege_is_enough(pbx, gw, ami):
     # [source] banner, and FullyBooted arrives with read=system.
     assert ami.banner == "Asterisk Call Manager/11.0.0"
@@ -1032,9 +1053,7 @@ async def test_ami_least_privilege_is_enough(pbx, gw, ami):
     dial_end = await ami.wait_event(
         lambda e: e.get("Event") == "DialEnd" and e.get("DialStatus") == "ANSWER"
     )
-    await ami.wait_event(
-        lambda e: e.get("Event") == "BridgeEnter" and e.get("Channel") == dial_end["DestChannel"]
-    )
+    # The list answering CoreShowChannels is not subject to the account's eventfilter.
     channels = await ami.action_list("CoreShowChannels", "CoreShowChannelsComplete")
     names = {c["Channel"] for c in channels}
     assert {dial_end["Channel"], dial_end["DestChannel"]} <= names, names
@@ -1049,6 +1068,12 @@ async def test_ami_least_privilege_is_enough(pbx, gw, ami):
         lambda e: e.get("Event") == "Hangup" and e.get("Channel") == carrier_name
     )
     assert hangup["Cause"].isdigit() and hangup.get("Cause-txt"), hangup
+    await ami.wait_event(lambda e: e.get("Event") == "Cdr" and e.get("UniqueID")
+                         == dial_end["Uniqueid"])
+    # The account's eventfilter lines: only the events the gateway acts on are sent
+    # (without them this call also brings Newchannel, DialBegin, BridgeEnter, ...).
+    sent = {e["Event"] for e in ami.events if "ActionID" not in e}
+    assert sent == {"FullyBooted", "DialEnd", "Hangup", "Cdr"}, sent
     # Not granted: originate/system/command.
     denied = await ami.action("Command", Command="core show version")
     assert denied["Response"] == "Error", denied

@@ -217,6 +217,7 @@ class Pbx:
         extra_dialplan: str = "",
         pjsip_global: Mapping[str, str] | None = None,
         boot_timeout: float = 60.0,
+        ami_eventfilters: bool = True,
     ) -> None:
         self.root = Path(root) if root else pbx_root_path()
         self.phones = tuple(phones)
@@ -240,6 +241,8 @@ class Pbx:
         self.extra_dialplan = extra_dialplan
         self.pjsip_global = dict(pjsip_global or {})
         self.boot_timeout = boot_timeout
+        # False: the AMI user without the example's eventfilter lines (every event)
+        self.ami_eventfilters = ami_eventfilters
 
         self.ami_host = "127.0.0.1"
         self.ami_port = 0
@@ -605,7 +608,9 @@ hideconnect = yes
         )
         shutil.copy(DIALPLAN_DIR / "extensions_gateway.conf", etc / "extensions_gateway.conf")
         files["pjsip.conf"] = self._pjsip_conf()
-        read, write = _manager_perms()
+        read, write, filters = _manager_perms()
+        if not self.ami_eventfilters:
+            filters = []
         files["manager.conf"] = f"""[general]
 enabled = yes
 port = {self.ami_port}
@@ -618,7 +623,7 @@ deny = 0.0.0.0/0.0.0.0
 permit = 127.0.0.1/255.255.255.255
 read = {read}
 write = {write}
-"""
+""" + "".join(f"{line}\n" for line in filters)
         files["cdr.conf"] = "[general]\n" + "".join(f"{k} = {v}\n" for k, v in self.cdr.items())
         files["cdr_manager.conf"] = "[general]\nenabled = yes\n\n[mappings]\nlinkedid => LinkedID\n"
         files["rtp.conf"] = "[general]\nrtpstart = 20000\nrtpend = 30000\n"
@@ -678,15 +683,17 @@ def _sweep_stale_runs(run_root: Path, min_age: float = 600.0) -> None:
             continue
 
 
-def _manager_perms() -> tuple[str, str]:
-    """The read/write permissions of the shipped least-privilege AMI user."""
+def _manager_perms() -> tuple[str, str, list[str]]:
+    """The read/write permissions and the ``eventfilter`` lines of the shipped
+    least-privilege AMI user."""
     text = (DIALPLAN_DIR / "manager.conf.example").read_text()
     section = text.split("[gateway]", 1)[1]
     read = re.search(r"^\s*read\s*=\s*(\S+)", section, re.M)
     write = re.search(r"^\s*write\s*=\s*(\S+)", section, re.M)
     if not read or not write:
         raise PbxError("dialplan/manager.conf.example has no read/write for [gateway]")
-    return read.group(1), write.group(1)
+    filters = re.findall(r"^\s*(eventfilter\b.*?)\s*$", section, re.M)
+    return read.group(1), write.group(1), filters
 
 
 def cdr_pgsql(database_url: str) -> dict[str, Any]:
