@@ -335,7 +335,7 @@ class MemoryBench:
             rounds.append((n, top, await self.measure(f"round {n}: after hang-up", 0)))
         self.report(rows, after, rounds)
         if a.trace and len(rows) >= 2:
-            self.trace_report(rows, after)
+            self.trace_report(rows, after, rounds)
         return 0 if drained_ok and peak["live"] == peak["calls"] else 1
 
     async def hold(self, level: int) -> bool:
@@ -425,14 +425,16 @@ class MemoryBench:
         kib = (hi["rss"] - lo["rss"]) / 1024 / calls if calls else 0.0
         return lo["calls"], hi["calls"], kib
 
-    def trace_report(self, rows: list[dict[str, Any]], after: dict[str, Any]) -> None:
-        """The traced heap at each level and after the hang-up (what a leak would keep),
-        and where it grew between the last two levels, by source line, per call."""
+    def trace_report(self, rows: list[dict[str, Any]], after: dict[str, Any],
+                     rounds: list[tuple[int, dict[str, Any], dict[str, Any]]]) -> None:
+        """The traced heap at each level and after each hang-up (what a leak would keep,
+        round after round), and where it grew between the last two levels, by source
+        line, per call."""
         noise = [tracemalloc.Filter(False, tracemalloc.__file__),
                  tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
         snaps = {r["snapshot"]: tracemalloc.Snapshot.load(
             str(self.marks / f"snap-{r['snapshot']}")).filter_traces(noise)
-            for r in [*rows, after]}
+            for r in [*rows, after, *(x for _, top, end in rounds for x in (top, end))]}
 
         def heap(r: dict[str, Any]) -> int:
             return sum(s.size for s in snaps[r["snapshot"]].statistics("filename"))
@@ -442,6 +444,9 @@ class MemoryBench:
         for r in rows:
             print(f"  {r['calls']:>10}  {heap(r) / 2**20:>12.2f} MiB")
         print(f"  {'hung up':>10}  {heap(after) / 2**20:>12.2f} MiB")
+        for n, top, end in rounds:
+            print(f"  round {n}: {top['calls']} calls {heap(top) / 2**20:.2f} MiB, hung up "
+                  f"{heap(end) / 2**20:.2f} MiB")
         base, peak = rows[0], rows[-1]
         if peak["calls"] > base["calls"]:
             kept = (heap(after) - heap(base)) / (peak["calls"] - base["calls"])
