@@ -38,9 +38,30 @@ ADMIN_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL",
                            "postgresql://postgres@127.0.0.1:5432/test")
 
 
-async def run(label: str, cycles: int, concurrency: int, one_cycle) -> dict:
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def backend_ticks(pids: list[int]) -> int:
+    """CPU ticks (user + system) used so far by PostgreSQL's backends ``pids``."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+async def run(label: str, cycles: int, concurrency: int, one_cycle,
+              backends: list[int] | None = None) -> dict:
+    """``cycles`` calls of ``one_cycle`` by ``concurrency`` workers: the rate, latency, and
+    the CPU per call of this process and of PostgreSQL's ``backends`` (from /proc, so
+    comparable across runs while other work shares the machine)."""
     latencies: list[float] = []
     counter = iter(range(cycles))
+    ticks0, cpu0 = backend_ticks(backends or []), time.process_time()
 
     async def worker():
         for i in counter:
@@ -51,6 +72,8 @@ async def run(label: str, cycles: int, concurrency: int, one_cycle) -> dict:
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
+    pg_cpu = (backend_ticks(backends or []) - ticks0) / CLK_TCK
+    own_cpu = time.process_time() - cpu0
     latencies.sort()
     result = {
         "label": label,
@@ -58,6 +81,8 @@ async def run(label: str, cycles: int, concurrency: int, one_cycle) -> dict:
         "per_s": cycles / elapsed,
         "p50_ms": statistics.median(latencies) * 1000,
         "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        "pg_ms": pg_cpu / cycles * 1000 if backends else None,
+        "own_ms": own_cpu / cycles * 1000,
     }
     return result
 
@@ -123,20 +148,24 @@ async def main(cycles: int, concurrency: int, tenants: int,
         # warm up connections and plans
         await run("warm-up", 200, concurrency, cycle(lambda i: f"t{i % tenants}-u"))
         await run("warm-up", 200, concurrency, update(lambda i: i % tenants))
+        pids = [r["pid"] for r in await admin_conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1", name)]
         results = {
-            "rt": await run("round trip: SELECT 1", cycles, concurrency, round_trip),
+            "rt": await run("round trip: SELECT 1", cycles, concurrency, round_trip, pids),
             "upd_spread": await run(f"UPDATE..RETURNING, {tenants} rows", cycles,
-                                    concurrency, update(lambda i: i % tenants)),
+                                    concurrency, update(lambda i: i % tenants), pids),
             "upd_hot": await run("UPDATE..RETURNING, one hot row", cycles, concurrency,
-                                 update(lambda i: 0)),
+                                 update(lambda i: 0), pids),
             "spread": await run(f"cycles spread over {tenants} pools", cycles, concurrency,
-                                cycle(lambda i: f"t{i % tenants}-u")),
+                                cycle(lambda i: f"t{i % tenants}-u"), pids),
             "hot": await run("cycles on one hot pool", cycles, concurrency,
-                             cycle(lambda i: "t0-u")),
+                             cycle(lambda i: "t0-u"), pids),
         }
-        print(f"{'run':36} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"{'run':36} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8}"
+              f" {'pg CPU ms':>10} {'own CPU ms':>10}  (CPU per call)")
         for r in results.values():
-            print(f"{r['label']:36} {r['per_s']:8.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f}")
+            print(f"{r['label']:36} {r['per_s']:8.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f}"
+                  f" {r['pg_ms']:10.3f} {r['own_ms']:10.3f}")
         for name, cyc, upd, target in (("spread", "spread", "upd_spread", 0.35),
                                        ("hot", "hot", "upd_hot", 0.45)):
             ratio = results[cyc]["per_s"] / results[upd]["per_s"]
