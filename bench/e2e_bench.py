@@ -37,7 +37,12 @@ as a package beside the installed ``gateway``:
         [--ramp 20,40,60,80,100,120,140,160,200,240] [--step-seconds 8]
 
 What-if knobs for the PBX (both off by default, i.e. Asterisk's defaults):
-``--overload-trigger pjsip_only`` and ``--stasis-decline TYPE,...``.
+``--overload-trigger pjsip_only`` and ``--stasis-decline TYPE,...``. The gateway's AMI
+account is the shipped one (dialplan/manager.conf.example) with its ``eventfilter``
+lines; ``--no-ami-eventfilter`` drops them (every event of its read classes). Part 1
+also counts the AMI events that account is sent per call (a second session of the
+same account, part 1 only) and prints the CPU per call of Asterisk and of this
+process (the gateway with the bench's probes).
 
 Needs the PBX root folder (``.ci/pbx-root.sh``; ``$PBX_ROOT``) and PostgreSQL
 (``$GATEWAY_TEST_DATABASE_URL``, default the test suite's). Loopback only; every
@@ -505,6 +510,48 @@ class DbProbe:
         }
 
 
+class AmiTap:
+    """A second AMI session logged in as the gateway's own account, so that it is sent
+    exactly what the gateway is sent (the same ``read`` classes and ``eventfilter``
+    lines): it counts the events, by name. Used in part 1 only, since each session
+    costs Asterisk a write per event."""
+
+    def __init__(self, pbx: Pbx) -> None:
+        self.pbx = pbx
+        self.counts: dict[str, int] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> AmiTap:
+        reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self.pbx.ami_host, self.pbx.ami_port), 5)
+        await asyncio.wait_for(reader.readline(), 5)  # the banner
+        self._writer.write(f"Action: Login\r\nUsername: {self.pbx.ami_user}\r\n"
+                           f"Secret: {self.pbx.ami_secret}\r\n\r\n".encode())
+        await self._writer.drain()
+        self._task = asyncio.create_task(self._read(reader))
+        return self
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            if line.startswith(b"Event: "):
+                name = line[7:].strip().decode(errors="replace")
+                self.counts[name] = self.counts.get(name, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+
+
 class GatewayProbe:
     """Per-call timings inside the gateway, read from its metrics registry (what
     ``/metrics`` serves): the whole AGI ``outbound`` handler, i.e. decide + answer
@@ -599,6 +646,8 @@ class Step:
     authorise: dict[str, Any] = field(default_factory=dict)
     loop_lag: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
+    cpu_elapsed: float = 0.0  # seconds the CPU shares were measured over
+    ami_events: dict[str, int] = field(default_factory=dict)  # sent to the gateway's account
     db: dict[str, Any] = field(default_factory=dict)
     invite_retrans: int = 0
     call_states: dict[str, int] = field(default_factory=dict)
@@ -753,7 +802,7 @@ class Bench:
         pbx = Pbx(root=self.args.pbx_root or None, gw_agi=f"127.0.0.1:{agi_port}",
                   phones=("alice", "direct"), trunks=("carrier",),
                   contexts={"direct": "bench-direct"}, extra_dialplan=DIRECT_DIALPLAN,
-                  extra_config=extra,
+                  extra_config=extra, ami_eventfilters=not self.args.no_ami_eventfilter,
                   pjsip_global={"taskprocessor_overload_trigger": trigger} if trigger else None)
         self.pbx = pbx  # stop() in the finally even if start() fails half-way
         pbx.start()
@@ -819,7 +868,8 @@ class Bench:
             await self.pbx.acli("channel request hangup all")
         await asyncio.sleep(1)
 
-    async def step(self, mode: str, rate: float, calls: int) -> Step:
+    async def step(self, mode: str, rate: float, calls: int,
+                   tap: AmiTap | None = None) -> Step:
         a = self.args
         pbx = self.pbx
         hold_s = a.hold_ms / 1000
@@ -835,6 +885,7 @@ class Bench:
         probe = self.probe
         agi0, hist0, dec0 = probe.agi_stats(), probe.snapshot(), probe.decisions()
         states0 = await self.call_states()
+        tap0 = tap.snapshot() if tap else {}
         self.mark_log()
         with contextlib.suppress(PbxError):
             await pbx.acli("core reset taskprocessors")
@@ -850,6 +901,7 @@ class Bench:
             db.start()
             st.uac_rc = await uac.wait(duration + hold_s + 45)
             st.cpu = await cpu.stop()
+            st.cpu_elapsed = time.monotonic() - cpu.t0
             st.loop_lag = await lag.stop()
             st.db = await db.stop()
             with contextlib.suppress(PbxError):
@@ -864,6 +916,9 @@ class Bench:
             await db.stop()
         await self.settle_pbx()
         states1 = await self.call_states()
+        if tap is not None:
+            st.ami_events = {k: v - tap0.get(k, 0) for k, v in tap.snapshot().items()
+                             if v - tap0.get(k, 0)}
         st.call_states = {k: v - states0.get(k, 0) for k, v in states1.items()
                           if v - states0.get(k, 0)}
 
@@ -1031,10 +1086,14 @@ class Bench:
         log(f"part 1: {a.calls} calls at {a.rate:g} calls/s in each mode, "
             f"held {a.hold_ms} ms")
         fixed: dict[str, Step] = {}
-        for mode in MODES:
-            fixed[mode] = await self.step(mode, a.rate, a.calls)
-            for line in self.describe(fixed[mode]):
-                print(line, flush=True)
+        tap = await AmiTap(pbx).start()
+        try:
+            for mode in MODES:
+                fixed[mode] = await self.step(mode, a.rate, a.calls, tap)
+                for line in self.describe(fixed[mode]):
+                    print(line, flush=True)
+        finally:
+            await tap.close()
         g, d = fixed["gateway"].pdd_summary, fixed["direct"].pdd_summary
         print()
         print(f"Post-dial delay, INVITE -> first 180/200, {a.calls} calls at {a.rate:g}/s "
@@ -1061,6 +1120,21 @@ class Bench:
             "direct"].calls
         print(f"  Asterisk AMI manager queue: {mg:.0f} messages a call through the gateway, "
               f"{md:.0f} direct")
+        print(f"  AMI events sent to the gateway's account (eventfilter "
+              f"{'off' if a.no_ami_eventfilter else 'as shipped'}), a call:")
+        for mode in MODES:
+            st = fixed[mode]
+            names = sorted(st.ami_events.items(), key=lambda kv: -kv[1])
+            total = sum(st.ami_events.values())
+            print(f"    {mode:8s} {total / st.calls:5.1f}: " + ", ".join(
+                f"{k} {v / st.calls:.1f}" for k, v in names))
+        print("  CPU per call (ms), measured over the whole step:")
+        for mode in MODES:
+            st = fixed[mode]
+            per = {k: v * st.cpu_elapsed / st.calls * 1000 for k, v in st.cpu.items()
+                   if not k.startswith("machine") and k != "other processes"}
+            print(f"    {mode:8s} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(
+                per.items(), key=lambda kv: -kv[1])))
         print(flush=True)
 
         # part 2: ramp -----------------------------------------------------------------------
@@ -1143,6 +1217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stasis-decline", default="",
                    help="what-if: comma list of Stasis message types for Asterisk's stasis.conf "
                         "[declined_message_types] (e.g. ast_channel_varset_type)")
+    p.add_argument("--no-ami-eventfilter", action="store_true",
+                   help="what-if: the gateway's AMI account without the eventfilter lines of "
+                        "dialplan/manager.conf.example (every event of its read classes)")
     p.add_argument("--pbx-root", default="", help="the sid root folder ($PBX_ROOT)")
     args = p.parse_args(argv)
     args.ramp = [float(x) for x in args.ramp.split(",") if x.strip()]
