@@ -56,6 +56,11 @@ def instance_name(config: Config) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+# Connections asyncio may accept in one go on the HTTP listener (its listen backlog);
+# well under the descriptor margin that gateway.http.guard.connection_cap leaves.
+HTTP_ACCEPT_BURST = 16
+
+
 class StartupError(Exception):
     """The gateway cannot start; the message says which component and why."""
 
@@ -215,8 +220,11 @@ class Gateway:
         await self.http_runner.setup()
         self.http_guard.factory = self.http_runner.server
         try:
+            # asyncio accepts up to ``backlog`` connections in one go before the guard
+            # sees any of them: a small burst keeps that inside the descriptor margin
+            # of connection_cap even when the HTTP side is at its cap
             self.http_server = await asyncio.get_running_loop().create_server(
-                self.http_guard, cfg.http_host, cfg.http_port)
+                self.http_guard, cfg.http_host, cfg.http_port, backlog=HTTP_ACCEPT_BURST)
         except OSError as exc:
             raise StartupError(f"http: cannot listen on {cfg.http_host}:"
                                f"{cfg.http_port}: {exc.strerror}") from exc

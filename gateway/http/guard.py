@@ -175,7 +175,9 @@ def raise_descriptor_limit() -> tuple[int, int]:
 
 def connection_cap(configured: int, soft_limit: int, agi_sessions: int) -> int:
     """HTTP connections allowed: the configured number, but never more than what leaves
-    the AGI listener its sessions and a margin (database pool, AMI, log files)."""
+    the AGI listener its sessions and a margin (database pool, AMI, log files, and the
+    connections asyncio accepts in one burst before the guard refuses any: the HTTP
+    listener's backlog, ``app.HTTP_ACCEPT_BURST``)."""
     if soft_limit == resource.RLIM_INFINITY:
         return configured
     spare = soft_limit - agi_sessions - 64
