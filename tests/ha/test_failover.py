@@ -483,7 +483,11 @@ async def fail_over(cluster: HaCluster, pbx: ModelPbx, gateway: GatewayProcess,
 
     # the same process all along, and it authorises again on the new primary
     assert gateway.proc is not None and gateway.proc.returncode is None
-    assert report["failed"] > 0, report  # the kill was felt
+    # the fault was felt: authorisations failed, or (a hung primary holding the workers'
+    # hangup reports instead) none was answered for seconds after it
+    done = sorted(a.asked_at + a.seconds for a in answers)
+    silence = max((b - a for a, b in zip(done, done[1:]) if b >= killed_at), default=0.0)
+    assert report["failed"] > 0 or silence >= 3.0, (report, silence)
     failed = [a for a in answers if not a.allowed]
     assert {a.reason for a in failed} == {"GATEWAY_ERROR"}, report
     tail = answers[-LOAD_WORKERS * 5:]
