@@ -56,11 +56,6 @@ def instance_name(config: Config) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-# Connections asyncio may accept in one go on the HTTP listener (its listen backlog);
-# well under the descriptor margin that gateway.http.guard.connection_cap leaves.
-HTTP_ACCEPT_BURST = 16
-
-
 class StartupError(Exception):
     """The gateway cannot start; the message says which component and why."""
 
@@ -204,7 +199,12 @@ class Gateway:
         from aiohttp import web
 
         from .http.app import build_app
-        from .http.guard import ConnectionGuard, connection_cap, raise_descriptor_limit
+        from .http.guard import (
+            ACCEPT_BURST,
+            ConnectionGuard,
+            connection_cap,
+            raise_descriptor_limit,
+        )
 
         cfg = self.config
         # HTTP and AGI share the process's descriptors: take what the system allows, and
@@ -221,10 +221,9 @@ class Gateway:
         self.http_guard.factory = self.http_runner.server
         try:
             # asyncio accepts up to ``backlog`` connections in one go before the guard
-            # sees any of them: a small burst keeps that inside the descriptor margin
-            # of connection_cap even when the HTTP side is at its cap
+            # sees any of them: connection_cap leaves room for that burst
             self.http_server = await asyncio.get_running_loop().create_server(
-                self.http_guard, cfg.http_host, cfg.http_port, backlog=HTTP_ACCEPT_BURST)
+                self.http_guard, cfg.http_host, cfg.http_port, backlog=ACCEPT_BURST)
         except OSError as exc:
             raise StartupError(f"http: cannot listen on {cfg.http_host}:"
                                f"{cfg.http_port}: {exc.strerror}") from exc

@@ -173,12 +173,18 @@ def raise_descriptor_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+# Connections asyncio accepts on the HTTP listener in one go (its listen backlog, and
+# asyncio's default) before the guard sees any of them.
+ACCEPT_BURST = 100
+
+
 def connection_cap(configured: int, soft_limit: int, agi_sessions: int) -> int:
     """HTTP connections allowed: the configured number, but never more than what leaves
-    the AGI listener its sessions and a margin (database pool, AMI, log files, and the
-    connections asyncio accepts in one burst before the guard refuses any: the HTTP
-    listener's backlog, ``app.HTTP_ACCEPT_BURST``)."""
+    the AGI listener its sessions and a margin (database pool, AMI, log files), and room
+    for the connections asyncio accepts in one go before the guard can refuse any
+    (``ACCEPT_BURST``, the listener's backlog): without it a burst arriving while HTTP
+    is at its cap ran the process out of descriptors ("Too many open files")."""
     if soft_limit == resource.RLIM_INFINITY:
         return configured
-    spare = soft_limit - agi_sessions - 64
+    spare = soft_limit - agi_sessions - 64 - ACCEPT_BURST
     return max(8, min(configured, spare))
