@@ -6,28 +6,24 @@ time of each step over ``--cycles`` cycles, the server functions' own and total 
 every statement the functions ran during one more cycle (``auto_explain`` with nested
 statements, loaded into the session: no server restart needed).
 
-    .venv/bin/python bench/rater_profile.py [--cycles 2000] [--explain]
+    .venv/bin/python -m bench.rater_profile [--cycles 2000] [--explain]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import sys
 import time
 import uuid
 
 import asyncpg
 import structlog
 
+from bench.rater_bench import ADMIN_URL, provision_tenants
 from gateway.billing.provisioning import Provisioning
 from gateway.billing.rater import Rater
 from gateway.store.pool import open_pool
 from gateway.store.repository import Repository
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.rater_bench import ADMIN_URL, provision_tenants  # noqa: E402
 
 TENANTS = 20
 
