@@ -15,7 +15,6 @@ needed: what matters is what the PBX is told and what the database then holds).
 from __future__ import annotations
 
 import asyncio
-import shlex
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,6 +31,7 @@ from gateway.store.pool import open_pool
 from gateway.store.repository import Repository
 from tests.faults.invariants import assert_invariants
 from tests.faults.postgres import ThrowawayPostgres
+from tests.support.agi import agi_request
 from tests.support.gateway import running_gateway
 from tests.support.tenant import standard_tenant
 
@@ -62,25 +62,8 @@ async def agi_outbound(port: int, endpoint: str, dialled: str) -> Answer:
     find the call afterwards); wait as long as Asterisk would, within reason."""
     uniqueid = f"{time.time():.6f}-{uuid.uuid4().hex[:6]}"
     asked = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    env = {"agi_network": "yes", "agi_network_script": "outbound",
-           "agi_request": f"agi://127.0.0.1:{port}/outbound",
-           "agi_channel": f"PJSIP/{endpoint}-00000001", "agi_uniqueid": uniqueid,
-           "agi_callerid": endpoint, "agi_extension": dialled,
-           "agi_arg_1": dialled, "agi_arg_2": endpoint}
-    writer.write(("".join(f"{k}: {v}\n" for k, v in env.items()) + "\n").encode())
-    variables: dict[str, str] = {}
-    try:
-        async with asyncio.timeout(30):
-            while line := await reader.readline():
-                words = shlex.split(line.decode())
-                if words[:2] == ["SET", "VARIABLE"]:
-                    variables[words[2]] = words[3]
-                elif words[:2] == ["EXEC", "MSet"]:
-                    variables.update(pair.split("=", 1) for pair in words[2].split(","))
-                writer.write(b"200 result=1\n")
-    finally:
-        writer.close()
+    variables = await agi_request(port, "outbound", [dialled, endpoint], uniqueid=uniqueid,
+                                  endpoint=endpoint, extension=dialled, within=30)
     return Answer(uniqueid, dialled, variables, time.monotonic() - asked, asked)
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
-import shlex
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -38,6 +38,7 @@ from gateway.store.pool import open_pool
 from gateway.store.repository import Repository
 from tests.faults.invariants import assert_invariants
 from tests.faults.process import GatewayProcess
+from tests.support.agi import agi_request
 from tests.support.ami import SECRET, USERNAME, FakeAmi, FakeConn
 from tests.support.ci import need
 from tests.support.patroni import HaCluster, tools_missing
@@ -227,25 +228,8 @@ class Answer:
 async def agi(port: int, script: str, uniqueid: str, args: list[str]) -> Answer:
     """One FastAGI session; the variables the gateway set (one MSet or SET VARIABLEs)."""
     asked = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    env = {"agi_network": "yes", "agi_network_script": script,
-           "agi_request": f"agi://127.0.0.1:{port}/{script}",
-           "agi_channel": "PJSIP/alice-00000001", "agi_uniqueid": uniqueid,
-           "agi_callerid": "alice", "agi_extension": DOMESTIC}
-    env.update({f"agi_arg_{i}": a for i, a in enumerate(args, start=1)})
-    writer.write(("".join(f"{k}: {v}\n" for k, v in env.items()) + "\n").encode())
-    variables: dict[str, str] = {}
-    try:
-        async with asyncio.timeout(30):
-            while line := await reader.readline():
-                words = shlex.split(line.decode())
-                if words[:2] == ["SET", "VARIABLE"]:
-                    variables[words[2]] = words[3]
-                elif words[:2] == ["EXEC", "MSet"]:
-                    variables.update(pair.split("=", 1) for pair in words[2].split(","))
-                writer.write(b"200 result=1\n")
-    finally:
-        writer.close()
+    variables = await agi_request(port, script, args, uniqueid=uniqueid,
+                                  extension=DOMESTIC, within=30)
     return Answer(uniqueid, variables, asked, time.monotonic() - asked)
 
 
@@ -486,7 +470,7 @@ async def fail_over(cluster: HaCluster, pbx: ModelPbx, gateway: GatewayProcess,
     # the fault was felt: authorisations failed, or (a hung primary holding the workers'
     # hangup reports instead) none was answered for seconds after it
     done = sorted(a.asked_at + a.seconds for a in answers)
-    silence = max((b - a for a, b in zip(done, done[1:]) if b >= killed_at), default=0.0)
+    silence = max((b - a for a, b in itertools.pairwise(done) if b >= killed_at), default=0.0)
     assert report["failed"] > 0 or silence >= 3.0, (report, silence)
     failed = [a for a in answers if not a.allowed]
     assert {a.reason for a in failed} == {"GATEWAY_ERROR"}, report
