@@ -8,13 +8,14 @@ import datetime as dt
 import uuid
 from decimal import Decimal
 
+import asyncpg
 import pytest
 
 from gateway.billing.rater import Rater
 from gateway.billing.views import as_dict
 from gateway.errors import Conflict, InvalidInput, NotFound, Unavailable
 from gateway.rating.model import Reason, Route, Source
-from gateway.store.repository import Repository
+from gateway.store.repository import Repository, translate_errors
 from tests.support.ledger import ledger_agrees, pool_row
 from tests.support.tenant import TENANT, standard_tenant
 
@@ -643,6 +644,59 @@ async def test_void_is_retried_until_the_database_answers(admin, repo, clock):
     assert lossy.failures == 0
     assert (await repo.find_call(lossy.sent["call_id"]))["state"] == "released"
     assert await pool_row(repo) == (0, 0)
+
+
+@pytest.mark.parametrize("error", [
+    # a standby refusing the write while Patroni promotes it (through the repository's
+    # error translation, as the running gateway meets it)
+    "standby",
+    # an error the database may not give twice: before, the void gave up on it and the
+    # call stayed ALLOW, funded, while the PBX had been told GATEWAY_ERROR
+    "deadlock",
+])
+async def test_void_is_retried_through_any_error_that_may_pass(admin, repo, clock, error):
+    await standard_tenant(admin)
+
+    class Refuses(LosesAnswers):
+        failures = 2
+
+        async def void_authorisation(self, **kw):
+            if self.failures:
+                self.failures -= 1
+                if error == "standby":
+                    async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+                        with translate_errors():
+                            await conn.execute("INSERT INTO pbx_leases (pbx) VALUES ('x')")
+                raise asyncpg.DeadlockDetectedError("deadlock detected")
+            return await super().void_authorisation(**kw)
+
+    lossy = Refuses(repo.pool, commits=True)
+    r = Rater(lossy, clock=clock)
+    with pytest.raises(Unavailable):
+        await r.authorise_outbound("alice", "2125550100")
+    await voided(r)
+    assert lossy.failures == 0
+    row = await repo.find_call(lossy.sent["call_id"])
+    assert (row["decision"], row["state"]) == ("REJECT", "released")
+    assert await pool_row(repo) == (0, 0)
+
+
+async def test_void_gives_up_only_on_a_definite_refusal(admin, repo, clock):
+    await standard_tenant(admin)
+
+    class TenantGone(LosesAnswers):
+        tries = 0
+
+        async def void_authorisation(self, **kw):
+            self.tries += 1
+            raise NotFound("unknown tenant acme", code="UNKNOWN_CALL")
+
+    lossy = TenantGone(repo.pool, commits=False)
+    r = Rater(lossy, clock=clock)
+    with pytest.raises(Unavailable):
+        await r.authorise_outbound("alice", "2125550100")
+    await voided(r)
+    assert lossy.tries == 1 and r.voids_pending == 0
 
 
 async def test_a_lost_renewal_holds_its_slice_only_until_the_call_is_settled(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from ..errors import InvalidInput, Unavailable
+from ..errors import Conflict, GatewayError, InvalidInput, NotFound, Unavailable
 from ..rating import numbers, rules
 from ..rating.model import (
     CallerContext,
@@ -285,15 +285,21 @@ class Rater:
                     caller=void.caller, destination=void.destination,
                     number_class=void.number_class, pbx_uniqueid=void.pbx_uniqueid,
                     linkedid=void.linkedid, now=self.clock(), pbx=void.pbx)
-            except Unavailable as exc:
-                log.warning("void_retrying", call_id=str(void.call_id), error=exc.message,
+            except (NotFound, InvalidInput, Conflict):
+                # a definite refusal (the tenant is gone, a value the schema refuses):
+                # nothing a retry could change
+                log.exception("void_failed", call_id=str(void.call_id))
+                return
+            except Exception as exc:  # noqa: BLE001 - anything else may pass: retry
+                # Unavailable, and any error the database may not give twice (a standby
+                # refusing writes during a fail-over, a deadlock, too many connections):
+                # giving up would leave a funded ALLOW that the PBX was told is a REJECT
+                log.warning("void_retrying", call_id=str(void.call_id),
+                            error=exc.message if isinstance(exc, GatewayError) else repr(exc),
                             retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, VOID_RETRY_MAX)
                 continue
-            except Exception:  # noqa: BLE001 - a definite refusal: nothing to retry
-                log.exception("void_failed", call_id=str(void.call_id))
-                return
             log.info("authorisation_voided", call_id=str(void.call_id), outcome=outcome)
             return
 

@@ -73,9 +73,11 @@ def translate_errors() -> Any:
             asyncpg.NumericValueOutOfRangeError, asyncpg.StringDataRightTruncationError,
             asyncpg.InvalidTextRepresentationError) as exc:
         raise InvalidInput(f"invalid value: {exc}", code="INVALID_VALUE") from exc
-    except (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError) as exc:
-        # the server went away, is shutting down or starting up, or cancelled the
-        # statement (statement_timeout): the statement's transaction did not commit
+    except (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError,
+            asyncpg.ReadOnlySQLTransactionError) as exc:
+        # the server went away, is shutting down or starting up, cancelled the
+        # statement (statement_timeout), or is a standby that refuses writes (a fail-over
+        # under way): the statement's transaction did not commit
         raise Unavailable(f"database unavailable: {exc}", code="DATABASE_UNAVAILABLE") from exc
     except asyncpg.PostgresError as exc:
         if exc.sqlstate == "GW404":

@@ -502,11 +502,13 @@ async def fail_over(cluster: HaCluster, pbx: ModelPbx, gateway: GatewayProcess,
                  [line for line in gateway.log_lines() if chan.call_id in line][-12:])
         # what the PBX was told is what the database holds: a rejected call holds nothing
         for a in failed:
-            row = await pool.fetchrow("SELECT decision, state FROM calls"
+            row = await pool.fetchrow("SELECT id, decision, state, settled_by FROM calls"
                                       " WHERE pbx_uniqueid = $1", a.uniqueid)
             if row is not None:
                 assert (row["decision"], row["state"]) in (("REJECT", "rejected"),
-                                                           ("REJECT", "released")), dict(row)
+                                                           ("REJECT", "released")), \
+                    (dict(row), [line for line in gateway.log_lines()
+                                 if str(row["id"]) in line][-12:])
         # synchronous replication: what the old primary committed and answered before it
         # died is on the new one; the calls it had released stay released by the PBX's
         # own reports, not found open again and closed by reconciliation
