@@ -81,7 +81,8 @@ async def test_half_sent_http_requests_at_the_descriptor_limit_leave_agi_answeri
         json.loads(line)  # no plain-text traceback inside the JSON log
     # warnings are limited per kind: a flood of refusals is a few lines plus a count
     assert len(lines) < 100, "\n".join(lines[-20:])
-    assert not any("Too many open files" in line for line in lines), [l for l in lines if "Too many" in l][:3]
+    out_of_files = [line for line in lines if "Too many open files" in line]
+    assert not out_of_files, out_of_files[:3]
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     try:
         await assert_invariants(pool)
