@@ -124,7 +124,7 @@ ctrl_tcp_listen 127.0.0.1:{self.ctrl_port}
 """)
         (self.dir / "accounts").write_text("")  # the account comes with register()
         (self.dir / "contacts").write_text("")
-        self._log = open(self.dir / "baresip.log", "wb")  # noqa: SIM115
+        self._log = open(self.dir / "baresip.log", "wb")  # noqa: SIM115, ASYNC230
         self.proc = await asyncio.create_subprocess_exec(
             exe, "-f", str(self.dir), stdin=asyncio.subprocess.DEVNULL, stdout=self._log,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)
