@@ -577,6 +577,7 @@ async def run(s: LabSettings) -> int:
     if other:
         raise LabError(f"a lab is already running on {s.data_dir} (pid {other['pid']})")
     # a new database at every start: the demo's wallets and pools start full
+    _stop_leftover_database(s.data_dir / "pgdata")
     shutil.rmtree(s.data_dir / "pgdata", ignore_errors=True)
     s.passwords = phone_passwords(s.data_dir)
     s.pstn_port = s.pstn_port or free_port("udp", s.address)
@@ -623,6 +624,18 @@ async def run(s: LabSettings) -> int:
         with contextlib.suppress(OSError):
             state.unlink()
         print("lab: stopped", file=sys.stderr, flush=True)
+
+
+def _stop_leftover_database(pgdata: Path) -> None:
+    """Stop the embedded PostgreSQL a lab killed with ``kill -9`` left running on
+    ``pgdata`` (a lab that stopped normally stopped it), before it is deleted."""
+    if not (pgdata / "postmaster.pid").exists():
+        return
+    import pgserver  # the embedded database's own binaries
+
+    user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs it so as root
+    with contextlib.suppress(Exception):  # noqa: BLE001 - not running: nothing to stop
+        pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=60)
 
 
 def _check_free(s: LabSettings) -> None:
