@@ -219,21 +219,19 @@ def pjsip_conf(example: str, s: LabSettings) -> str:
                     "pjsip.conf.example [carrier]")
     text = _replace(text, "match=203.0.113.10", f"match={pstn}",
                     "pjsip.conf.example [carrier-identify]")
-    # each auth section's password
-    out, section = [], ""
+    # each phone's auth section gets its password
+    out, section, replaced = [], "", set()
     for line in text.splitlines():
-        m = re.match(r"^\[([^\]]+)\]", line)
-        if m:
+        if m := re.match(r"^\[([^\]]+)\]", line):
             section = m.group(1)
         if line.startswith("password=") and section in s.passwords:
             line = f"password={s.passwords[section]}"
+            replaced.add(section)
         out.append(line)
-    text = "\n".join(out) + "\n"
-    missing = [p for p in PHONES if p in s.passwords and f"password={s.passwords[p]}" not in text
-               and p not in LAB_PHONES]
+    missing = [p for p in PHONES if p not in LAB_PHONES and p not in replaced]
     if missing:
         raise LabError(f"pjsip.conf.example has no auth section for {', '.join(missing)}")
-    return text + "\n#include pjsip_lab.conf\n"
+    return "\n".join(out) + "\n\n#include pjsip_lab.conf\n"
 
 
 #: Phones the lab adds to the example's: the prepaid tenant's and an unprovisioned one.

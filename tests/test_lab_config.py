@@ -124,3 +124,20 @@ def test_the_command_says_what_is_wrong(argv, message, tmp_path):
     res = subprocess.run([sys.executable, "-m", "gateway", "lab", *argv], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and message in res.stderr, res.stderr
+
+
+def test_an_example_without_a_printed_phone_is_a_clear_error():
+    without = EXAMPLE.replace("[maple-marc]\ntype=auth", "[maple-marc-x]\ntype=auth")
+    with pytest.raises(lab.LabError, match="no auth section for maple-marc"):
+        lab.pjsip_conf(without, settings())
+
+
+def test_try_it_documents_every_number_the_lab_prints():
+    doc = (REPO / "docs" / "try-it.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| ")]
+    for who, number, _ in lab.DIAL:
+        caller = "| any" if who.startswith("any") else f"| `{who}` |"
+        assert any(row.startswith(caller) and f"| `{number}`" in row for row in rows), \
+            (who, number)
+    for name in lab.PHONES:
+        assert f"`{name}`" in doc, name
