@@ -323,6 +323,21 @@ class Asterisk:
     def conf(self) -> str:
         return f"{self.guest_dir}/etc/asterisk.conf"
 
+    def sweep_stale_runs(self, min_age: float = 60.0) -> None:
+        """Remove the run folders of labs killed with ``kill -9`` (their Asterisk died
+        with them, by the watchdog, but nobody removed the folder)."""
+        now = time.time()
+        for folder in (self.root / "run").glob("lab-*"):
+            with contextlib.suppress(OSError, ValueError):
+                if now - folder.stat().st_mtime < min_age:
+                    continue  # a lab that is just starting
+                pid_file = folder / "run" / "asterisk.pid"
+                if pid_file.exists():
+                    pid = int(pid_file.read_text().strip() or 0)
+                    if pid > 0 and Path(f"/proc/{pid}").exists():
+                        continue
+                shutil.rmtree(folder, ignore_errors=True)
+
     def write_config(self) -> None:
         s, g, etc = self.s, self.guest_dir, self.run_dir / "etc"
         for sub in ("etc", "lib", "db", "spool", "run", "log"):
@@ -373,6 +388,7 @@ hideconnect = yes
         (etc / "manager.conf").chmod(0o600)
 
     def start(self, boot_timeout: float = 60.0) -> None:
+        self.sweep_stale_runs()
         self.write_config()
         self._out = open(self.run_dir / "log" / "console.out", "wb")  # noqa: SIM115
         script = (
