@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -54,11 +56,24 @@ class RunningLab:
                 + self.err.read_text(errors="replace")[-6000:])
 
 
-def start_lab(folder: Path, pbx_root: Path) -> RunningLab:
+@contextlib.contextmanager
+def lab_data_dir():
+    """A data folder for one lab, outside pytest's temporary folder: the embedded
+    PostgreSQL runs as another user (pgserver, when root runs it), which must traverse
+    to it, and every pytest session that starts on this machine makes
+    /tmp/pytest-of-root private again (0700), which cut a lab starting meanwhile off
+    its own database ("initdb: could not open file ... Permission denied")."""
+    path = Path(tempfile.mkdtemp(prefix="agi-gateway-lab-"))
+    try:
+        yield path / "lab"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def start_lab(folder: Path, data_dir: Path, pbx_root: Path) -> RunningLab:
     """Run ``gateway lab`` as a person would (its own process, free ports) and wait
     until it has printed its settings."""
     sip_port, http_port = free_sip_port(), free_port("tcp")
-    data_dir = folder / "lab"
     out, err = folder / "lab.out", folder / "lab.err"
     cmd = [sys.executable, "-m", "gateway", "lab", "--sip-port", str(sip_port),
            "--http-port", str(http_port), "--data-dir", str(data_dir),
@@ -119,9 +134,10 @@ def softphone_ok() -> None:
 
 @pytest.fixture(scope="module")
 def lab(pbx_root, softphone_ok, tmp_path_factory):
-    running = start_lab(tmp_path_factory.mktemp("lab"), pbx_root)
-    yield running
-    stop_lab(running)
+    with lab_data_dir() as data_dir:
+        running = start_lab(tmp_path_factory.mktemp("lab"), data_dir, pbx_root)
+        yield running
+        stop_lab(running)
 
 
 async def calls_of(lab: RunningLab, tenant: str) -> list:
@@ -238,7 +254,12 @@ async def test_toll_free_call_rings_the_registered_softphone_and_charges_the_wal
 
 async def test_lab_command_starts_prints_working_settings_and_stops_cleanly(
         pbx_root, softphone_ok, tmp_path):
-    running = await asyncio.to_thread(start_lab, tmp_path, pbx_root)
+    with lab_data_dir() as data_dir:
+        await lab_starts_and_stops_cleanly(pbx_root, tmp_path, data_dir)
+
+
+async def lab_starts_and_stops_cleanly(pbx_root: Path, tmp_path: Path, data_dir: Path):
+    running = await asyncio.to_thread(start_lab, tmp_path, data_dir, pbx_root)
     try:
         assert set(running.passwords) == set(lab_module.PHONES), running.output()
         # the printed settings work: a softphone registers with them, the page answers
