@@ -419,6 +419,16 @@ hideconnect = yes
     def cli(self, command: str, timeout: float = 10.0) -> str:
         return cli(self.root, self.conf, command, timeout)
 
+    def hang_up_all(self, seconds: float = 5.0) -> None:
+        """Hang up every call and wait (a while) until no channel is left."""
+        deadline = time.monotonic() + seconds
+        with contextlib.suppress(LabError):
+            self.cli("channel request hangup all", seconds)
+            while time.monotonic() < deadline:
+                if "!" not in self.cli("core show channels concise", seconds):
+                    return
+                time.sleep(0.1)
+
     def log_tail(self, lines: int = 40) -> str:
         text = ""
         for name in ("full", "console.out"):
@@ -431,8 +441,7 @@ hideconnect = yes
         proc = self.proc
         if proc is not None:
             if proc.poll() is None:
-                with contextlib.suppress(LabError):
-                    self.cli("channel request hangup all", 5)
+                self.hang_up_all()
                 with contextlib.suppress(LabError):
                     self.cli("core stop now", 5)
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -629,9 +638,9 @@ async def run(s: LabSettings) -> int:
         print("lab: stopping", file=sys.stderr, flush=True)
         return 0
     finally:
-        with contextlib.suppress(LabError):
-            if pbx.proc is not None:
-                await asyncio.to_thread(pbx.cli, "channel request hangup all", 5)
+        if pbx.proc is not None:
+            # calls up end first, so that the gateway hears their hangup reports
+            await asyncio.to_thread(pbx.hang_up_all)
         if gw is not None:
             await gw.stop()
         await asyncio.to_thread(pbx.stop)
