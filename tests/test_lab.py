@@ -60,9 +60,9 @@ class RunningLab:
 def lab_data_dir():
     """A data folder for one lab, outside pytest's temporary folder: the embedded
     PostgreSQL runs as another user (pgserver, when root runs it), which must traverse
-    to it, and every pytest session that starts on this machine makes
-    its base folder (pytest-of-USER) private again (0700), which cut a lab starting meanwhile off
-    its own database ("initdb: could not open file ... Permission denied")."""
+    to it, and every pytest session that starts on this machine makes its base folder
+    (pytest-of-USER) private again (0700), which cut a lab starting meanwhile off its
+    own database ("initdb: could not open file ... Permission denied")."""
     path = Path(tempfile.mkdtemp(prefix="agi-gateway-lab-"))
     try:
         yield path / "lab"
