@@ -46,13 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gateway", description="Asterisk billing gateway")
     parser.add_argument("--config", help="TOML file (default: $GATEWAY_CONFIG)")
     parser.add_argument("command", nargs="?", default="serve",
-                        help="serve | migrate | an operator command (see 'gateway help')")
+                        help="serve | migrate | lab | an operator command (see 'gateway help')")
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "serve":
             return asyncio.run(_serve(args.config))
         if args.command == "migrate":
             return asyncio.run(_migrate(args.config))
+        if args.command == "lab":
+            from .lab import main as lab_main
+
+            return lab_main(rest)
         from .cli import main as cli_main
 
         return cli_main([args.command, *rest], config_path=args.config)

@@ -42,6 +42,7 @@ def layer_of(module: str) -> str:
         "agi": "wire", "ami": "wire", "rating": "rules", "store": "store",
         "billing": "billing", "calls": "calls", "http": "http", "cli": "cli",
         "app": "root", "config": "root", "__main__": "root", "__init__": "root",
+        "lab": "root",
     }.get(top, "leaf" if module in LEAVES else "unknown")
 
 

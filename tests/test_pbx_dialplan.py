@@ -1186,9 +1186,9 @@ async def test_shipped_examples_load(make_pbx):  # noqa: F811
         }
     )
     endpoints = pbx.cli("pjsip show endpoints")
-    for name in ("alice", "carrier", "partner", "emergency"):
+    for name in ("maple-front", "carrier", "partner", "emergency"):
         assert re.search(rf"Endpoint:\s+{name}\b", endpoints), endpoints
-    assert "gateway-outbound" in pbx.cli("pjsip show endpoint alice")
+    assert "gateway-outbound" in pbx.cli("pjsip show endpoint maple-front")
     assert "gateway-inbound" in pbx.cli("pjsip show endpoint carrier")
     status = pbx.cli("cdr show status")
     assert re.search(r"Logging:\s+Enabled", status) and "cdr_manager" in status, status

@@ -35,6 +35,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+# Modules not to load (absent hardware and back-ends, extra ports, sample dialplans):
+# the product's list, which the softphone lab (gateway/lab.py) runs Asterisk with too.
+from gateway.lab import NOLOAD
+
 from .ports import free_port, free_sip_port, free_udp_ports
 from .processes import PbxError, group_alive, track, untrack
 from .sipp import CallResult, Sipp
@@ -46,85 +50,6 @@ __all__ = ["DEFAULT_PBX_ROOT", "DIALPLAN_DIR", "NOLOAD", "REPO", "Pbx", "pbx_roo
 DEFAULT_PBX_ROOT = "/var/cache/agi-gateway/pbx-root"
 REPO = Path(__file__).resolve().parents[3]
 DIALPLAN_DIR = REPO / "dialplan"
-
-#: Modules not to load: absent hardware/back-ends (they log errors or hang on
-#: start), things that bind extra ports, and pbx_lua/pbx_ael which would read
-#: the root's sample dialplans. Everything else autoloads (res_agi needs
-#: res_speech & co., so a "load only what we need" list is brittle).
-NOLOAD = (
-    "chan_iax2.so",
-    "chan_dahdi.so",
-    "chan_console.so",
-    "chan_unistim.so",
-    "chan_motif.so",
-    "chan_mobile.so",
-    "chan_ooh323.so",
-    "res_xmpp.so",
-    "res_odbc.so",
-    "res_odbc_transaction.so",
-    "res_config_odbc.so",
-    "cdr_odbc.so",
-    "cdr_adaptive_odbc.so",
-    "cel_odbc.so",
-    "func_odbc.so",
-    "app_voicemail_odbc.so",
-    "app_voicemail_imap.so",
-    "res_config_mysql.so",
-    "app_mysql.so",
-    "cdr_mysql.so",
-    "res_config_ldap.so",
-    "cdr_radius.so",
-    "cel_radius.so",
-    "cdr_tds.so",
-    "cel_tds.so",
-    "res_corosync.so",
-    "pbx_lua.so",
-    "pbx_ael.so",
-    "pbx_dundi.so",
-    "res_hep.so",
-    "res_hep_pjsip.so",
-    "res_hep_rtcp.so",
-    "res_snmp.so",
-    "res_calendar.so",
-    "res_calendar_caldav.so",
-    "res_calendar_ews.so",
-    "res_calendar_exchange.so",
-    "res_calendar_icalendar.so",
-    "res_stun_monitor.so",
-    "res_phoneprov.so",
-    "res_pjsip_phoneprov_provider.so",
-    "res_statsd.so",
-    "res_prometheus.so",
-    "cdr_pgsql.so",
-    "cel_pgsql.so",
-    "res_config_pgsql.so",
-    "cdr_csv.so",
-    "cdr_custom.so",
-    "cel_custom.so",
-    "cdr_sqlite3_custom.so",
-    "cel_sqlite3_custom.so",
-    "cdr_beanstalkd.so",
-    "cel_beanstalkd.so",
-    # need configuration files this harness does not write; they only decline
-    "res_pjsip_notify.so",
-    "res_parking.so",
-    "app_agent_pool.so",
-    "app_confbridge.so",
-    "app_page.so",
-    "cel_manager.so",
-    "app_alarmreceiver.so",
-    "app_festival.so",
-    "app_amd.so",
-    "app_followme.so",
-    "app_queue.so",
-    "app_voicemail.so",
-    "app_minivm.so",
-    "res_clialiases.so",
-    "res_http_media_cache.so",
-    "app_adsiprog.so",
-    "app_getcpeid.so",
-    "res_adsi.so",
-)
 
 
 def pbx_root_path() -> Path:
