@@ -176,6 +176,22 @@ def test_images_build_from_nothing_and_follow_the_rules(images):
         assert "CMD" in health, (image, health)
 
 
+def test_a_missing_secret_or_phone_list_stops_a_container_with_a_clear_error(images):
+    def run(image: str, *args: str):
+        return podman("run", "--rm", "--network", "none", *args, f"{image}:latest",
+                      check=False, timeout=60)
+
+    gateway = run("agi-gateway-gateway", "-e", "GATEWAY_ADMIN_TOKEN_FILE=/run/secrets/nope")
+    assert gateway.returncode == 2, gateway
+    assert "GATEWAY_ADMIN_TOKEN_FILE: No such file or directory" in gateway.stderr, gateway
+    asterisk = run("agi-gateway-asterisk")
+    assert asterisk.returncode == 1, asterisk
+    assert "no /etc/asterisk/pjsip.conf: mount the phones and trunks there" in asterisk.stderr
+    postgres = run("agi-gateway-postgres")
+    assert postgres.returncode == 1, postgres
+    assert "cannot read the password file /run/secrets/db_password" in postgres.stderr
+
+
 async def test_the_stack_comes_up_healthy_with_ami_connected(stack, stack_pbx):
     status, body = await asyncio.to_thread(stack.readyz)
     assert status == 200 and body["status"] == "ready", body
