@@ -33,6 +33,7 @@ from tests.support.stack import (
     StackPbx,
     build_images,
     podman,
+    sweep_stale,
     tools_missing,
 )
 
@@ -62,6 +63,7 @@ def images():
     missing = tools_missing()
     if missing:
         need(f"the container tests need {', '.join(missing)} (scripts/test installs them)")
+    sweep_stale()
     seconds = build_images(clean=True)
     figure("build of the three images from nothing (layer cache off)", seconds)
     return seconds

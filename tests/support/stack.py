@@ -25,7 +25,7 @@ from .pbx.ports import free_port, free_sip_port, free_udp_ports
 from .pbx.processes import PbxError
 
 __all__ = ["COMPOSE_FILE", "IMAGES", "SERVICES", "Stack", "StackError", "StackPbx", "build_images",
-           "podman", "podman_compose", "tools_missing"]
+           "podman", "sweep_stale", "podman_compose", "tools_missing"]
 
 COMPOSE_FILE = REPO / "docker" / "compose.yaml"
 CONTAINERS_CONF = REPO / "docker" / "podman" / "containers.conf"
@@ -86,6 +86,31 @@ def build_images(*, clean: bool, timeout: float = 900) -> float:
     return time.monotonic() - started
 
 
+OWNER_LABEL = "agi-gateway.test-pid"
+
+
+def sweep_stale() -> list[str]:
+    """Remove the stacks (containers and volumes) of test processes that died without
+    taking theirs down (their restart policy would keep them up for good); returns the
+    projects removed."""
+    out = podman("ps", "-a", "--filter", f"label={OWNER_LABEL}", "--format",
+                 f'{{{{index .Labels "io.podman.compose.project"}}}} '
+                 f'{{{{index .Labels "{OWNER_LABEL}"}}}}',
+                 check=False).stdout
+    stale = {project for project, pid in (line.split() for line in out.splitlines()
+                                          if len(line.split()) == 2)
+             if not Path(f"/proc/{pid}").exists()}
+    for project in sorted(stale):
+        label = f"label=io.podman.compose.project={project}"
+        ids = podman("ps", "-aq", "--filter", label, check=False).stdout.split()
+        if ids:
+            podman("rm", "-f", "-t", "2", *ids, check=False)
+        volumes = podman("volume", "ls", "-q", "--filter", label, check=False).stdout.split()
+        if volumes:
+            podman("volume", "rm", "-f", *volumes, check=False)
+    return sorted(stale)
+
+
 class Stack:
     """One compose project of ``docker/compose.yaml`` in its own folder ``work``: the
     secret files, the phones' pjsip.conf and an override file; ports picked free."""
@@ -109,7 +134,10 @@ class Stack:
             path.write_text(value + "\n")
             path.chmod(0o644)  # the containers' users (gateway, postgres) read them
         (work / "pjsip.conf").write_text(pjsip_conf)
-        override = {"services": {"gateway": {"environment": gateway_env}}}
+        # every container says which test process started it (sweep_stale())
+        owner = {"labels": {OWNER_LABEL: str(os.getpid())}}
+        override = {"services": {"gateway": {"environment": gateway_env, **owner},
+                                 "postgres": owner, "asterisk": owner}}
         (work / "override.yaml").write_text(json.dumps(override))  # JSON is YAML
         self.env = _env({
             "STACK_DB_PORT": str(self.ports["db"]),
