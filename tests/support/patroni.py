@@ -262,9 +262,20 @@ class PatroniNode:
             untrack(self._postmaster_group)  # type: ignore[arg-type]
 
     def log_tail(self, lines: int = 30) -> str:
+        """The first lines of the log (the bootstrap: initdb's and the server's first
+        words, which a long wait pushes out of the tail) and its last ``lines``, without
+        Patroni's repeated heartbeat lines."""
         with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            every = self.log_path.read_text(errors="replace").splitlines()
+            said = [line for line in every if not line.endswith(HEARTBEATS)]
+            head = said[:20] if len(said) > 20 + lines else []
+            return "\n".join([*head, *(["..."] if head else []), *said[-lines:]])
         return ""
+
+
+# Patroni says these every loop while it waits; they bury what happened before
+HEARTBEATS = ("not healthy enough for leader race", "bootstrap in progress",
+              "Lock owner: None; I am pg1", "Lock owner: None; I am pg2")
 
 
 class HaCluster:
@@ -314,7 +325,7 @@ class HaCluster:
 
     # ---- start ------------------------------------------------------------------------
 
-    def start(self, within: float = 90.0) -> HaCluster:
+    def start(self, within: float = 180.0) -> HaCluster:
         """etcd, then the first node (it bootstraps the cluster and becomes the primary),
         then the second (a base backup of the first); returns once the second is the
         primary's synchronous standby, streaming."""
