@@ -30,12 +30,12 @@ from typing import Any, Protocol
 
 import structlog
 
+from .. import dialplan_variables as var
 from ..ami.client import AMI_ACTION_FAILED
 from ..ami.events import CoreShowChannel, DialEnd, Hangup
 from ..billing.rater import Rater
 from ..errors import GatewayError
 from ..metrics import Metrics
-from .. import dialplan_variables as var
 from .announce import Announcements, renew_margin, warning_due
 
 log = structlog.get_logger("gateway.calls")
