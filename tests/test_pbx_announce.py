@@ -39,16 +39,16 @@ ANNOUNCED = dict(announce_rejections=True)
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]")
 
 
-def log_mark(pbx: Pbx) -> int:
+def log_mark(asterisk: Pbx) -> int:
     """Where the PBX's log ends now (the PBX is shared by the module's tests)."""
-    return len(pbx.log_text())
+    return len(asterisk.log_text())
 
 
-def log_lines(pbx: Pbx, pattern: str, since: int) -> list[tuple[float, str]]:
+def log_lines(asterisk: Pbx, pattern: str, since: int) -> list[tuple[float, str]]:
     """(PBX clock in seconds, line) of the PBX log lines written after ``since``
     that match ``pattern``."""
     found = []
-    for line in pbx.log_text()[since:].splitlines():
+    for line in asterisk.log_text()[since:].splitlines():
         m = STAMP.match(line)
         if m and re.search(pattern, line):
             at = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f")
@@ -56,7 +56,7 @@ def log_lines(pbx: Pbx, pattern: str, since: int) -> list[tuple[float, str]]:
     return found
 
 
-async def test_no_balance_hears_its_prompt_as_early_media_then_480(pbx, start_gateway,
+async def test_no_balance_hears_its_prompt_as_early_media_then_480(pbx, start_gateway,  # noqa: F811
                                                                    admin, repo):
     await standard_tenant(admin)
     await admin.set_allotment("CA", "domestic", 0)  # no minutes, no wallet
@@ -87,7 +87,7 @@ async def test_no_balance_hears_its_prompt_as_early_media_then_480(pbx, start_ga
 
 
 async def test_a_reason_switched_off_is_rejected_at_once_without_early_media(
-        pbx, start_gateway, admin):
+        pbx, start_gateway, admin):  # noqa: F811
     await standard_tenant(admin)
     await start_gateway(announce_prompts={"NO_LICENSE": ""}, **ANNOUNCED)
     phone = await pbx.call("carol", DOMESTIC, scenario="expect_error")  # carol: no licence
@@ -95,7 +95,7 @@ async def test_a_reason_switched_off_is_rejected_at_once_without_early_media(
     assert 183 not in phone.provisional_codes, explain(phone)
 
 
-async def test_funding_that_runs_dry_warns_the_caller_before_the_cut(pbx, start_gateway,
+async def test_funding_that_runs_dry_warns_the_caller_before_the_cut(pbx, start_gateway,  # noqa: F811
                                                                       admin, repo, rater):
     """20 s funded, nothing more to come: the caller hears the warning 10 s before the
     cut (the issue's 30 s before a 60 s funding, scaled down), the PBX cuts on time and
@@ -143,7 +143,7 @@ async def test_funding_that_runs_dry_warns_the_caller_before_the_cut(pbx, start_
         "SELECT count(*) FROM cdr WHERE channel LIKE 'Local/%'") == 0
 
 
-async def test_emergency_calls_are_never_delayed_by_announcements(pbx, start_gateway, admin,
+async def test_emergency_calls_are_never_delayed_by_announcements(pbx, start_gateway, admin,  # noqa: F811
                                                                   repo):
     """Announcements on, and a caller who would be rejected for any other number (carol:
     no licence, no minutes): 911 is dialled at once, no prompt, no early media."""
