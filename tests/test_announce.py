@@ -195,7 +195,7 @@ async def test_a_call_funded_short_at_authorisation_warns_its_caller_once():
     await table.stop()
     [(at, args)] = ami.originated
     assert args == (f"Local/{var.WARNING_EXTEN}@{var.WARNING_CONTEXT}/n", "ChanSpy",
-                    "PJSIP/alice-00000001,qwE",
+                    "PJSIP/alice-00000001,qwEu",
                     {var.WARNING: "beep", "CDR_PROP(disable)": "1"})
     assert 0.8 <= at - answered <= 1.3  # 3 s funded, warned 2 s before the end
     assert call.warned and table.metrics.cutoff_warnings.labels("sent")._value.get() == 1

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from gateway import dialplan_variables as var
 from gateway.calls.announce import DEFAULT_PROMPTS
 from gateway.calls.causes import sip_response_for
 from gateway.rating.model import Reason
@@ -32,6 +33,7 @@ from tests.test_e2e_calls import (  # noqa: F401 - fixtures, shared with the e2e
     settled,
     start_gateway,
 )
+from tests.test_pbx_dialplan import NUMBER, FakeGateway, decide
 
 pytestmark = [pytest.mark.pbx, pytest.mark.db, pytest.mark.timeout(120)]
 
@@ -162,3 +164,31 @@ async def test_emergency_calls_are_never_delayed_by_announcements(pbx, start_gat
     print(f"\n911 answered {phone.answered_at - phone.messages[0].at:.3f} s after the "
           f"INVITE ({phone.answered_at - started:.3f} s after the test placed it)")
     assert await pool_row(repo) == (0, 0)
+
+
+async def test_the_dialplan_plays_only_a_well_formed_announcement(make_pbx):  # noqa: F811
+    """The dialplan's side alone (a scripted gateway): a SIP user name's rejection is
+    announced like a number's, and a GW_ANNOUNCE that is not plain file names joined by
+    '&' is not played (a ',' would reach Playback's options): rejected at once."""
+    gw = await FakeGateway().start()
+    try:
+        asterisk = make_pbx(gw_agi=f"127.0.0.1:{gw.port}", pbx_name="pbx-announce",
+                            globals={var.AGI_BACKUP: ""})
+        for dialled, announce, cause, code, early in (
+                ("front.desk", "beep", 21, 403, True),
+                (NUMBER, "beep,skip", 31, 480, False),
+                (NUMBER, "beep&../x", 31, 480, True)):  # played (file missing: silence)
+            gw.reset(decide({var.DECISION: "REJECT", var.REASON: "NO_BALANCE",
+                             var.CAUSE: cause, var.ANNOUNCE: announce}))
+            mark = log_mark(asterisk)
+            phone = await asterisk.call("alice", dialled, scenario="expect_error",
+                                        max_wait=20)
+            why = explain(phone) + "\n" + asterisk.log_tail(30)
+            assert phone.final_code == code, why
+            assert phone.final_response.header("Reason") == f"Q.850;cause={cause}", why
+            assert (183 in phone.provisional_codes) is early, why
+            assert bool(log_lines(asterisk, r"Playback\(", mark)) is early, why
+            await asterisk.clear()
+        assert not gw.errors, gw.errors
+    finally:
+        await gw.close()

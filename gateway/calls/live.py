@@ -485,7 +485,7 @@ class LiveCalls:
         try:
             await self.ami.originate_application(
                 f"Local/{var.WARNING_EXTEN}@{var.WARNING_CONTEXT}/n", "ChanSpy",
-                f"{call.channel},qwE",
+                f"{call.channel},qwEu",
                 {var.WARNING: self.warning_prompt, "CDR_PROP(disable)": "1"})
         except Exception as exc:  # noqa: BLE001 - the call goes on; only the warning is lost
             self.metrics.cutoff_warnings.labels("failed").inc()
