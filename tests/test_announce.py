@@ -219,3 +219,15 @@ async def test_funding_that_goes_on_is_never_warned():
     await asyncio.sleep(0.5)
     await table.stop()
     assert not call.funding_final and call.funded_seconds == 11 and ami.originated == []
+
+
+async def test_a_top_up_before_the_warning_cancels_it():
+    """Funded short at authorisation (3 s of a 10 s slice), then a renewal (done early
+    enough to know before the warning) reserves a whole slice: no warning."""
+    table, ami = live_table(StubRater([Renewal(10, 13, True)]), warning_seconds=2)
+    call = answer(table, 3, final=True)
+    await table.on_dial_end(DialEnd("1.1", "ANSWER", "PJSIP/carrier-00000002", None))
+    await asyncio.sleep(1.5)  # past the 1 s the warning was first due at
+    await table.stop()
+    assert not call.funding_final and call.funded_seconds == 13
+    assert ami.originated == [] and not call.warned
