@@ -134,7 +134,8 @@ def test_the_default_warning_comes_30_seconds_before_a_60_second_funding():
 def test_renewals_come_early_enough_to_know_before_the_warning():
     assert renew_margin(30, DEFAULT_WARNING_SECONDS, 300) == 32  # before the warning
     assert renew_margin(30, 0, 300) == 30  # warnings off: as before
-    assert renew_margin(3, 10, 10) == 5  # never more than half a slice ahead
+    assert renew_margin(30, 10, 10) == 3  # never more than a third of a slice ahead
+    assert renew_margin(30, 0, 10) == 3  # (as before)
     assert renew_margin(40, 10, 300) == 40  # never later than without warnings
 
 

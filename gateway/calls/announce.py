@@ -134,11 +134,10 @@ def warning_due(funded_left: float, warning_seconds: int) -> float | None:
     return max(0.0, funded_left - warning_seconds)
 
 
-def renew_margin(base: float, warning_seconds: int, slice_seconds: int) -> float:
-    """How long before a slice's end to renew: ``base`` (renew_before_seconds, at most a
-    third of a slice), or, with warnings on, early enough to know whether funding goes
-    on before the warning is due (``warning_seconds`` + 2 s), but never more than half a
-    slice ahead (the reservation then runs at most one and a half slices ahead)."""
-    if warning_seconds <= 0:
-        return base
-    return max(base, min(float(warning_seconds + 2), slice_seconds / 2))
+def renew_margin(renew_before: int, warning_seconds: int, slice_seconds: int) -> float:
+    """How long before a slice's end to renew: ``renew_before`` (renew_before_seconds),
+    or with warnings on, early enough to know whether funding goes on before the warning
+    is due (``warning_seconds`` + 2 s); never more than a third of a slice ahead (so with
+    short slices a warning learnt at a renewal may come late: at once, at the renewal)."""
+    ahead = renew_before if warning_seconds <= 0 else max(renew_before, warning_seconds + 2)
+    return float(min(ahead, max(1, slice_seconds // 3)))

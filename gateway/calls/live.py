@@ -242,8 +242,8 @@ class LiveCalls:
     def _renew_margin(self) -> float:
         # never renew more often than a third of a slice ahead; with cut-off warnings on,
         # early enough to know before the warning is due (announce.renew_margin)
-        base = float(min(self.renew_before, max(1, self.rater.slice_seconds // 3)))
-        return renew_margin(base, self.warning_seconds, self.rater.slice_seconds)
+        return renew_margin(self.renew_before, self.warning_seconds,
+                            self.rater.slice_seconds)
 
     async def _renew_loop(self, call: LiveCall) -> None:
         assert call.answered_mono is not None and call.funded_seconds is not None
