@@ -103,8 +103,8 @@ class Config:
     heartbeat_seconds: int = 5  # /status lists a process as alive for 4 beats
     # a PBX's lease (its owner process) expires this long after its last renewal
     lease_seconds: int = 6
-    # what callers hear ([announce], docs/operations.md "Announcements"): a prompt before a
-    # rejection's SIP failure (per reason, per channel language; TOML table
+    # what callers hear ([announce], docs/operations.md "What callers hear"): a prompt
+    # before a rejection's SIP failure (per reason, per channel language; TOML table
     # [announce.prompts]), and a warning before a funded call's last deadline
     announce_rejections: bool = True
     announce_prompts: dict[str, Any] = field(default_factory=dict)
