@@ -9,35 +9,71 @@ call was cut."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import re
 import time
 
 import pytest
+import pytest_asyncio
 
 from gateway import dialplan_variables as var
+from gateway.app import Gateway
 from gateway.calls.announce import DEFAULT_PROMPTS
 from gateway.calls.causes import sip_response_for
 from gateway.rating.model import Reason
-from tests.support.ledger import ledger_agrees, pool_row
-from tests.support.pbx import Pbx
-from tests.support.tenant import TENANT, standard_tenant
-from tests.test_e2e_calls import (  # noqa: F401 - fixtures, shared with the e2e module
+from tests.support.e2e import (
     DOMESTIC,
-    agi_port,
     callee,
-    e2e_pbx,
     explain,
-    pbx,
+    gateway_config,
     per_second_overage,
     settled,
-    start_gateway,
 )
-from tests.test_pbx_dialplan import NUMBER, FakeGateway, decide
+from tests.support.ledger import ledger_agrees, pool_row
+from tests.support.pbx import Pbx, cdr_pgsql, free_port
+from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = [pytest.mark.pbx, pytest.mark.db, pytest.mark.timeout(120)]
 
 ANNOUNCED = dict(announce_rejections=True)
+NUMBER = "15551234567"
+
+
+@pytest.fixture(scope="module")
+def agi_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def e2e_pbx(pbx_root, agi_port, database_url, db_pool):
+    # db_pool has run the migrations: cdr_pgsql needs its table when it loads
+    asterisk = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{agi_port}", **cdr_pgsql(database_url))
+    asterisk.start()
+    yield asterisk
+    asterisk.stop()
+
+
+@pytest_asyncio.fixture
+async def pbx(e2e_pbx: Pbx):
+    yield e2e_pbx
+    await e2e_pbx.clear()
+
+
+@pytest_asyncio.fixture
+async def start_gateway(pbx, database_url, agi_port, repo):
+    started: list[Gateway] = []
+
+    async def start(**overrides) -> Gateway:
+        gw = Gateway(gateway_config(pbx, database_url, agi_port, **overrides),
+                     configure_logs=False)
+        await gw.start()
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        await gw.stop()
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]")
 
 
@@ -58,7 +94,7 @@ def log_lines(asterisk: Pbx, pattern: str, since: int) -> list[tuple[float, str]
     return found
 
 
-async def test_no_balance_hears_its_prompt_as_early_media_then_480(pbx, start_gateway,  # noqa: F811
+async def test_no_balance_hears_its_prompt_as_early_media_then_480(pbx, start_gateway,
                                                                    admin, repo):
     await standard_tenant(admin)
     await admin.set_allotment("CA", "domestic", 0)  # no minutes, no wallet
@@ -89,7 +125,7 @@ async def test_no_balance_hears_its_prompt_as_early_media_then_480(pbx, start_ga
 
 
 async def test_a_reason_switched_off_is_rejected_at_once_without_early_media(
-        pbx, start_gateway, admin):  # noqa: F811
+        pbx, start_gateway, admin):
     await standard_tenant(admin)
     await start_gateway(announce_prompts={"NO_LICENSE": ""}, **ANNOUNCED)
     phone = await pbx.call("carol", DOMESTIC, scenario="expect_error")  # carol: no licence
@@ -97,7 +133,7 @@ async def test_a_reason_switched_off_is_rejected_at_once_without_early_media(
     assert 183 not in phone.provisional_codes, explain(phone)
 
 
-async def test_funding_that_runs_dry_warns_the_caller_before_the_cut(pbx, start_gateway,  # noqa: F811
+async def test_funding_that_runs_dry_warns_the_caller_before_the_cut(pbx, start_gateway,
                                                                       admin, repo, rater):
     """20 s funded, nothing more to come: the caller hears the warning 10 s before the
     cut (the issue's 30 s before a 60 s funding, scaled down), the PBX cuts on time and
@@ -145,7 +181,7 @@ async def test_funding_that_runs_dry_warns_the_caller_before_the_cut(pbx, start_
         "SELECT count(*) FROM cdr WHERE channel LIKE 'Local/%'") == 0
 
 
-async def test_emergency_calls_are_never_delayed_by_announcements(pbx, start_gateway, admin,  # noqa: F811
+async def test_emergency_calls_are_never_delayed_by_announcements(pbx, start_gateway, admin,
                                                                   repo):
     """Announcements on, and a caller who would be rejected for any other number (carol:
     no licence, no minutes): 911 is dialled at once, no prompt, no early media."""
@@ -166,20 +202,47 @@ async def test_emergency_calls_are_never_delayed_by_announcements(pbx, start_gat
     assert await pool_row(repo) == (0, 0)
 
 
-async def test_the_dialplan_plays_only_a_well_formed_announcement(make_pbx):  # noqa: F811
+@contextlib.asynccontextmanager
+async def scripted_gateway(answers: list[dict[str, object]]):
+    """A FastAGI server on a free port answering each outbound request, in turn, with
+    the next variables of ``answers`` (one SET VARIABLE each); yields its port."""
+    left = list(answers)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            script = ""
+            while (line := await asyncio.wait_for(reader.readline(), 5)).strip():
+                if line.startswith(b"agi_network_script:"):
+                    script = line.split(b":", 1)[1].strip().decode()
+            if script == var.OUTBOUND_ROUTE and left:
+                for name, value in left.pop(0).items():
+                    writer.write(f'SET VARIABLE {name} "{value}"\n'.encode())
+                    await writer.drain()
+                    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"200")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_the_dialplan_plays_only_a_well_formed_announcement(make_pbx):
     """The dialplan's side alone (a scripted gateway): a SIP user name's rejection is
     announced like a number's, and a GW_ANNOUNCE that is not plain file names joined by
     '&' is not played (a ',' would reach Playback's options): rejected at once."""
-    gw = await FakeGateway().start()
-    try:
-        asterisk = make_pbx(gw_agi=f"127.0.0.1:{gw.port}", pbx_name="pbx-announce",
+    cases = (("front.desk", "beep", 21, 403, True),
+             (NUMBER, "beep,skip", 31, 480, False),
+             (NUMBER, "beep&../x", 31, 480, True))  # played (a missing file: nothing heard)
+    answers = [{var.REASON: "NO_BALANCE", var.CAUSE: cause, var.ANNOUNCE: announce,
+                var.DECISION: "REJECT"} for _, announce, cause, _, _ in cases]
+    async with scripted_gateway(answers) as port:
+        asterisk = make_pbx(gw_agi=f"127.0.0.1:{port}", pbx_name="pbx-announce",
                             globals={var.AGI_BACKUP: ""})
-        for dialled, announce, cause, code, early in (
-                ("front.desk", "beep", 21, 403, True),
-                (NUMBER, "beep,skip", 31, 480, False),
-                (NUMBER, "beep&../x", 31, 480, True)):  # played (file missing: silence)
-            gw.reset(decide({var.DECISION: "REJECT", var.REASON: "NO_BALANCE",
-                             var.CAUSE: cause, var.ANNOUNCE: announce}))
+        for dialled, _, cause, code, early in cases:
             mark = log_mark(asterisk)
             phone = await asterisk.call("alice", dialled, scenario="expect_error",
                                         max_wait=20)
@@ -189,6 +252,3 @@ async def test_the_dialplan_plays_only_a_well_formed_announcement(make_pbx):  # 
             assert (183 in phone.provisional_codes) is early, why
             assert bool(log_lines(asterisk, r"Playback\(", mark)) is early, why
             await asterisk.clear()
-        assert not gw.errors, gw.errors
-    finally:
-        await gw.close()
