@@ -26,7 +26,7 @@ from .billing.recovery import Recovery
 from .billing.views import Views
 from .calls.lease import LeaseKeeper
 from .calls.service import CallService
-from .config import Config, PbxConfig
+from .config import Config, PbxConfig, announcements
 from .dialplan_variables import HANGUP_ROUTE
 from .errors import Unavailable
 from .metrics import Metrics
@@ -129,7 +129,7 @@ class Gateway:
                                  ring_allowance_seconds=cfg.ring_allowance_seconds,
                                  pbxes=[p.name for p in pbxes],
                                  agi_peers={p.name: p.agi_peers for p in pbxes},
-                                 leased=True)
+                                 leased=True, announcements=announcements(cfg))
         await self.repo.heartbeat(self.instance_id)
         for pbx in pbxes:
             self.leases[pbx.name] = LeaseKeeper(

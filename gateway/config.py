@@ -103,6 +103,13 @@ class Config:
     heartbeat_seconds: int = 5  # /status lists a process as alive for 4 beats
     # a PBX's lease (its owner process) expires this long after its last renewal
     lease_seconds: int = 6
+    # what callers hear ([announce], docs/operations.md "What callers hear"): a prompt
+    # before a rejection's SIP failure (per reason, per channel language; TOML table
+    # [announce.prompts]), and a warning before a funded call's last deadline
+    announce_rejections: bool = True
+    announce_prompts: dict[str, Any] = field(default_factory=dict)
+    announce_warning_seconds: int = 30  # 0 = no warning
+    announce_warning_prompt: str = "beep&beep"
     # logging: auto = readable on a terminal, JSON lines otherwise
     log_format: str = "auto"
     log_level: str = "info"
@@ -205,6 +212,10 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
             if isinstance(raw, bool):
                 raise ValueError(raw)
             return int(raw)
+        if isinstance(default, dict):
+            if not isinstance(raw, dict):
+                raise ValueError(raw)
+            return raw
         if isinstance(default, tuple):
             if isinstance(raw, str):
                 return tuple(p.strip() for p in raw.split(",") if p.strip())
@@ -368,6 +379,20 @@ def check(cfg: Config) -> None:
         raise ConfigError("log_level must be debug, info, warning or error")
     if cfg.db_pool_size < 2:
         raise ConfigError("db_pool_size must be at least 2")
+    announcements(cfg)  # refuses a prompt or a reason that cannot work
+
+
+def announcements(cfg: Config) -> Any:
+    """The ``[announce]`` keys as ``calls.announce.Announcements``."""
+    from .calls.announce import AnnouncementError, Announcements  # noqa: PLC0415
+
+    try:
+        return Announcements.configured(
+            enabled=cfg.announce_rejections, prompts=cfg.announce_prompts,
+            warning_seconds=cfg.announce_warning_seconds,
+            warning_prompt=cfg.announce_warning_prompt)
+    except AnnouncementError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_pbxes(cfg: Config) -> None:

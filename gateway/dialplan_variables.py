@@ -22,9 +22,22 @@ TARGET = "GW_TARGET"  # PJSIP endpoint (internal and inbound calls)
 FUNDED = "GW_FUNDED"  # funded talk seconds; empty = no limit
 CAUSE = "GW_CAUSE"  # Q.850 cause of a REJECT
 
+ANNOUNCE = "GW_ANNOUNCE"  # REJECT only: Playback files ('&'-joined) heard before the cause
+
 # The order the answer is sent in (one MSet). DECISION is last: were the variables ever
 # set one by one, a session cut short would never leave an ALLOW behind.
 ANSWER = (REASON, CALL_ID, ROUTE, NUMBER, TARGET, FUNDED, CAUSE, DECISION)
+# A REJECT also carries ANNOUNCE (empty: nothing is played), always, so that a value a
+# parent channel handed down never plays. An ALLOW does not: the allowed call's path
+# reads it nowhere and gets no extra channel variable (the dialplan does not clear it
+# before asking, for the same reason).
+REJECT_ANSWER = (REASON, CALL_ID, ROUTE, NUMBER, TARGET, FUNDED, CAUSE, ANNOUNCE, DECISION)
+
+# ---- set by the gateway over AMI (Originate), read by [gateway-warning] ------------------
+
+WARNING = "GW_WARNING"  # the cut-off warning's prompt, on the Local channel originated
+WARNING_CONTEXT = "gateway-warning"  # the dialplan context of that Local channel
+WARNING_EXTEN = "warning"  # its extension
 
 # ---- the dialplan's own: settings from [globals] and working variables --------------------
 # The gateway never reads or sets these; they are declared so that the dialplan check
@@ -56,7 +69,7 @@ PBX = "GW_PBX"
 CDR_PBX = "pbx"  # CDR(pbx) on the PBX, column cdr.pbx in the database
 
 # Every GW_* name the shipped dialplan reads or sets.
-DIALPLAN = frozenset(ANSWER) | DIALPLAN_ONLY | {PBX}
+DIALPLAN = frozenset(REJECT_ANSWER) | DIALPLAN_ONLY | {PBX, WARNING}
 
 # ---- the health check ------------------------------------------------------------------
 

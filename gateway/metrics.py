@@ -56,6 +56,9 @@ class Metrics:
         self.deadline_moves = Counter("gateway_deadline_moves",
                                       "PBX hangup deadlines moved, by result", ["result"],
                                       registry=r)
+        self.cutoff_warnings = Counter(
+            "gateway_cutoff_warnings", "Warnings played to callers before a funded cut-off "
+            "(AMI Originate into [gateway-warning]), by result", ["result"], registry=r)
         self.ami_events_dropped = Counter(
             "gateway_ami_events_dropped", "AMI events dropped because the backlog was full "
             "(each overflow is followed by a re-sync from the PBX), by event", ["event"],

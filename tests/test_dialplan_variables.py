@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway import dialplan_variables as var
 from gateway.agi import AgiReply, AgiServer, parse_environment
+from gateway.calls.announce import Announcements
 from gateway.calls.service import CallService
 from gateway.rating.model import Decision, Reason, Route, Source
 
@@ -41,11 +42,14 @@ def test_the_dialplan_uses_exactly_the_declared_names():
 
 def test_every_declared_name_is_used_by_one_side_or_the_other():
     names = set(declared().values())
-    gateway_sets = set(var.ANSWER) | {var.PONG}
+    gateway_sets = set(var.REJECT_ANSWER) | {var.PONG, var.WARNING}
     assert names == var.DIALPLAN | gateway_sets
     assert len(names) == len(declared())  # no name declared twice
-    assert set(var.ANSWER) <= var.DIALPLAN  # what the gateway answers, the dialplan reads
-    assert not var.DIALPLAN_ONLY & set(var.ANSWER)
+    # what the gateway answers (or originates with), the dialplan reads
+    assert set(var.REJECT_ANSWER) | {var.WARNING} <= var.DIALPLAN
+    assert not var.DIALPLAN_ONLY & set(var.REJECT_ANSWER)
+    # a REJECT carries the announcement too, the decision still last
+    assert var.REJECT_ANSWER == (*var.ANSWER[:-1], var.ANNOUNCE, var.DECISION)
 
 
 def test_no_gateway_module_spells_a_channel_variable_itself():
@@ -162,12 +166,28 @@ def test_the_fail_over_steps_come_after_the_failure_branch_only():
 
 def test_the_dialplan_clears_every_answer_variable_before_asking():
     """A parent channel (Local, transfer) must not hand down an ALLOW: the settings
-    subroutine empties every variable the gateway answers with."""
+    subroutine empties every variable the gateway answers with. Not GW_ANNOUNCE: it is
+    read on the REJECT path only, and every REJECT answer sets it (below), so clearing
+    it would only add a channel variable to every allowed call."""
     cleared: set[str] = set()
     for line in dialplan_code():
         for mset in re.findall(r"MSet\(([^)]*)\)", line):
             cleared |= {item[:-1] for item in mset.split(",") if item.endswith("=")}
     assert set(var.ANSWER) <= cleared
+    assert var.ANNOUNCE not in cleared
+
+
+def test_the_allowed_path_has_no_announcement_steps():
+    """The announcement's steps sit behind the REJECT branch: an allowed call runs the
+    same [gateway-decide] steps as before it (one message each on the AMI queue)."""
+    code = "\n".join(dialplan_code())
+    decide = code.split("[gateway-decide]", 1)[1].split("\n[", 1)[0]
+    before, _, after = decide.partition("same => n(reject),")
+    assert var.ANNOUNCE not in before and "Playback(" not in before
+    allow = after.partition("same => n(allow),")[2]
+    assert var.ANNOUNCE not in allow and "Playback(" not in allow and "Progress(" not in allow
+    settings = code.split("[gateway-settings]", 1)[1].split("\n[", 1)[0]
+    assert var.ANNOUNCE not in settings and var.WARNING not in settings
 
 
 class StubRater:
@@ -194,16 +214,23 @@ class Session:
 
 
 async def test_the_answer_sets_the_declared_variables_decision_last():
-    for decision in (
-        Decision(True, Reason.FUNDED, uuid.uuid4(), route=Route.PSTN, funded_seconds=300,
-                 destination="+12125550100", sources=(Source.POOL,)),
-        Decision(False, Reason.NO_LICENSE, uuid.uuid4(), destination="2125550100"),
+    allow = Decision(True, Reason.FUNDED, uuid.uuid4(), route=Route.PSTN, funded_seconds=300,
+                     destination="+12125550100", sources=(Source.POOL,))
+    reject = Decision(False, Reason.NO_LICENSE, uuid.uuid4(), destination="2125550100")
+    for decision, announcements, expected in (
+        (allow, None, var.ANSWER), (reject, None, var.ANSWER),
+        # with announcements (as the gateway runs): an ALLOW is unchanged, a REJECT
+        # carries GW_ANNOUNCE, even when it is switched off (empty)
+        (allow, Announcements(), var.ANSWER), (reject, Announcements(), var.REJECT_ANSWER),
+        (reject, Announcements(enabled=False), var.REJECT_ANSWER),
     ):
-        service = CallService(StubRater(decision), recovery=None)  # type: ignore[arg-type]
+        service = CallService(StubRater(decision), recovery=None,  # type: ignore[arg-type]
+                              announcements=announcements)
         session = Session()
         await service.routes()[var.OUTBOUND_ROUTE](session)  # type: ignore[arg-type]
-        assert [name for name, _ in session.sent] == list(var.ANSWER)
-        assert var.ANSWER[-1] == var.DECISION
+        assert [name for name, _ in session.sent] == list(expected)
+        assert expected[-1] == var.DECISION
+        await service.stop()
 
 
 async def test_the_ping_route_answers_with_pong():

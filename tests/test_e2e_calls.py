@@ -62,7 +62,10 @@ def gateway_config(pbx: Pbx, database_url: str, agi_port: int, **overrides) -> C
     values = dict(database_url=database_url, agi_port=agi_port, http_port=0,
                   ami_host=pbx.ami_host, ami_port=pbx.ami_port, ami_username=pbx.ami_user,
                   ami_secret=pbx.ami_secret, reconcile_interval_seconds=3600,
-                  log_format="console", log_level="warning")
+                  log_format="console", log_level="warning",
+                  # callers' announcements and warnings are tested in
+                  # tests/test_pbx_announce.py; here they would only add seconds
+                  announce_rejections=False, announce_warning_seconds=0)
     values.update(overrides)
     return Config(**values)
 

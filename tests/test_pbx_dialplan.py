@@ -1074,8 +1074,12 @@ async def test_ami_least_privilege_is_enough(pbx, gw, ami):
     # (without them this call also brings Newchannel, DialBegin, BridgeEnter, ...).
     sent = {e["Event"] for e in ami.events if "ActionID" not in e}
     assert sent == {"FullyBooted", "DialEnd", "Hangup", "Cdr"}, sent
-    # Not granted: originate/system/command.
+    # Not granted: system/command. Originate is (the cut-off warning), but not of a
+    # System/Exec-like application, which needs "system".
     denied = await ami.action("Command", Command="core show version")
+    assert denied["Response"] == "Error", denied
+    denied = await ami.action("Originate", Channel="Local/s@gateway-warning/n",
+                              Application="System", Data="true")
     assert denied["Response"] == "Error", denied
 
 

@@ -441,6 +441,17 @@ class AmiClient:
             fields["Cause"] = str(int(cause))
         await self.action(fields)
 
+    async def originate_application(self, channel: str, application: str, data: str,
+                                    variables: Mapping[str, str]) -> None:
+        """Originate ``channel`` (e.g. ``Local/exten@context/n``) and run ``application``
+        with ``data`` on it once answered, the channel's ``variables`` set first. Async:
+        the answer says only that the PBX took the request (needs write ``originate``)."""
+        await self.action({
+            "Action": "Originate", "Channel": channel, "Application": application,
+            "Data": data, "Async": "true", "Timeout": "5000",
+            "Variable": ",".join(f"{name}={value}" for name, value in variables.items()),
+        })
+
     async def getvar(self, channel: str, variable: str) -> str:
         """A channel variable's (or function's) value; ``""`` when it is unset.
 

@@ -265,6 +265,7 @@ class Rater:
             tenant_id=tenant_id,
             price_per_minute=result.price,
             sources=ruling.sources if allow else (),
+            funding_final=allow and ruling.rated and result.funded < self.slice_seconds,
         )
         return self._log(decision, caller)
 

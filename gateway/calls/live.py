@@ -2,6 +2,7 @@
 
     AMI DialEnd ANSWER -> the call's talk time starts; renewals are scheduled
     each slice's end   -> rater renews -> AMI Setvar TIMEOUT(absolute) on the callee
+    funding final      -> the caller hears a warning ``warning_seconds`` before the end
     AMI Hangup         -> renewals stop
     any end report     -> rater settles (or releases) once; the call leaves the table
 
@@ -29,11 +30,13 @@ from typing import Any, Protocol
 
 import structlog
 
+from .. import dialplan_variables as var
 from ..ami.client import AMI_ACTION_FAILED
 from ..ami.events import CoreShowChannel, DialEnd, Hangup
 from ..billing.rater import Rater
 from ..errors import GatewayError
 from ..metrics import Metrics
+from .announce import Announcements, renew_margin, warning_due
 
 log = structlog.get_logger("gateway.calls")
 
@@ -56,6 +59,9 @@ class DeadlineLink(Protocol):
     async def getvar(self, channel: str, variable: str) -> str: ...
 
     async def live_channels(self) -> list[CoreShowChannel]: ...
+
+    async def originate_application(self, channel: str, application: str, data: str,
+                                    variables: dict[str, str]) -> None: ...
 
 
 def _channel_gone(exc: Exception) -> bool:
@@ -90,6 +96,11 @@ class LiveCall:
     # e.g. an adopted call); behind ``funded_seconds`` while a move has not got through
     deadline_sent_for: int | None = None
     deadline_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # no more funding is coming: the last reservation (the first, or a renewal) came back
+    # short or empty, so the deadline the PBX has is the call's end
+    funding_final: bool = False
+    warning_task: asyncio.Task[None] | None = None
+    warned: bool = False
 
     @property
     def deadline_behind(self) -> bool:
@@ -122,8 +133,12 @@ class LiveCalls:
     """The table of one PBX's live calls, their renewals and their settlement."""
 
     def __init__(self, rater: Rater, metrics: Metrics, *, renew_before_seconds: int,
-                 monotonic: Callable[[], float], pbx: str = "default"):
+                 monotonic: Callable[[], float], pbx: str = "default",
+                 announcements: Announcements | None = None):
         self.pbx = pbx
+        # the cut-off warning (none without announcements, as in unit tests)
+        self.warning_seconds = announcements.warning_seconds if announcements else 0
+        self.warning_prompt = announcements.warning_prompt if announcements else ""
         # (pbx, owner) while this process holds the PBX's lease: renewals and the
         # reconciler's settlements commit only while the lease is still ours. None: no
         # lease is kept (one process, one PBX, as in unit tests).
@@ -153,6 +168,7 @@ class LiveCalls:
             self._by_uniqueid.pop(call.uniqueid, None)
         if call.renew_task is not None and call.renew_task is not asyncio.current_task():
             call.renew_task.cancel()
+        _cancel(call.warning_task)
         self._count()
 
     def _count(self) -> None:
@@ -170,6 +186,7 @@ class LiveCalls:
     async def stop(self) -> None:
         """Stop renewing; reservations stay in the database for the next start."""
         tasks = [c.renew_task for c in self.by_id.values() if c.renew_task]
+        tasks += [c.warning_task for c in self.by_id.values() if c.warning_task]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -209,6 +226,8 @@ class LiveCalls:
         log.info("answered", call_id=str(call.call_id), dest_channel=call.dest_channel,
                  funded_seconds=call.funded_seconds)
         self.start_renewals(call)
+        if call.funding_final:
+            self._schedule_warning(call)
 
     def start_renewals(self, call: LiveCall) -> None:
         """Renew an answered, rated call's funding before each slice ends (needs AMI to
@@ -221,8 +240,10 @@ class LiveCalls:
     # ---- renewals --------------------------------------------------------------------------
 
     def _renew_margin(self) -> float:
-        # never renew more often than a third of a slice ahead
-        return float(min(self.renew_before, max(1, self.rater.slice_seconds // 3)))
+        # never renew more often than a third of a slice ahead; with cut-off warnings on,
+        # early enough to know before the warning is due (announce.renew_margin)
+        return renew_margin(self.renew_before, self.warning_seconds,
+                            self.rater.slice_seconds)
 
     async def _renew_loop(self, call: LiveCall) -> None:
         assert call.answered_mono is not None and call.funded_seconds is not None
@@ -257,11 +278,22 @@ class LiveCalls:
                 self.metrics.reservations.labels("exhausted").inc()
                 log.info("funding_exhausted", call_id=str(call.call_id),
                          funded_seconds=call.funded_seconds)
+                call.funding_final = True
+                self._schedule_warning(call)
                 return  # the PBX ends the call at the deadline it already has
             self.metrics.reservations.labels("granted").inc()
             call.funded_seconds = renewal.funded_seconds
+            # a short slice: the sources ran dry, this deadline is the end (a top-up before
+            # the next renewal would still extend it, and the warning then moves too)
+            final = renewal.slice_seconds < self.rater.slice_seconds
+            if call.funding_final and not final:
+                _cancel(call.warning_task)  # funded again: no warning due now
+                call.warned = False
+            call.funding_final = final
             if not await self._move_deadline(call):
                 return  # the call is over on the PBX; its end report settles it
+            if final:
+                self._schedule_warning(call)
 
     async def _renew(self, call: LiveCall) -> Any:
         if self.fence is None:
@@ -428,12 +460,50 @@ class LiveCalls:
                 break
         return found
 
+    # ---- the warning before the cut ---------------------------------------------------------
+
+    def _schedule_warning(self, call: LiveCall) -> None:
+        """Have the caller hear the warning ``warning_seconds`` before the call's funded
+        end (at once when that is already past); once per deadline."""
+        if (self.warning_seconds <= 0 or call.warned or self.ami is None
+                or call.answered_mono is None or call.funded_seconds is None
+                or not call.channel):
+            return
+        _cancel(call.warning_task)
+        call.warning_task = asyncio.create_task(self._warn(call),
+                                                name=f"warn-{call.call_id}")
+
+    async def _warn(self, call: LiveCall) -> None:
+        due = warning_due(self._funded_left(call), self.warning_seconds)
+        if due is None:
+            return
+        await asyncio.sleep(due)
+        if call.call_id not in self.by_id or self.ami is None or not call.funding_final:
+            return
+        call.warned = True
+        left = self._funded_left(call)
+        try:
+            await self.ami.originate_application(
+                f"Local/{var.WARNING_EXTEN}@{var.WARNING_CONTEXT}/n", "ChanSpy",
+                f"{call.channel},qwEu",
+                {var.WARNING: self.warning_prompt, "CDR_PROP(disable)": "1"})
+        except Exception as exc:  # noqa: BLE001 - the call goes on; only the warning is lost
+            self.metrics.cutoff_warnings.labels("failed").inc()
+            log.warning("cutoff_warning_failed", call_id=str(call.call_id),
+                        channel=call.channel, error=str(exc))
+            return
+        self.metrics.cutoff_warnings.labels("sent").inc()
+        log.info("cutoff_warning_sent", call_id=str(call.call_id), channel=call.channel,
+                 seconds_left=round(left, 3), funded_seconds=call.funded_seconds)
+
     # ---- the call ends -------------------------------------------------------------------
 
     async def on_hangup(self, event: Hangup) -> None:
         call = self.find(event.uniqueid)
         if call is not None and call.renew_task is not None:
             call.renew_task.cancel()
+        if call is not None:
+            _cancel(call.warning_task)
 
     async def settle(self, call_id: uuid.UUID, billable: int, *, by: str,
                      fenced: bool = False) -> None:
@@ -459,6 +529,11 @@ class LiveCalls:
         self.metrics.settlements.labels(by, result.outcome).inc()
         if call is not None:
             self.untrack(call)
+
+
+def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None and task is not asyncio.current_task():
+        task.cancel()
 
 
 def _seconds(value: str) -> float | None:

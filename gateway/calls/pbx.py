@@ -25,6 +25,7 @@ from ..ami.events import Cdr, CoreShowChannel, DialEnd, Hangup
 from ..billing.rater import Rater
 from ..billing.recovery import Recovery
 from ..metrics import Metrics
+from .announce import Announcements
 from .live import LiveCalls
 from .reconcile import Reconciler, live_call_of
 
@@ -44,6 +45,9 @@ class AmiLink(Protocol):
 
     async def live_channels(self) -> list[CoreShowChannel]: ...
 
+    async def originate_application(self, channel: str, application: str, data: str,
+                                    variables: dict[str, str]) -> None: ...
+
 
 class PbxCalls:
     """The calls of one PBX, and this process's standing with it."""
@@ -53,12 +57,13 @@ class PbxCalls:
                  renew_before_seconds: int = 30,
                  monotonic: Callable[[], float] = time.monotonic,
                  stale_after_seconds: int = 15, settle_grace_seconds: int = 60,
-                 ring_allowance_seconds: int = 300):
+                 ring_allowance_seconds: int = 300,
+                 announcements: Announcements | None = None):
         self.name = name
         self.recovery = recovery
         self.metrics = metrics
         self.live = LiveCalls(rater, metrics, renew_before_seconds=renew_before_seconds,
-                              monotonic=monotonic, pbx=name)
+                              monotonic=monotonic, pbx=name, announcements=announcements)
         self.reconciler = Reconciler(rater, recovery, self.live,
                                      stale_after_seconds=stale_after_seconds,
                                      monotonic=monotonic,

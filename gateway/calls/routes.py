@@ -32,6 +32,7 @@ from ..billing.rater import Rater
 from ..errors import GatewayError
 from ..metrics import Metrics
 from ..rating.model import Decision, Reason, Route
+from .announce import Announcements
 from .causes import cause_for
 from .live import LiveCall, LiveCalls
 
@@ -109,11 +110,15 @@ class AgiRoutes:
 
     def __init__(self, rater: Rater, pbx_map: PbxMap,
                  tracking: Callable[[str], LiveCalls | None],
-                 reporting: Callable[[str, uuid.UUID], LiveCalls], metrics: Metrics):
+                 reporting: Callable[[str, uuid.UUID], LiveCalls], metrics: Metrics,
+                 announcements: Announcements | None = None):
         """``tracking(pbx)``: the table that follows the PBX's calls, None when this
         process does not own the PBX now; ``reporting(pbx, call_id)``: the table that
-        settles a call's end report (the one following it, if any)."""
+        settles a call's end report (the one following it, if any); ``announcements``:
+        what a rejected call hears (None: the answer carries no GW_ANNOUNCE at all, as
+        before announcements existed)."""
         self.rater = rater
+        self.announcements = announcements
         self.pbx_map = pbx_map
         self.tracking = tracking
         self.reporting = reporting
@@ -192,8 +197,13 @@ class AgiRoutes:
                 rated=d.funded_seconds is not None, funded_seconds=d.funded_seconds,
                 uniqueid=session.request.uniqueid or None, channel=session.request.channel,
                 source="+".join(s.value for s in d.sources), pbx=pbx,
+                funding_final=d.funding_final,
             ))
-        variables = _answer_variables(d)
+        announce = None
+        if not d.allow and self.announcements is not None:
+            announce = self.announcements.for_rejection(
+                reason, session.request.env.get("language", ""))
+        variables = _answer_variables(d, announce)
         try:
             try:
                 reply = await session.set_variables(variables)  # one round trip
@@ -252,8 +262,9 @@ def _not_served(session: AgiSession, exc: PbxNotServed, route: str, *, refused: 
               action="refused" if refused else "settled", error=exc.message, **fields)
 
 
-def _answer_variables(d: Decision) -> list[tuple[str, str]]:
-    """The channel variables that carry a decision, in ``var.ANSWER`` order."""
+def _answer_variables(d: Decision, announce: str | None = None) -> list[tuple[str, str]]:
+    """The channel variables that carry a decision, in ``var.ANSWER`` order; a REJECT
+    with ``announce`` (even empty) in ``var.REJECT_ANSWER`` order."""
     number = d.destination.lstrip("+") if d.route in (Route.PSTN, Route.PARTNER) else \
         d.destination
     values = {
@@ -264,9 +275,11 @@ def _answer_variables(d: Decision) -> list[tuple[str, str]]:
         var.TARGET: d.target or "",
         var.FUNDED: str(d.funded_seconds) if d.funded_seconds is not None else "",
         var.CAUSE: "" if d.allow else str(cause_for(d.reason.value)),
+        var.ANNOUNCE: announce or "",
         var.DECISION: d.decision,
     }
-    return [(name, values[name]) for name in var.ANSWER]
+    names = var.REJECT_ANSWER if announce is not None and not d.allow else var.ANSWER
+    return [(name, values[name]) for name in names]
 
 
 def _bound(session: AgiSession) -> Any:

@@ -27,6 +27,7 @@ from ..agi import AgiSession
 from ..billing.rater import Rater
 from ..billing.recovery import Recovery
 from ..metrics import Metrics
+from .announce import Announcements
 from .live import LiveCall, LiveCalls
 from .pbx import DEFAULT_PBX, AmiLink, PbxCalls
 from .routes import AgiRoutes, PbxMap
@@ -51,9 +52,11 @@ class CallService:
         pbxes: Sequence[str] = (DEFAULT_PBX,),
         agi_peers: Mapping[str, Collection[str]] | None = None,
         leased: bool = False,
+        announcements: Announcements | None = None,
     ):
         """``pbxes``: the PBXs this process serves; ``leased``: each is owned only while
-        this process holds its lease (``calls/lease.py``), else always."""
+        this process holds its lease (``calls/lease.py``), else always; ``announcements``:
+        what callers hear (``calls/announce.py``; None: nothing, as in unit tests)."""
         if not pbxes:
             raise ValueError("a call service serves at least one PBX")
         self.rater = rater
@@ -66,7 +69,8 @@ class CallService:
                            leased=leased, renew_before_seconds=renew_before_seconds,
                            monotonic=monotonic, stale_after_seconds=stale_after_seconds,
                            settle_grace_seconds=settle_grace_seconds,
-                           ring_allowance_seconds=ring_allowance_seconds)
+                           ring_allowance_seconds=ring_allowance_seconds,
+                           announcements=announcements)
             for name in pbxes}
         # end reports of PBXs this process does not serve: settled, never tracked
         self._unserved = LiveCalls(rater, self.metrics,
@@ -75,7 +79,7 @@ class CallService:
         self.pbx_map = PbxMap(list(self.pbxes), agi_peers)
         self._unknown: set[str] = set()  # PBX names seen in AGI requests, not served here
         self.agi_routes = AgiRoutes(rater, self.pbx_map, self._tracking, self._reporting,
-                                    self.metrics)
+                                    self.metrics, announcements)
         # the first PBX's parts: the only one in the single-PBX shape
         first = next(iter(self.pbxes.values()))
         self.first = first

@@ -173,6 +173,9 @@ class Decision:
     tenant_id: str | None = None
     price_per_minute: Decimal | None = None
     sources: tuple[Source, ...] = field(default=())
+    # the first reservation came back short of a slice: the sources ran dry, so no more
+    # funding is coming and funded_seconds is the call's end (the cut-off warning)
+    funding_final: bool = False
 
     @property
     def decision(self) -> str:

@@ -1,0 +1,51 @@
+"""Helpers for end-to-end tests through the real PBX with the real gateway: a gateway
+configuration pointed at a ``Pbx``, waiting for calls to be settled, a callee, and
+per-second rates (so that short slices are really short)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.config import Config
+
+from .pbx import CallResult, Pbx
+
+DOMESTIC = "2125550100"  # New York, domestic for a Canadian user
+
+
+def explain(*results: CallResult) -> str:
+    return "\n".join(r.summary() for r in results)
+
+
+def gateway_config(pbx: Pbx, database_url: str, agi_port: int, **overrides: Any) -> Config:
+    """The gateway of ``pbx`` (its AMI account), on ``agi_port``; quiet logs."""
+    values = dict(database_url=database_url, agi_port=agi_port, http_port=0,
+                  ami_host=pbx.ami_host, ami_port=pbx.ami_port, ami_username=pbx.ami_user,
+                  ami_secret=pbx.ami_secret, reconcile_interval_seconds=3600,
+                  log_format="console", log_level="warning")
+    values.update(overrides)
+    return Config(**values)
+
+
+async def settled(repo: Any, *, wait: float = 10.0, count: int = 1) -> list[Any]:
+    """Wait until ``count`` calls are settled or released; return all calls."""
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        rows = await repo.pool.fetch("SELECT * FROM calls ORDER BY authorised_at")
+        done = [r for r in rows if r["state"] in ("settled", "released")]
+        if len(done) >= count or asyncio.get_running_loop().time() > deadline:
+            return rows
+        await asyncio.sleep(0.1)
+
+
+async def callee(pbx: Pbx, endpoint: str = "carrier", **kw: Any) -> Any:
+    """A SIPp callee on ``endpoint``, started (``pbx.uas`` keywords)."""
+    return await pbx.uas(endpoint, **kw).started()
+
+
+async def per_second_overage(admin: Any) -> None:
+    """Per-second increments, so that short slices are really short."""
+    await admin.set_rates([{"kind": "domestic_overage", "prefix": "1",
+                            "price_per_minute": "0.02", "first_increment": 1,
+                            "increment": 1}])
