@@ -20,16 +20,19 @@ import structlog
 from . import logs
 from .agi import AgiServer
 from .ami import AmiClient, AmiError
+from .billing.alerts import Alerts
 from .billing.provisioning import Provisioning
 from .billing.rater import Clock, Rater, utcnow
 from .billing.recovery import Recovery
 from .billing.views import Views
+from .billing.webhooks import WebhookSender
 from .calls.lease import LeaseKeeper
 from .calls.service import CallService
 from .config import Config, PbxConfig, announcements
 from .dialplan_variables import HANGUP_ROUTE
 from .errors import Unavailable
 from .metrics import Metrics
+from .store.alerts import AlertStore
 from .store.migrate import migrate
 from .store.pool import HostList, open_pool, start_embedded_async
 from .store.repository import Repository
@@ -75,6 +78,9 @@ class Gateway:
         self.recovery: Recovery | None = None
         self.provisioning: Provisioning | None = None
         self.views: Views | None = None
+        self.alerts: Alerts | None = None
+        self.webhooks: WebhookSender | None = None
+        self.webhook_pool: asyncpg.Pool | None = None
         self.calls: CallService | None = None
         self.agi: AgiServer | None = None
         self.leases: dict[str, LeaseKeeper] = {}  # one per PBX, by name
@@ -119,6 +125,7 @@ class Gateway:
         self.rater = Rater(self.repo, clock=self.clock, slice_seconds=cfg.slice_seconds)
         self.provisioning = Provisioning(self.repo, clock=self.clock)
         self.views = Views(self.repo, clock=self.clock)
+        self.alerts = Alerts(AlertStore(self.pool))
         recovery = self.recovery = Recovery(self.repo)
         pbxes = cfg.pbxes
         self.calls = CallService(self.rater, recovery, metrics=self.metrics,
@@ -164,12 +171,33 @@ class Gateway:
             keeper.start()  # renewed every lease_seconds/3; taken when it lapses
         self._tasks.append(asyncio.create_task(self.calls.run_heartbeat(), name="heartbeat"))
         await self._start_http()
+        if cfg.webhook_enabled:
+            await self._start_webhooks(url)
         log.info("gateway_started", agi=f"{cfg.agi_host}:{self.agi.port}",
                  http=f"{cfg.http_host}:{self.http_port}",
                  pbxes={p.name: {"ami": f"{p.ami_host}:{p.ami_port}" if p.ami_host
                                  else "not configured",
                                  "owned": self.calls.pbx(p.name).owned} for p in pbxes},
                  database=self.database_mode)
+
+    async def _start_webhooks(self, url: str) -> None:
+        """The webhook delivery worker: a task of its own on a pool of its own (two
+        connections), so that a slow or dead receiver never holds a connection or an
+        event-loop turn that a call needs."""
+        cfg = self.config
+        try:
+            self.webhook_pool = await asyncio.wait_for(
+                open_pool(url, min_size=1, max_size=2, run_migrations=False,
+                          instance_id=self.instance_id), timeout=15)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                TimeoutError) as exc:
+            raise StartupError(f"webhooks: cannot connect to the database: {exc}") from exc
+        self.webhooks = WebhookSender(
+            AlertStore(self.webhook_pool), instance=self.instance_id,
+            timeout=cfg.webhook_timeout_seconds, max_attempts=cfg.webhook_max_attempts,
+            retry_base=cfg.webhook_retry_base_seconds,
+            retry_max=cfg.webhook_retry_max_seconds, concurrency=cfg.webhook_concurrency)
+        self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
 
     def _ami_factory(self, pbx: PbxConfig, *, single: bool) -> Any:
         """Makes the PBX's AMI client at each gain of its lease (None: no AMI)."""
@@ -262,6 +290,8 @@ class Gateway:
             # our calls still up become adoptable by the next process at once
             with contextlib.suppress(Exception):
                 await self.repo.forget_instance(self.instance_id)
+        if self.webhook_pool is not None:
+            await self.webhook_pool.close()
         if self.pool is not None:
             await self.pool.close()
         if self.embedded is not None:
@@ -378,6 +408,7 @@ class Billing:
 
     provisioning: Provisioning
     views: Views
+    alerts: Alerts
 
 
 @contextlib.asynccontextmanager
@@ -405,7 +436,8 @@ async def open_billing(config: Config) -> AsyncIterator[Billing]:
                               code="DATABASE_UNAVAILABLE") from exc
         try:
             repo = Repository(pool)
-            yield Billing(provisioning=Provisioning(repo), views=Views(repo))
+            yield Billing(provisioning=Provisioning(repo), views=Views(repo),
+                          alerts=Alerts(AlertStore(pool)))
         finally:
             await pool.close()
     finally:

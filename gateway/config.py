@@ -110,6 +110,13 @@ class Config:
     announce_prompts: dict[str, Any] = field(default_factory=dict)
     announce_warning_seconds: int = 30  # 0 = no warning
     announce_warning_prompt: str = "beep&beep"
+    # webhooks (docs/operations.md, "Webhooks"): the delivery worker of this process
+    webhook_enabled: bool = True
+    webhook_timeout_seconds: int = 10  # one attempt, connection to answer
+    webhook_max_attempts: int = 8  # then the delivery is dead
+    webhook_retry_base_seconds: int = 30  # doubled at each attempt, with jitter
+    webhook_retry_max_seconds: int = 3600
+    webhook_concurrency: int = 4  # attempts in flight per process
     # logging: auto = readable on a terminal, JSON lines otherwise
     log_format: str = "auto"
     log_level: str = "info"
@@ -379,6 +386,15 @@ def check(cfg: Config) -> None:
         raise ConfigError("log_level must be debug, info, warning or error")
     if cfg.db_pool_size < 2:
         raise ConfigError("db_pool_size must be at least 2")
+    if not 1 <= cfg.webhook_timeout_seconds <= 300:
+        raise ConfigError("webhook_timeout_seconds must be from 1 to 300")
+    if not 1 <= cfg.webhook_max_attempts <= 100:
+        raise ConfigError("webhook_max_attempts must be from 1 to 100")
+    if not 1 <= cfg.webhook_retry_base_seconds <= cfg.webhook_retry_max_seconds <= 86400:
+        raise ConfigError("webhook_retry_base_seconds must be at least 1 and at most "
+                          "webhook_retry_max_seconds, itself at most 86400")
+    if not 1 <= cfg.webhook_concurrency <= 64:
+        raise ConfigError("webhook_concurrency must be from 1 to 64")
     announcements(cfg)  # refuses a prompt or a reason that cannot work
 
 

@@ -326,7 +326,7 @@ def check_text(value: str, field: str) -> str:
 
 
 def _check_value(tp: Any, value: Any, field: str, key: str) -> None:
-    if isinstance(tp, types.UnionType):
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         if value is None and types.NoneType in typing.get_args(tp):
             return
         tp = next(t for t in typing.get_args(tp) if t is not types.NoneType)
@@ -338,6 +338,12 @@ def _check_value(tp: Any, value: Any, field: str, key: str) -> None:
             raise InvalidInput(f"{key} must be a decimal string like 12.50 (digits 0-9, at "
                                "most 6 decimals)", code="INVALID_AMOUNT", field=field)
         return  # floats reach Provisioning, which refuses them as INVALID_AMOUNT
+    if typing.get_origin(tp) is list and typing.get_args(tp) == (int,):
+        if not isinstance(value, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in value):
+            raise InvalidInput(f"{key} must be a list of whole numbers", code="INVALID_TYPE",
+                               field=field)
+        return
     if typing.get_origin(tp) is list:
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise InvalidInput(f"{key} must be a list of strings", code="INVALID_TYPE",
@@ -400,7 +406,7 @@ def constraints(schema: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _type_schema(tp: Any, components: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(tp, types.UnionType):
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         inner = [t for t in typing.get_args(tp) if t is not types.NoneType]
         schema = _type_schema(inner[0], components)
         if "$ref" in schema:
@@ -408,6 +414,8 @@ def _type_schema(tp: Any, components: dict[str, Any]) -> dict[str, Any]:
         return {**schema, "type": [schema["type"], "null"]}
     if typing.get_origin(tp) is list:
         return {"type": "array", "items": _type_schema(typing.get_args(tp)[0], components)}
+    if typing.get_origin(tp) is dict:
+        return {"type": "object"}
     if dataclasses.is_dataclass(tp):
         return ref(tp, components)
     simple = {str: {"type": "string"}, int: {"type": "integer"}, bool: {"type": "boolean"},

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import datetime as dt
 import functools
+import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from ..billing import alerts as a
 from ..billing import schemas as s
 from ..billing import views as v
 from ..errors import InvalidInput, Unavailable
@@ -68,12 +70,24 @@ PATH_PARAMS: dict[str, dict[str, Any]] = {
     "e164": {"type": "string", "pattern": r"^\+[1-9][0-9]{1,14}$"},
     "country": {"type": "string", "enum": "countries"},
     "plan": {"type": "string", "enum": s.PLANS},
+    "alert_id": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+    "webhook_id": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+    "delivery_id": {"type": "string", "format": "uuid"},
 }
 QUERY: dict[str, dict[str, Any]] = {
     "tenant_id": {"type": "string", "pattern": s.TENANT_ID_PATTERN,
-                  "description": "a tenant's own rates; absent: the rates for every tenant"},
+                  "description": "a tenant's own rates, or its alerts, webhooks (with the "
+                                 "global ones) or deliveries; absent: every tenant's"},
     "month": {"type": "string", "pattern": s.MONTH_PATTERN, "examples": ["2026-11"]},
     "limit": {"type": "integer", "minimum": 1, "maximum": MAX_CALLS, "default": 100},
+    # a query parameter whose name differs from its key here says so with "name"
+    "alert_state": {"name": "state", "type": "string",
+                    "pattern": "^(?:{0})(?:,(?:{0}))*$".format("|".join(a.STATES)),
+                    "description": "comma-separated states; absent: any"},
+    "delivery_state": {"name": "state", "type": "string",
+                       "pattern": "^(?:{0})(?:,(?:{0}))*$".format("|".join(a.DELIVERY_STATES)),
+                       "description": "comma-separated states; absent: any"},
+    "webhook_id": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
 }
 
 
@@ -370,6 +384,165 @@ async def list_calls(request: web.Request) -> web.Response:
                                     calls))
 
 
+# ---- alerts and webhooks -----------------------------------------------------------------
+
+
+def _alerts(request: web.Request) -> a.Alerts:
+    alerts = _gateway(request).alerts
+    if alerts is None:
+        raise Unavailable("the gateway is not started", code="NOT_STARTED")
+    return alerts
+
+
+def _id(value: str | None, field: str) -> int:
+    """A row id from the path or the query: a whole number; one past bigint is no row."""
+    if value is None or not value.isascii() or not value.isdigit() or int(value) < 1:
+        raise InvalidInput(f"{field} must be a whole number from 1", code="INVALID_ID",
+                           field=field)
+    number = int(value)
+    if number >= 2**63:
+        raise NotFound(f"no such {field.removesuffix('_id')}: {value}",
+                       code="UNKNOWN_" + field.removesuffix("_id").upper())
+    return number
+
+
+def _uuid(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError as exc:
+        raise InvalidInput("delivery_id must be a UUID", code="INVALID_ID",
+                           field="delivery_id") from exc
+
+
+async def _known_tenant(request: web.Request, tenant_id: str | None) -> str | None:
+    if tenant_id is not None:
+        await _views(request).tenant(tenant_id)  # UNKNOWN_TENANT
+    return tenant_id
+
+
+@operation("Alerts of every tenant (or of tenant_id), newest first", "alerts",
+           returns=a.AlertList, query=("tenant_id", "alert_state", "limit"), errors=(404,))
+async def list_alerts(request: web.Request) -> web.Response:
+    tenant_id = await _known_tenant(request, _tenant_query(request))
+    alerts = await _alerts(request).list(tenant_id, request.query.get("state"),
+                                         _limit(request.query.get("limit")))
+    return json_response(a.AlertList(tenant_id, alerts))
+
+
+@operation("A tenant's alerts, newest first", "alerts", returns=a.AlertList,
+           query=("alert_state", "limit"), errors=(404,))
+async def list_tenant_alerts(request: web.Request) -> web.Response:
+    tenant_id = await _known_tenant(request, request.match_info["tenant_id"])
+    alerts = await _alerts(request).list(tenant_id, request.query.get("state"),
+                                         _limit(request.query.get("limit")))
+    return json_response(a.AlertList(tenant_id, alerts))
+
+
+@operation("One alert", "alerts", returns=a.Alert, errors=(404,))
+async def get_alert(request: web.Request) -> web.Response:
+    return json_response(await _alerts(request).get(
+        _id(request.match_info["alert_id"], "alert_id")))
+
+
+@operation("Acknowledge an alert (seen; it stays listed until cleared)", "alerts",
+           body=a.AlertAction, returns=a.Alert, errors=(404,))
+async def acknowledge_alert(request: web.Request) -> web.Response:
+    alert_id = _id(request.match_info["alert_id"], "alert_id")
+    body = s.check(a.AlertAction, await read_json(request))
+    alert = await _alerts(request).acknowledge(alert_id, "api", body.get("note", ""))
+    log.info("alert_acknowledged", alert_id=alert_id, tenant_id=alert.tenant_id)
+    return json_response(alert)
+
+
+@operation("Clear an alert (resolved); an international-spend alert that blocked "
+           "international calls lifts the block", "alerts", body=a.AlertAction,
+           returns=a.Alert, errors=(404,))
+async def clear_alert(request: web.Request) -> web.Response:
+    alert_id = _id(request.match_info["alert_id"], "alert_id")
+    body = s.check(a.AlertAction, await read_json(request))
+    alert = await _alerts(request).clear(alert_id, "api", body.get("note", ""))
+    log.info("alert_cleared", alert_id=alert_id, tenant_id=alert.tenant_id,
+             unblocked=alert.blocked)
+    return json_response(alert)
+
+
+@operation("A tenant's alert lines", "alerts", returns=a.AlertSettings, errors=(404,))
+async def get_alert_settings(request: web.Request) -> web.Response:
+    return json_response(await _alerts(request).settings(request.match_info["tenant_id"]))
+
+
+@operation("Change a tenant's alert lines (null switches one off)", "alerts",
+           body=a.AlertSettingsPatch, returns=a.AlertSettings)
+async def patch_alert_settings(request: web.Request) -> web.Response:
+    body = s.check(a.AlertSettingsPatch, await read_json(request))
+    return json_response(await _alerts(request).set_settings(
+        request.match_info["tenant_id"], **body))
+
+
+@operation("Subscribe a URL to alerts (of one tenant, or of every tenant)", "webhooks",
+           body=a.WebhookCreate, ok=201, returns=a.WebhookCreated, errors=(404, 422))
+async def create_webhook(request: web.Request) -> web.Response:
+    body = s.check(a.WebhookCreate, await read_json(request))
+    hook = await _alerts(request).create_webhook(**body)
+    return json_response(hook, status=201,
+                         headers={"Location": f"{PREFIX}/webhooks/{hook.id}"})
+
+
+@operation("Webhook subscriptions (secrets never shown): every one, or those that get "
+           "tenant_id's events", "webhooks", returns=a.WebhookList, query=("tenant_id",),
+           errors=(404,))
+async def list_webhooks(request: web.Request) -> web.Response:
+    tenant_id = await _known_tenant(request, _tenant_query(request))
+    return json_response(a.WebhookList(tenant_id, await _alerts(request).webhooks(tenant_id)))
+
+
+@operation("One webhook subscription (without its secret)", "webhooks", returns=a.Webhook,
+           errors=(404,))
+async def get_webhook(request: web.Request) -> web.Response:
+    return json_response(await _alerts(request).webhook(
+        _id(request.match_info["webhook_id"], "webhook_id")))
+
+
+@operation("Change a subscription's URL, events, secret, description or enabled",
+           "webhooks", body=a.WebhookPatch, returns=a.Webhook)
+async def patch_webhook(request: web.Request) -> web.Response:
+    webhook_id = _id(request.match_info["webhook_id"], "webhook_id")
+    body = s.check(a.WebhookPatch, await read_json(request))
+    return json_response(await _alerts(request).update_webhook(webhook_id, **body))
+
+
+@operation("Remove a subscription, its deliveries and their log", "webhooks", ok=204,
+           errors=(404,))
+async def delete_webhook(request: web.Request) -> web.Response:
+    await _alerts(request).delete_webhook(_id(request.match_info["webhook_id"], "webhook_id"))
+    return web.Response(status=204)
+
+
+@operation("Webhook deliveries, newest first", "webhooks", returns=a.DeliveryList,
+           query=("webhook_id", "tenant_id", "delivery_state", "limit"), errors=(404,))
+async def list_deliveries(request: web.Request) -> web.Response:
+    webhook = request.query.get("webhook_id")
+    deliveries = await _alerts(request).deliveries(
+        webhook_id=None if webhook is None else _id(webhook, "webhook_id"),
+        tenant_id=await _known_tenant(request, _tenant_query(request)),
+        state=request.query.get("state"), limit=_limit(request.query.get("limit")))
+    return json_response(a.DeliveryList(deliveries))
+
+
+@operation("One delivery with its body as sent and its attempts", "webhooks",
+           returns=a.DeliveryDetail, errors=(404,))
+async def get_delivery(request: web.Request) -> web.Response:
+    return json_response(await _alerts(request).delivery(
+        _uuid(request.match_info["delivery_id"])))
+
+
+@operation("Send a dead delivery again (its attempts start afresh)", "webhooks",
+           returns=a.DeliveryDetail, errors=(404,))
+async def retry_delivery(request: web.Request) -> web.Response:
+    return json_response(await _alerts(request).retry_delivery(
+        _uuid(request.match_info["delivery_id"])))
+
+
 # ---- registration ---------------------------------------------------------------------
 
 ROUTES: list[tuple[str, str, Handler]] = [
@@ -399,6 +572,21 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/tenants/{tenant_id}/wallet", get_wallet),
     ("GET", "/tenants/{tenant_id}/usage", get_usage),
     ("GET", "/tenants/{tenant_id}/calls", list_calls),
+    ("GET", "/alerts", list_alerts),
+    ("GET", "/tenants/{tenant_id}/alerts", list_tenant_alerts),
+    ("GET", "/alerts/{alert_id}", get_alert),
+    ("POST", "/alerts/{alert_id}/acknowledge", acknowledge_alert),
+    ("POST", "/alerts/{alert_id}/clear", clear_alert),
+    ("GET", "/tenants/{tenant_id}/alert-settings", get_alert_settings),
+    ("PATCH", "/tenants/{tenant_id}/alert-settings", patch_alert_settings),
+    ("POST", "/webhooks", create_webhook),
+    ("GET", "/webhooks", list_webhooks),
+    ("GET", "/webhooks/{webhook_id}", get_webhook),
+    ("PATCH", "/webhooks/{webhook_id}", patch_webhook),
+    ("DELETE", "/webhooks/{webhook_id}", delete_webhook),
+    ("GET", "/webhook-deliveries", list_deliveries),
+    ("GET", "/webhook-deliveries/{delivery_id}", get_delivery),
+    ("POST", "/webhook-deliveries/{delivery_id}/retry", retry_delivery),
 ]
 
 

@@ -39,8 +39,9 @@ def _operation(name: str, path: str, op: api.Operation,
     out: dict[str, Any] = {"summary": op.summary, "tags": [op.tag], "operationId": name}
     if op.query:
         out["parameters"] = [
-            {"name": n, "in": "query", "required": False,
-             "schema": schemas.constraints(api.QUERY[n])} for n in op.query]
+            {"name": api.QUERY[n].get("name", n), "in": "query", "required": False,
+             "schema": schemas.constraints({k: x for k, x in api.QUERY[n].items()
+                                            if k != "name"})} for n in op.query]
     errors = set(op.errors)
     if op.body is not None:
         media = op.body if isinstance(op.body, dict) else {"application/json": op.body}
