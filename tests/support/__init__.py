@@ -14,5 +14,6 @@ checks it):
 - ``agi``: ``agi_outbound``, a fake Asterisk placing one FastAGI request;
 - ``ami``: ``FakeAmi``, a fake Asterisk Manager Interface server;
 - ``waiting``: ``eventually``, wait (bounded) for another task's work;
+- ``receiver``: a webhook receiver on loopback that answers, fails or hangs by plan;
 - ``pbx``: the real Asterisk 22 and SIPp (``Pbx``, ``Sipp``, SIP traces).
 """
