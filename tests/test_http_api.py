@@ -55,7 +55,9 @@ async def acme(admin):
 def _concrete(path: str) -> str:
     return (path.replace("{tenant_id}", TENANT).replace("{user_id}", "alice")
             .replace("{sku}", "business_voice").replace("{e164}", "+15145550100")
-            .replace("{country}", "CA").replace("{plan}", "domestic"))
+            .replace("{country}", "CA").replace("{plan}", "domestic")
+            .replace("{alert_id}", "1").replace("{webhook_id}", "1")
+            .replace("{delivery_id}", "00000000-0000-4000-8000-000000000001"))
 
 
 # ---- tokens --------------------------------------------------------------------------------

@@ -7,6 +7,15 @@
     gateway usage TENANT [--month YYYY-MM] [--csv]
     gateway calls TENANT [--month YYYY-MM] [--limit N] [--csv]
     gateway live                             live calls of the running gateway (GET /status)
+    gateway alerts [TENANT] [--state S] [--limit N] [--csv]
+    gateway alert-ack ID [--note TEXT]       acknowledge an alert (seen)
+    gateway alert-clear ID [--note TEXT]     clear an alert (resolved; lifts its block)
+    gateway alert-settings TENANT [--set KEY=VALUE ...]
+    gateway webhooks [--tenant TENANT]       subscriptions (secrets never shown)
+    gateway webhook-add URL [--tenant T] [--events K,K] [--secret-file F]
+    gateway webhook-remove ID
+    gateway deliveries [--webhook ID] [--tenant T] [--state S] [--limit N]
+    gateway delivery-retry DELIVERY_ID       send a dead delivery again
     gateway help
 
 Errors print ``gateway: CODE: message`` on stderr and exit 1 (2 for a wrong command
@@ -22,9 +31,11 @@ import argparse
 import asyncio
 import csv
 import datetime as dt
+import json
 import pathlib
 import sys
 import tomllib
+import uuid
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -130,6 +141,43 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_calls)
     p = sub.add_parser("live", add_help=False)
     p.set_defaults(handler=_live)
+    p = sub.add_parser("alerts", add_help=False)
+    p.add_argument("tenant", nargs="?")
+    p.add_argument("--state")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--csv", action="store_true")
+    p.set_defaults(handler=_alerts)
+    for name, handler in (("alert-ack", _alert_ack), ("alert-clear", _alert_clear)):
+        p = sub.add_parser(name, add_help=False)
+        p.add_argument("id", type=int)
+        p.add_argument("--note", default="")
+        p.set_defaults(handler=handler)
+    p = sub.add_parser("alert-settings", add_help=False)
+    p.add_argument("tenant")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(handler=_alert_settings)
+    p = sub.add_parser("webhooks", add_help=False)
+    p.add_argument("--tenant")
+    p.set_defaults(handler=_webhooks)
+    p = sub.add_parser("webhook-add", add_help=False)
+    p.add_argument("url")
+    p.add_argument("--tenant")
+    p.add_argument("--events", default="")
+    p.add_argument("--secret-file")
+    p.add_argument("--description", default="")
+    p.set_defaults(handler=_webhook_add)
+    p = sub.add_parser("webhook-remove", add_help=False)
+    p.add_argument("id", type=int)
+    p.set_defaults(handler=_webhook_remove)
+    p = sub.add_parser("deliveries", add_help=False)
+    p.add_argument("--webhook", type=int)
+    p.add_argument("--tenant")
+    p.add_argument("--state")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(handler=_deliveries)
+    p = sub.add_parser("delivery-retry", add_help=False)
+    p.add_argument("id")
+    p.set_defaults(handler=_delivery_retry)
     return parser
 
 
@@ -239,6 +287,137 @@ async def _live(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
               "unlimited" if c.get("funded_seconds") is None
               else render.duration(c["funded_seconds"]), c.get("source") or ""]
              for c in calls]), file=out)
+
+
+# ---- alerts and webhooks ------------------------------------------------------------------
+
+
+def _utc(value: dt.datetime | None) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+async def _alerts(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
+    async with open_billing(cfg) as billing:
+        if args.tenant:
+            await billing.views.tenant(args.tenant)  # UNKNOWN_TENANT
+        alerts = await billing.alerts.list(args.tenant, args.state, args.limit)
+    rows = [as_dict(a) for a in alerts]
+    if args.csv:
+        columns = ["id", "raised_at", "tenant_id", "kind", "subject", "period", "threshold",
+                   "state", "blocked", "acknowledged_at", "cleared_at", "note", "details"]
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for r in rows:
+            r["details"] = json.dumps(r["details"], sort_keys=True)
+            writer.writerow([render.csv_cell(r.get(c)) for c in columns])
+        return
+    if not rows:
+        print("no alerts" + (f" for {args.tenant}" if args.tenant else ""), file=out)
+        return
+    print(render.table(
+        ["id", "raised (UTC)", "tenant", "kind", "subject", "period", "line", "state"],
+        [[r["id"], _utc(r["raised_at"]), r["tenant_id"], r["kind"], r["subject"],
+          r["period"], "" if r["threshold"] is None else r["threshold"],
+          r["state"] + (" (blocking)" if r["blocked"] and r["state"] != "cleared" else "")]
+         for r in rows]), file=out)
+
+
+async def _alert_ack(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
+    async with open_billing(cfg) as billing:
+        alert = await billing.alerts.acknowledge(args.id, "cli", args.note)
+    print(f"alert {alert.id} ({alert.tenant_id} {alert.kind}): {alert.state}", file=out)
+
+
+async def _alert_clear(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
+    async with open_billing(cfg) as billing:
+        alert = await billing.alerts.clear(args.id, "cli", args.note)
+    lifted = "; international calls allowed again" if alert.blocked else ""
+    print(f"alert {alert.id} ({alert.tenant_id} {alert.kind}): {alert.state}{lifted}",
+          file=out)
+
+
+def _setting(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise InvalidInput(f"--set {item!r}: give KEY=VALUE", code="INVALID_SETTING",
+                           field=key)
+    if value in ("", "off", "none"):
+        return key, None
+    if value in ("true", "false"):
+        return key, value == "true"
+    if key.endswith("_percents"):
+        return key, [int(p) if p.strip().isdigit() else p for p in value.split(",")]
+    if key in ("no_balance_count", "no_balance_minutes"):
+        return key, int(value) if value.isdigit() else value
+    return key, value
+
+
+async def _alert_settings(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
+    changes = dict(_setting(item) for item in args.set)
+    async with open_billing(cfg) as billing:
+        if changes:
+            settings = await billing.alerts.set_settings(args.tenant, **changes)
+        else:
+            settings = await billing.alerts.settings(args.tenant)
+    for key, value in as_dict(settings).items():
+        shown = ("off" if value is None else ",".join(map(str, value))
+                 if isinstance(value, list) else str(value).lower()
+                 if isinstance(value, bool) else value)
+        print(f"{key:28} {shown}", file=out)
+
+
+async def _webhooks(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
+    async with open_billing(cfg) as billing:
+        hooks = await billing.alerts.webhooks(args.tenant)
+    if not hooks:
+        print("no webhooks", file=out)
+        return
+    print(render.table(
+        ["id", "tenant", "url", "events", "enabled", "description"],
+        [[h.id, h.tenant_id or "(all)", h.url, ",".join(h.events) or "(all)",
+          "yes" if h.enabled else "no", h.description] for h in hooks]), file=out)
+
+
+async def _webhook_add(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
+    secret = _read(args.secret_file, "secret file").strip() if args.secret_file else None
+    events = [e for e in args.events.split(",") if e]
+    async with open_billing(cfg) as billing:
+        hook = await billing.alerts.create_webhook(args.url, args.tenant, events, secret,
+                                                   description=args.description)
+    print(f"webhook {hook.id} added for {hook.tenant_id or 'every tenant'}", file=out)
+    if hook.secret is not None:
+        print(f"secret (shown once, keep it for checking signatures): {hook.secret}",
+              file=out)
+
+
+async def _webhook_remove(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
+    async with open_billing(cfg) as billing:
+        await billing.alerts.delete_webhook(args.id)
+    print(f"webhook {args.id} removed", file=out)
+
+
+async def _deliveries(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
+    async with open_billing(cfg) as billing:
+        found = await billing.alerts.deliveries(webhook_id=args.webhook, tenant_id=args.tenant,
+                                                state=args.state, limit=args.limit)
+    if not found:
+        print("no deliveries", file=out)
+        return
+    print(render.table(
+        ["id", "created (UTC)", "webhook", "event", "state", "attempts", "last"],
+        [[d.id, _utc(d.created_at), d.webhook_id, d.event, d.state, d.attempts,
+          d.last_error or (d.last_status or "")] for d in found]), file=out)
+
+
+async def _delivery_retry(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        delivery_id = uuid.UUID(args.id)
+    except ValueError as exc:
+        raise InvalidInput("the delivery id is a UUID", code="INVALID_ID",
+                           field="id") from exc
+    async with open_billing(cfg) as billing:
+        detail = await billing.alerts.retry_delivery(delivery_id)
+    print(f"delivery {detail.id}: {detail.state}", file=out)
 
 
 # ---- provision -----------------------------------------------------------------------------

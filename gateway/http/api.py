@@ -395,15 +395,12 @@ def _alerts(request: web.Request) -> a.Alerts:
 
 
 def _id(value: str | None, field: str) -> int:
-    """A row id from the path or the query: a whole number; one past bigint is no row."""
-    if value is None or not value.isascii() or not value.isdigit() or int(value) < 1:
-        raise InvalidInput(f"{field} must be a whole number from 1", code="INVALID_ID",
-                           field=field)
-    number = int(value)
-    if number >= 2**63:
-        raise NotFound(f"no such {field.removesuffix('_id')}: {value}",
-                       code="UNKNOWN_" + field.removesuffix("_id").upper())
-    return number
+    """A row id from the path or the query: a whole number from 1 to 2**63 - 1."""
+    if value is None or not value.isascii() or not value.isdigit() \
+            or not 1 <= int(value) < 2**63:
+        raise InvalidInput(f"{field} must be a whole number from 1 to 2**63 - 1",
+                           code="INVALID_ID", field=field)
+    return int(value)
 
 
 def _uuid(value: str) -> uuid.UUID:
