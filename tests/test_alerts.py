@@ -261,3 +261,24 @@ async def test_invariants_hold_with_the_triggers_firing(admin, repo, clock, aler
     raised = {a.kind for a in await alerts.list(TENANT)}
     assert {"pool_used", "addon_used", "international_spend"} <= raised
     await assert_invariants(repo.pool)
+
+
+async def test_an_alert_is_part_of_its_movement_rolled_back_with_it(admin, repo, clock,
+                                                                    alerts):
+    await standard_tenant(admin)
+    await admin.set_allotment("CA", "domestic", 1)  # two users: a pool of 120 s
+    await alerts.create_webhook("http://127.0.0.1:9/hook")
+    async with repo.one_transaction(rollback=True) as inner:
+        d = await Rater(inner, clock=clock, slice_seconds=120).authorise_outbound(
+            "alice", "2125550100")
+        assert d.allow
+        seen = await inner.pool.fetch("SELECT kind, threshold FROM alerts")
+        assert sorted((r["kind"], r["threshold"]) for r in seen) == \
+            [("pool_used", 80), ("pool_used", 100)]
+        assert await inner.pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 2
+    # the authorisation did not commit: neither did its alerts nor their deliveries
+    assert await alerts.list() == []
+    assert await alerts.deliveries() == []
+    d = await Rater(repo, clock=clock, slice_seconds=120).authorise_outbound(
+        "alice", "2125550100")
+    assert sorted(a.threshold for a in await alerts.list()) == [80, 100]
