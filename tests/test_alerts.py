@@ -282,3 +282,20 @@ async def test_an_alert_is_part_of_its_movement_rolled_back_with_it(admin, repo,
     d = await Rater(repo, clock=clock, slice_seconds=120).authorise_outbound(
         "alice", "2125550100")
     assert sorted(a.threshold for a in await alerts.list()) == [80, 100]
+
+
+async def test_the_pool_line_follows_licences_assigned_mid_month(admin, repo, clock, alerts):
+    await standard_tenant(admin)
+    await admin.set_allotment("CA", "domestic", 1)  # alice and bob: 120 s
+    rater = Rater(repo, clock=clock, slice_seconds=60)
+    assert (await rater.authorise_outbound("alice", "2125550100")).allow  # 50 %
+    await admin.assign_licence("carol", "business_voice_calling_plan")  # 180 s now
+    assert (await rater.authorise_outbound("alice", "2125550100")).allow  # 67 %
+    assert await kinds(alerts) == []
+    assert (await rater.authorise_outbound("alice", "2125550100")).allow  # 100 %
+    assert await kinds(alerts) == [("pool_used", "CA", 80), ("pool_used", "CA", 100)]
+    [full] = [a for a in await alerts.list() if a.threshold == 100]
+    assert full.details["capacity_seconds"] == 180
+    await admin.set_allotment("CA", "domestic", 2)  # an allotment change counts at once
+    await admin.create_tenant("other", "Other", "CA")
+    assert (await alerts.settings("other")).pool_percents == [80, 100]  # shipped defaults

@@ -16,6 +16,7 @@ __all__ = ["ADMIN_URL", "TABLES", "dump_tables", "scratch_database", "with_datab
 ADMIN_URL = os.environ.get("GATEWAY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 TABLES = ("webhook_attempts", "webhook_deliveries", "webhooks", "alerts", "alert_settings",
+          "alert_pool_users",
           "international_spend", "pbx_leases", "gateway_instances", "cdr", "ledger", "call_funding", "calls", "addon_usage", "pools", "wallets", "rates",
           "phone_numbers", "licence_assignments", "users", "subscriptions", "tenants")
 

@@ -175,9 +175,47 @@ $$;
 
 -- ---- pools and add-ons: percentages of capacity ----------------------------------------
 
+-- The number of a tenant's Calling Plan users located in a country, as gw_pool_capacity
+-- counts them, kept with the tenant's context version it was counted at: every change
+-- of users or licences moves that version (migration 010), so a row of another version
+-- is stale. The pool trigger reads capacity from here (two primary-key reads) instead
+-- of counting licences at every reservation; it counts again after a change.
+CREATE TABLE alert_pool_users (
+    tenant_id       text NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+    country         char(2) NOT NULL,
+    context_version bigint NOT NULL,
+    users           bigint NOT NULL,
+    PRIMARY KEY (tenant_id, country)
+);
+
+-- A pool's capacity in seconds, as gw_pool_capacity gives it, from the count above.
+-- Called by the pool trigger, which holds the pool's row lock: one writer per pool.
+CREATE FUNCTION gw_alert_pool_capacity(p_tenant text, p_country char(2))
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v_version bigint;
+    v_users bigint;
+BEGIN
+    SELECT t.context_version INTO v_version FROM tenants t WHERE t.id = p_tenant;
+    SELECT c.users INTO v_users FROM alert_pool_users c
+    WHERE c.tenant_id = p_tenant AND c.country = p_country AND c.context_version = v_version;
+    IF NOT FOUND THEN
+        SELECT count(*) INTO v_users
+        FROM licence_assignments la JOIN users u ON u.id = la.user_id
+        WHERE la.tenant_id = p_tenant AND la.sku = 'business_voice_calling_plan'
+          AND u.usage_location = p_country;
+        INSERT INTO alert_pool_users AS c (tenant_id, country, context_version, users)
+        VALUES (p_tenant, p_country, v_version, v_users)
+        ON CONFLICT (tenant_id, country) DO UPDATE
+        SET context_version = EXCLUDED.context_version, users = EXCLUDED.users;
+    END IF;
+    RETURN v_users * coalesce((SELECT a.minutes FROM allotments a
+                               WHERE a.country = p_country AND a.plan = 'domestic'), 0) * 60;
+END
+$$;
+
 -- Fires when a pool's used + reserved seconds grew (a reservation): at or past a line,
--- the line's alert for the month is raised (once: its key). Capacity is evaluated as the
--- rater does (gw_pool_capacity), only on that path.
+-- the line's alert for the month is raised (once: its key).
 CREATE FUNCTION gw_alert_pool() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     v_percents integer[];
@@ -188,7 +226,7 @@ BEGIN
     SELECT s.pool_percents INTO v_percents FROM alert_settings s
     WHERE s.tenant_id = NEW.tenant_id;
     IF cardinality(v_percents) > 0 THEN
-        v_capacity := gw_pool_capacity(NEW.tenant_id, NEW.country);
+        v_capacity := gw_alert_pool_capacity(NEW.tenant_id, NEW.country);
         IF v_capacity > 0 THEN
             FOREACH v_percent IN ARRAY v_percents LOOP
                 IF v_total * 100 >= v_capacity * v_percent THEN
