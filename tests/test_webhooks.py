@@ -25,6 +25,7 @@ from tests.support.gateway import running_gateway
 from tests.support.http import Client
 from tests.support.receiver import receiver
 from tests.support.tenant import TENANT, standard_tenant
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.db
 
@@ -227,8 +228,8 @@ async def test_the_gateway_delivers_and_a_hung_receiver_never_holds_calls(admin,
             await gw.pool.execute(
                 "SELECT gw_raise_alert($1, 'pool_used', 'CA', '2026-11', n, '{}'::jsonb)"
                 " FROM generate_series(1, 5) n", TENANT)
-            while len(hook_server.got) < gw.config.webhook_concurrency:
-                await asyncio.sleep(0.05)
+            await eventually(lambda: len(hook_server.got) >= gw.config.webhook_concurrency,
+                             within=10)
             # the worker's attempts are all hung; calls are decided meanwhile, on the
             # gateway's own pool (the worker has a pool of its own)
             assert gw.webhook_pool is not gw.pool
@@ -237,10 +238,7 @@ async def test_the_gateway_delivers_and_a_hung_receiver_never_holds_calls(admin,
             assert all(d.allow for d in decisions)
             hang = False
             hook_server.release.set()
-            deadline = time.monotonic() + 30
-            while len(hook_server.delivered()) < 6:
-                assert time.monotonic() < deadline, len(hook_server.delivered())
-                await asyncio.sleep(0.1)
+            await eventually(lambda: len(hook_server.delivered()) == 6, within=30)
             r = await client("GET", "/api/v1/webhooks")
             assert SECRET not in json.dumps(r.body)
             r = await client("GET", f"/api/v1/tenants/{TENANT}/alerts")
