@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 
-from ..errors import GatewayError
 from ..store.alerts import AlertStore
 
 log = structlog.get_logger("gateway.webhooks")
@@ -102,6 +101,7 @@ class WebhookSender:
         self._inflight: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
         self.stats = {"delivered": 0, "failed": 0, "dead": 0}
+        self._claim_failing = False
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
@@ -129,9 +129,16 @@ class WebhookSender:
         try:
             rows = await self.store.claim_deliveries(n, self.timeout + LEASE_MARGIN,
                                                      self.instance)
-        except GatewayError as exc:
-            log.warning("webhook_claim_failed", code=exc.code, error=exc.message)
+        except Exception as exc:  # noqa: BLE001 - the worker outlives any one failure
+            # said once per outage, not at every poll
+            if not self._claim_failing:
+                log.warning("webhook_claim_failed", code=getattr(exc, "code", None),
+                            error=str(exc) or type(exc).__name__)
+            self._claim_failing = True
             return 0
+        if self._claim_failing:
+            log.info("webhook_claim_recovered")
+            self._claim_failing = False
         for row in rows:
             task = asyncio.create_task(self._deliver(row), name=f"webhook-{row['id']}")
             self._inflight.add(task)
@@ -178,7 +185,7 @@ class WebhookSender:
                 error = f"answered HTTP {status}"
         except TimeoutError:
             error = f"no answer within {self.timeout:g} s"
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is a failed attempt
             # the message may name the URL: never its user, password or query
             error = (f"{type(exc).__name__}: {exc}".replace(url, safe_url(url)))[:300]
         duration_ms = round((time.monotonic() - started) * 1000)
@@ -201,7 +208,7 @@ class WebhookSender:
             await self.store.record_attempt(
                 delivery_id, row["claim"], attempt=attempt, by=self.instance, status=status,
                 error=error, duration_ms=duration_ms, outcome=outcome, retry_in=retry_in)
-        except GatewayError as exc:
+        except Exception as exc:  # noqa: BLE001 - the worker outlives any one failure
             # the lease runs out and the delivery is attempted again: at least once
             log.warning("webhook_record_failed", delivery_id=str(delivery_id),
-                        code=exc.code, error=exc.message)
+                        code=getattr(exc, "code", None), error=str(exc) or type(exc).__name__)
