@@ -16,7 +16,7 @@ from . import api
 _PARAM = re.compile(r"{([^}]+)}")
 
 _ERRORS = {400: "The body is not valid JSON (INVALID_JSON)",
-           404: "No such tenant, user, number or route",
+           404: "No such tenant, user, number, alert, webhook, delivery or route",
            409: "Clashes with the current state (duplicate, licence limit)",
            422: "Invalid field; error.field names it; nothing was written",
            401: "Missing or wrong bearer token (code UNAUTHORIZED)",
