@@ -7,6 +7,9 @@ block lets international calls through again."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 from decimal import Decimal
 
 import pytest
@@ -67,6 +70,30 @@ async def test_200_concurrent_authorisations_crossing_80_percent_write_one_alert
     # 150 NO_BALANCE rejections in one window: one alert of that kind too
     assert [a.threshold for a in await alerts.list(TENANT)
             if a.kind == "no_balance_rejections"] == [5]
+    await ledger_agrees(repo)
+
+
+async def gateway_process(url: str, caller: str, n: int) -> dict:
+    """n concurrent authorisations from a gateway process of its own
+    (tests/concurrency_worker.py), slices of 60 s."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.concurrency_worker", url, caller, "2125550100", str(n),
+        "60", "0", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=os.path.dirname(os.path.dirname(__file__)))
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def test_two_gateway_processes_crossing_80_percent_write_one_alert(
+        admin, repo, alerts, database_url):
+    await many_users(admin, 48)
+    a, b = await asyncio.gather(gateway_process(database_url, "u{m}", 100),
+                                gateway_process(database_url, "alice", 100))
+    assert a["errors"] == [] and b["errors"] == []
+    assert a["funded"] + b["funded"] == 3000
+    assert sorted(x.threshold for x in await alerts.list(TENANT)
+                  if x.kind == "pool_used") == [80, 100]
     await ledger_agrees(repo)
 
 
