@@ -247,3 +247,29 @@ async def test_the_gateway_delivers_and_a_hung_receiver_never_holds_calls(admin,
             assert r.status == 200
             assert {d["state"] for d in r.body["deliveries"]} == {"delivered"}
             assert len(r.body["deliveries"]) == 6
+
+
+async def test_an_attempt_whose_process_died_is_made_again_after_its_lease(admin, repo, alerts):
+    await standard_tenant(admin)
+    async with receiver(SECRET) as hook_server:
+        hook = await alerts.create_webhook(hook_server.url, secret=SECRET)
+        await raise_alerts(repo.pool, 1)
+        store = AlertStore(repo.pool)
+        # a process claims the delivery, then dies before sending or recording anything
+        [lost] = await store.claim_deliveries(10, 0.3, "dead-process")
+        assert await store.claim_deliveries(10, 0.3, "other") == []  # leased: not twice
+        worker = await running(sender(repo.pool))
+        try:
+            [done] = await settled(alerts, hook.id)
+        finally:
+            await stop(worker)
+        # the dead process's claim is no longer the delivery's: its late word is ignored
+        assert not await store.record_attempt(
+            lost["id"], lost["claim"], attempt=1, by="dead-process", status=500,
+            error="late", duration_ms=1, outcome="retry", retry_in=0)
+    assert (done.state, done.attempts) == ("delivered", 2)
+    assert [r.answer for r in hook_server.got] == ["ok"]
+    log = (await alerts.delivery(done.id)).log
+    assert [(a.attempt, a.by, a.status) for a in log] == [(2, "test", 200),
+                                                          (1, "dead-process", 500)]
+    assert (await alerts.delivery(done.id)).state == "delivered"
