@@ -129,10 +129,11 @@ def _limit(value: str | None, default: int = 100) -> int:
 
 
 def _tenant_query(request: web.Request) -> str | None:
-    # absent means "the rates for every tenant"; given but empty is a mistake
+    # absent means "every tenant's"; given but empty is a mistake
     if request.query.get("tenant_id") == "":
-        raise InvalidInput("tenant_id must not be empty; leave it out for the rates of "
-                           "every tenant", code="INVALID_ID", field="tenant_id")
+        raise InvalidInput("tenant_id must not be empty; leave it out for every tenant's "
+                           "(rates, alerts, webhooks, deliveries)", code="INVALID_ID",
+                           field="tenant_id")
     return request.query.get("tenant_id")
 
 
