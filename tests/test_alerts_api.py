@@ -18,7 +18,7 @@ pytestmark = pytest.mark.db
 
 @pytest.fixture(scope="module")
 async def gw(database_url):
-    async with running_gateway(database_url, webhook_enabled=False) as gateway:
+    async with running_gateway(database_url) as gateway:
         yield gateway
 
 

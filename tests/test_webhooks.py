@@ -211,7 +211,7 @@ async def test_the_gateway_delivers_and_a_hung_receiver_never_holds_calls(admin,
     await standard_tenant(admin)
     hang = True
     async with receiver(SECRET, lambda key, n: "hang" if hang else "ok") as hook_server, \
-            running_gateway(database_url, webhook_timeout_seconds=2,
+            running_gateway(database_url, webhook_enabled=True, webhook_timeout_seconds=2,
                             webhook_retry_base_seconds=1,
                             webhook_retry_max_seconds=1) as gw:
         await gw.alerts.set_settings(TENANT, no_balance_count=1)
