@@ -200,15 +200,21 @@ async def test_page_and_static_files(http):
     assert r.status in (403, 404) and "error" in r.body
 
 
+# The two tests below run their own gateway while the module's (``gw``, serving the PBX
+# named "default") is alive and renewing: theirs serves a PBX of another name, so that
+# the two never compete for one lease.
+SOLO = "solo"
+
+
 async def test_a_pbx_another_process_owns_is_on_standby_and_taken_when_its_lease_lapses(
         database_url, repo, admin):
     await standard_tenant(admin)
     await repo.pool.execute("INSERT INTO pbx_leases (pbx, owner, expires_at)"
-                            " VALUES ('default', 'gw-other', now() + interval '1 hour')")
-    async with running_gateway(database_url, lease_seconds=3) as gw, \
+                            " VALUES ($1, 'gw-other', now() + interval '1 hour')", SOLO)
+    async with running_gateway(database_url, lease_seconds=3, pbx_name=SOLO) as gw, \
             aiohttp.ClientSession() as session:
         http = Client(session, gw.http_port, token=READ)
-        pbx = (await http("GET", "/status")).body["pbxes"]["default"]
+        pbx = (await http("GET", "/status")).body["pbxes"][SOLO]
         assert (pbx["owner"], pbx["owned"], pbx["live_calls"]) == ("gw-other", False, 0)
         assert pbx["last_reconcile"] is None  # a standby never reconciles the PBX
         r = await http("GET", "/readyz", token=None)
@@ -218,18 +224,19 @@ async def test_a_pbx_another_process_owns_is_on_standby_and_taken_when_its_lease
         assert allowed["GW_DECISION"] == "ALLOW" and gw.calls.live == {}
         async with session.get(f"{http.base}/metrics",
                                headers={"Authorization": f"Bearer {READ}"}) as m:
-            assert 'gateway_pbx_owned{pbx="default"} 0.0' in await m.text()
+            assert f'gateway_pbx_owned{{pbx="{SOLO}"}} 0.0' in await m.text()
         # the other process is gone: its lease lapses and this one takes the PBX
-        await repo.pool.execute("UPDATE pbx_leases SET expires_at = now()")
+        await repo.pool.execute("UPDATE pbx_leases SET expires_at = now() WHERE pbx = $1",
+                                SOLO)
         for _ in range(200):
-            pbx = (await http("GET", "/status")).body["pbxes"]["default"]
+            pbx = (await http("GET", "/status")).body["pbxes"][SOLO]
             if pbx["owned"]:
                 break
             await asyncio.sleep(0.05)
         assert (pbx["owner"], pbx["owned"]) == (gw.instance_id, True)
         assert pbx["generation"] == 2 and pbx["lease_changes"] == 1
         for _ in range(200):  # the gain reconciles at once
-            pbx = (await http("GET", "/status")).body["pbxes"]["default"]
+            pbx = (await http("GET", "/status")).body["pbxes"][SOLO]
             if pbx["last_reconcile"]:
                 break
             await asyncio.sleep(0.05)
@@ -237,7 +244,8 @@ async def test_a_pbx_another_process_owns_is_on_standby_and_taken_when_its_lease
 
 
 async def test_status_lists_the_processes_sharing_the_database_and_what_each_serves(
-        database_url, repo):
+        database_url, repo, gw):
+    module_gateway = gw.instance_id  # alive, serving "default"; its heartbeat may come back
     # a process killed long ago (its heartbeat row stays) and one that serves a PBX
     await repo.pool.execute(
         "INSERT INTO gateway_instances (id, started_at, last_seen) VALUES"
@@ -246,19 +254,20 @@ async def test_status_lists_the_processes_sharing_the_database_and_what_each_ser
     await repo.pool.execute("INSERT INTO pbx_leases (pbx, owner, expires_at)"
                             " VALUES ('east', 'gw-east', now() + interval '1 hour'),"
                             " ('west', 'gw-dead', now() - interval '9 minutes')")
-    async with running_gateway(database_url) as gw, aiohttp.ClientSession() as session:
-        http = Client(session, gw.http_port, token=READ)
+    async with running_gateway(database_url, pbx_name=SOLO) as this, \
+            aiohttp.ClientSession() as session:
+        http = Client(session, this.http_port, token=READ)
         # a lone gateway takes its free PBX at its first lease attempt, or (a slow
         # database at start) at the next one, a third of the lease later
         for _ in range(200):
             processes = {p["name"]: p
                          for p in (await http("GET", "/status")).body["processes"]}
-            if processes[gw.instance_id]["pbxes"]:
+            if processes[this.instance_id]["pbxes"]:
                 break
             await asyncio.sleep(0.05)
-    assert set(processes) == {"gw-dead", "gw-east", gw.instance_id}
-    me = processes[gw.instance_id]
-    assert (me["this"], me["alive"], me["pbxes"]) == (True, True, ["default"])
+    assert set(processes) - {module_gateway} == {"gw-dead", "gw-east", this.instance_id}
+    me = processes[this.instance_id]
+    assert (me["this"], me["alive"], me["pbxes"]) == (True, True, [SOLO])
     assert (processes["gw-east"]["alive"], processes["gw-east"]["pbxes"]) == (True, ["east"])
     # an expired lease is not served by anyone
     dead = processes["gw-dead"]
