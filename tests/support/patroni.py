@@ -305,11 +305,14 @@ class HaCluster:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PG", "PATRONI", "ETCD"))}
         env["HOME"] = str(home)
+        # started in ``home``: the checkout may be a folder the server user cannot
+        # enter (a 0700 temporary folder), and Patroni's helper processes chdir to the
+        # folder they were started in (bootstrap hung on "Permission denied" otherwise)
         if self._owner is None:
-            return {"env": env}
+            return {"env": env, "cwd": str(home)}
         env.update(USER="postgres", LOGNAME="postgres")
-        return {"env": env, "user": self._owner[0], "group": self._owner[1],
-                "extra_groups": []}
+        return {"env": env, "cwd": str(home), "user": self._owner[0],
+                "group": self._owner[1], "extra_groups": []}
 
     def give(self, path: Path) -> None:
         """Hand ``path`` (and what is in it) to the user the servers run as."""
