@@ -8,6 +8,8 @@ the same number of concurrent workers for every run):
   update hot     - the same update, always on one row;
   spread         - authorise+settle cycles spread over many tenants (distinct pools);
   hot            - every cycle on one tenant's pool.
+With ``--compare``, the spread and hot cycles run again with every request sent alone
+(``Rater(batch_limit=1)``: no coalescing of one pool's requests), in the same run.
 Prints each run's rate, p50 and p99 latency, and the ratios the targets name: the
 spread cycles against the spread updates, the hot pool's cycles against the hot-row
 updates. ``synchronous_commit`` stays as the server has it (on: money is durable).
@@ -110,7 +112,8 @@ def rater_cycle(rater: Rater, caller_of):
 
 
 async def main(cycles: int, concurrency: int, tenants: int,
-               extra_sql: str | None = None) -> None:
+               extra_sql: str | None = None, batch_limit: int | None = None,
+               compare: bool = False) -> None:
     # measure the rater, not the terminal: drop the per-call info lines
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     name = f"gw_bench_{uuid.uuid4().hex[:8]}"
@@ -124,7 +127,8 @@ async def main(cycles: int, concurrency: int, tenants: int,
             await pool.execute(extra_sql)
             await pool.expire_connections()
         repo = Repository(pool)
-        rater = Rater(repo)
+        rater = Rater(repo) if batch_limit is None else Rater(repo, batch_limit=batch_limit)
+        alone = Rater(repo, batch_limit=1)
         await provision_tenants(Provisioning(repo), tenants)
 
         await pool.execute(
@@ -142,12 +146,14 @@ async def main(cycles: int, concurrency: int, tenants: int,
                                     " WHERE id = $1 RETURNING balance", row_of(i))
             return one
 
-        def cycle(caller_of):
+        def cycle(caller_of, rater=rater):
             return rater_cycle(rater, caller_of)
 
         # warm up connections and plans
         await run("warm-up", 200, concurrency, cycle(lambda i: f"t{i % tenants}-u"))
         await run("warm-up", 200, concurrency, update(lambda i: i % tenants))
+        if compare:
+            await run("warm-up", 200, concurrency, cycle(lambda i: f"t{i % tenants}-u", alone))
         pids = [r["pid"] for r in await admin_conn.fetch(
             "SELECT pid FROM pg_stat_activity WHERE datname = $1", name)]
         results = {
@@ -158,9 +164,18 @@ async def main(cycles: int, concurrency: int, tenants: int,
                                  update(lambda i: 0), pids),
             "spread": await run(f"cycles spread over {tenants} pools", cycles, concurrency,
                                 cycle(lambda i: f"t{i % tenants}-u"), pids),
-            "hot": await run("cycles on one hot pool", cycles, concurrency,
-                             cycle(lambda i: "t0-u"), pids),
         }
+        before = rater.coalesced
+        results["hot"] = await run("cycles on one hot pool", cycles, concurrency,
+                                   cycle(lambda i: "t0-u"), pids)
+        after = rater.coalesced
+        if compare:
+            results["spread_alone"] = await run(
+                "  spread, each alone", cycles, concurrency,
+                cycle(lambda i: f"t{i % tenants}-u", alone), pids)
+            results["hot_alone"] = await run(
+                "  hot pool, each alone", cycles, concurrency,
+                cycle(lambda i: "t0-u", alone), pids)
         print(f"{'run':36} {'per s':>8} {'p50 ms':>8} {'p99 ms':>8}"
               f" {'pg CPU ms':>10} {'own CPU ms':>10}  (CPU per call)")
         for r in results.values():
@@ -172,6 +187,16 @@ async def main(cycles: int, concurrency: int, tenants: int,
             print(f"{name:6} cycles / updates: {ratio:5.2f}  (target >= {target:.2f}:"
                   f" {'met' if ratio >= target else 'not met'}; p99 "
                   f"{results[cyc]['p99_ms']:.1f} ms, target < 10 ms)")
+        batches = after["batches"] - before["batches"]
+        if batches:
+            print(f"hot pool: {(after['requests'] - before['requests']) / batches:.2f}"
+                  f" authorisations and settlements per statement on average"
+                  f" (batch limit {rater.batch_limit})")
+        if compare:
+            for name, cyc, upd in (("spread", "spread_alone", "upd_spread"),
+                                   ("hot", "hot_alone", "upd_hot")):
+                print(f"{name:6} each alone / updates: "
+                      f"{results[cyc]['per_s'] / results[upd]['per_s']:5.2f}")
         print(f"cycles / round trips: spread {results['spread']['per_s'] / results['rt']['per_s']:.3f},"
               f" hot {results['hot']['per_s'] / results['rt']['per_s']:.3f}")
         print(f"(concurrency {concurrency}, pool of {concurrency}, {cycles} per run,"
@@ -191,6 +216,10 @@ if __name__ == "__main__":
     ap.add_argument("--tenants", type=int, default=200)
     ap.add_argument("--extra-sql", metavar="FILE",
                     help="SQL run after the migrations (a candidate change to measure)")
+    ap.add_argument("--batch-limit", type=int,
+                    help="most requests of one pool per statement (1: each alone)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also run the cycles with each request alone (no coalescing)")
     a = ap.parse_args()
     extra = open(a.extra_sql, encoding="utf-8").read() if a.extra_sql else None
-    asyncio.run(main(a.cycles, a.concurrency, a.tenants, extra))
+    asyncio.run(main(a.cycles, a.concurrency, a.tenants, extra, a.batch_limit, a.compare))

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -34,8 +34,10 @@ from ..rating.model import (
     Route,
     Ruling,
     Settlement,
+    Source,
 )
-from ..store.repository import DEFAULT_PBX, CallerRow, Fence, Repository
+from ..store.repository import DEFAULT_PBX, AuthoriseResult, CallerRow, Fence, Repository
+from .coalesce import Coalescer
 
 log = structlog.get_logger("gateway.rater")
 
@@ -45,6 +47,12 @@ MAX_DIALLED = 64
 # callers whose context is kept for the one-round-trip path (oldest dropped first)
 MAX_KNOWN_CALLERS = 10_000
 MAX_BILLABLE = 7 * 24 * 3600  # a week: anything longer is not a call report
+# requests of one pool sent in one statement at most (each is a subtransaction there:
+# PostgreSQL keeps up to 64 of them per transaction in shared memory, more cost others)
+BATCH_LIMIT = 32
+# open pool-paid calls whose pool is kept for their settlement's batch (oldest dropped
+# first: a call whose pool is not known is settled alone, as ever)
+MAX_OPEN_POOL_CALLS = 100_000
 
 
 def utcnow() -> dt.datetime:
@@ -81,10 +89,32 @@ class Renewal:
     open: bool  # False when the call was already settled or released
 
 
+PoolKey = tuple[str, str]  # (tenant, pool country)
+
+
+@dataclass(frozen=True)
+class _PoolStep:
+    """One request of a pool's batch: an authorisation (``Repository.authorise``'s
+    arguments) or a settlement (``Repository.settle``'s, unfenced)."""
+
+    authorise: dict[str, Any] | None = None
+    settle: tuple[uuid.UUID, int, dt.datetime, str] | None = None
+
+
 class Rater:
-    def __init__(self, repo: Repository, *, clock: Clock = utcnow, slice_seconds: int = 300):
+    """With ``batch_limit`` > 1, the authorisations paid from one pool that arrive while
+    one of that pool's is in the database go together as the next statement, and so do
+    the settlements of the calls this process authorised from one pool (see
+    ``coalesce.Coalescer``; ``batch_limit`` 1: each alone). Each request is decided and
+    answered as it would be alone; they share one transaction, one hold of the pool
+    row's lock and one commit."""
+
+    def __init__(self, repo: Repository, *, clock: Clock = utcnow, slice_seconds: int = 300,
+                 batch_limit: int = BATCH_LIMIT):
         if slice_seconds < 1:
             raise ValueError("slice_seconds must be positive")
+        if not 1 <= batch_limit <= 64:
+            raise ValueError("batch_limit must be from 1 to 64")
         self.repo = repo
         self.clock = clock
         self.slice_seconds = slice_seconds
@@ -92,6 +122,12 @@ class Rater:
         self._voids: dict[uuid.UUID, asyncio.Task[None]] = {}
         # endpoint -> the caller's context as last read, with its tenant's version
         self._known: dict[str, CallerRow] = {}
+        self.batch_limit = batch_limit
+        # one pool's authorisations and settlements, sent together
+        self._pool_steps: Coalescer[_PoolStep] = Coalescer(self._send_pool_steps,
+                                                           limit=batch_limit)
+        # call id -> its pool, for the calls this process authorised from a pool
+        self._pool_of: dict[uuid.UUID, PoolKey] = {}
 
     # ---- authorisation ---------------------------------------------------------------
 
@@ -215,33 +251,37 @@ class Rater:
         written; see ``_authorise_known``)."""
         call_id = uuid.uuid4()
         destination = ruling.destination[:MAX_DIALLED]
+        request = dict(
+            call_id=call_id,
+            tenant_id=tenant_id,
+            user_id=user_id,
+            direction=direction.value,
+            caller=caller,
+            destination=destination,
+            number_class=ruling.number_class.value,
+            decision="ALLOW" if ruling.allow else "REJECT",
+            reason=ruling.reason.value,
+            route=ruling.route.value if ruling.route else None,
+            pbx_uniqueid=pbx_uniqueid,
+            linkedid=linkedid,
+            rate_kind=ruling.rate_kind.value if ruling.rate_kind else None,
+            sources=[s.value for s in ruling.sources],
+            pool_country=ruling.pool_country,
+            slice_seconds=self.slice_seconds,
+            now=self.clock(),
+            pbx=pbx,
+        )
+        if known is not None:
+            request.update(context_version=known[0], dialled=known[1],
+                           dialled_as_typed=known[2])
+        pool = ((tenant_id, ruling.pool_country)
+                if ruling.allow and ruling.pool_country and ruling.sources
+                and ruling.sources[0] is Source.POOL else None)
         try:
-            if known is None:
-                authorise = self.repo.authorise
+            if pool is not None and self.batch_limit > 1:
+                result = await self._pool_steps.submit(pool, _PoolStep(authorise=request))
             else:
-                authorise = functools.partial(
-                    self.repo.authorise_known, context_version=known[0], dialled=known[1],
-                    dialled_as_typed=known[2])
-            result = await authorise(
-                call_id=call_id,
-                tenant_id=tenant_id,
-                user_id=user_id,
-                direction=direction.value,
-                caller=caller,
-                destination=destination,
-                number_class=ruling.number_class.value,
-                decision="ALLOW" if ruling.allow else "REJECT",
-                reason=ruling.reason.value,
-                route=ruling.route.value if ruling.route else None,
-                pbx_uniqueid=pbx_uniqueid,
-                linkedid=linkedid,
-                rate_kind=ruling.rate_kind.value if ruling.rate_kind else None,
-                sources=[s.value for s in ruling.sources],
-                pool_country=ruling.pool_country,
-                slice_seconds=self.slice_seconds,
-                now=self.clock(),
-                pbx=pbx,
-            )
+                result = await self._authorise_alone(request)
         except (Unavailable, asyncio.CancelledError):
             # No answer from the database (timeout, lost connection, cancelled): the
             # authorisation may still commit there, while the PBX is told GATEWAY_ERROR.
@@ -253,6 +293,8 @@ class Rater:
             return None
         # the store's answer wins: it may have turned an allowed ruling into a rejection
         allow = result.decision == "ALLOW"
+        if allow and pool is not None:
+            self._remember_pool(call_id, pool)
         decision = Decision(
             allow=allow,
             reason=Reason(result.reason),
@@ -268,6 +310,37 @@ class Rater:
             funding_final=allow and ruling.rated and result.funded < self.slice_seconds,
         )
         return self._log(decision, caller)
+
+    async def _authorise_alone(self, request: dict) -> AuthoriseResult | None:
+        if "context_version" in request:
+            return await self.repo.authorise_known(**request)
+        return await self.repo.authorise(**request)
+
+    async def _send_pool_steps(self, steps: list[_PoolStep]) -> list[Any]:
+        """One pool's authorisations and settlements that arrived together: one
+        statement, the settlements first (one alone goes the usual way)."""
+        if len(steps) == 1:
+            step = steps[0]
+            if step.settle is not None:
+                return [await self.repo.settle(*step.settle)]
+            assert step.authorise is not None
+            return [await self._authorise_alone(step.authorise)]
+        settled, authorised = await self.repo.pool_batch(
+            [s.settle for s in steps if s.settle is not None],
+            [s.authorise for s in steps if s.authorise is not None])
+        answers_of = {True: iter(settled), False: iter(authorised)}
+        return [next(answers_of[s.settle is not None]) for s in steps]
+
+    def _remember_pool(self, call_id: uuid.UUID, pool: PoolKey) -> None:
+        while len(self._pool_of) >= MAX_OPEN_POOL_CALLS:
+            self._pool_of.pop(next(iter(self._pool_of)))
+        self._pool_of[call_id] = pool
+
+    @property
+    def coalesced(self) -> dict[str, int]:
+        """Statements sent for pool-paid authorisations and settlements, and the requests
+        they carried (a statement of one is a request sent alone)."""
+        return {"batches": self._pool_steps.batches, "requests": self._pool_steps.requests}
 
     # ---- authorisations whose answer was lost ---------------------------------------------
 
@@ -386,7 +459,12 @@ class Rater:
 
     async def _settle(self, call_id: uuid.UUID, billable: int, by: str,
                       fence: Fence | None) -> Settlement:
-        s = await self.repo.settle(call_id, billable, self.clock(), by, fence=fence)
+        pool = self._pool_of.pop(call_id, None)
+        if pool is not None and fence is None and self.batch_limit > 1:
+            s = await self._pool_steps.submit(
+                pool, _PoolStep(settle=(call_id, billable, self.clock(), by)))
+        else:
+            s = await self.repo.settle(call_id, billable, self.clock(), by, fence=fence)
         log.info("settlement", call_id=str(call_id), outcome=s.outcome,
                  billable_seconds=billable, billed_seconds=s.billed_seconds,
                  charged=str(s.charged), by=by)

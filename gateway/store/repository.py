@@ -89,6 +89,30 @@ def translate_errors() -> Any:
                           code="DATABASE_UNAVAILABLE") from exc
 
 
+# the arguments of gw_authorise_known's check, beside gw_authorise's
+_KNOWN_CHECK = ("context_version", "dialled", "dialled_as_typed")
+
+
+def _lock_conflict(row: asyncpg.Record) -> bool:
+    """One request of a batch was rolled back to break a deadlock or a serialisation
+    conflict (SQLSTATE class 40): nothing of it was written."""
+    return (row["error_state"] or "").startswith("40")
+
+
+def _batch_error(row: asyncpg.Record) -> Exception:
+    """The error one request of a batch met (its SQLSTATE, message and detail), as the
+    single step would have raised it: translated like any database error."""
+    fields = {"C": row["error_state"], "M": row["error_message"] or "", "S": "ERROR"}
+    if row["error_detail"]:
+        fields["D"] = row["error_detail"]
+    try:
+        with translate_errors():
+            raise asyncpg.PostgresError.new(fields)
+    except Exception as exc:  # noqa: BLE001 - returned, not raised: one answer of many
+        return exc
+    raise AssertionError("unreachable")
+
+
 class _OneConnection:
     """Stands in for the pool inside ``Repository.one_transaction``: every statement goes
     to the same connection, and the methods' own transactions become savepoints."""
@@ -300,6 +324,81 @@ class Repository:
             r["decision"], r["reason"], r["funded"], r["price"], r["first_increment"],
             r["increment"], r["rate_prefix"],
         )
+
+    async def pool_batch(self, settlements: Sequence[tuple[uuid.UUID, int, dt.datetime, str]],
+                         authorisations: Sequence[dict[str, Any]]
+                         ) -> tuple[list[Settlement | Exception],
+                                    list[AuthoriseResult | None | Exception]]:
+        """Several settlements (call id, billable seconds, now, by: ``settle``'s arguments,
+        unfenced) and authorisations (each ``authorise``'s keyword arguments; with
+        ``context_version``, ``dialled`` and ``dialled_as_typed`` decided as
+        ``authorise_known`` decides) in one statement and one transaction
+        (``gw_pool_batch``), the settlements first. One answer per request, in order:
+        what the single step would return, or the typed error it would raise, as an
+        exception object (that request wrote nothing; the others are committed). An
+        error of the statement itself is raised: none of them committed (or, for
+        ``Unavailable``, the outcome is unknown for all of them)."""
+        q = authorisations
+        suffixes = []
+        for a in q:
+            digits = "".join(_DIGITS.findall(a.get("dialled") or ""))
+            suffixes.append(digits[-7:] if digits else None)
+        rows = await self._fetch(
+            "SELECT * FROM gw_pool_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+            " $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)",
+            [s[0] for s in settlements], [s[1] for s in settlements],
+            [s[2] for s in settlements], [s[3] for s in settlements],
+            [a.get("context_version") for a in q], [a.get("dialled") for a in q],
+            [a.get("dialled_as_typed") for a in q], suffixes,
+            *([a[name] for a in q] for name in (
+                "call_id", "tenant_id", "user_id", "direction", "caller", "destination",
+                "number_class", "decision", "reason", "route", "pbx_uniqueid", "linkedid",
+                "rate_kind")),
+            [",".join(a["sources"]) for a in q], [a["pool_country"] for a in q],
+            [a["slice_seconds"] for a in q], [a["now"] for a in q],
+            [a.get("pbx", DEFAULT_PBX) for a in q],
+        )
+        settled = [r for r in rows if r["step"] == "settle"]
+        authorised = [r for r in rows if r["step"] == "authorise"]
+        assert [r["ord"] for r in settled] == list(range(1, len(settlements) + 1))
+        assert [r["ord"] for r in authorised] == list(range(1, len(q) + 1))
+        # A request rolled back to break a deadlock (SQLSTATE class 40; rare: see
+        # gw_settle_batch) wrote nothing: it is sent again alone. Nothing below raises:
+        # the others are committed, and each caller must hear its own answer.
+        settle_answers: list[Settlement | Exception] = []
+        for s, r in zip(settlements, settled, strict=True):
+            if _lock_conflict(r):
+                try:
+                    settle_answers.append(await self.settle(*s))
+                except Exception as exc:  # noqa: BLE001 - its answer
+                    settle_answers.append(exc)
+            elif r["error_state"] is not None:
+                settle_answers.append(_batch_error(r))
+            else:
+                settle_answers.append(Settlement(r["outcome"], r["billed"] or 0,
+                                                 r["charged"] or Decimal(0)))
+        authorise_answers: list[AuthoriseResult | None | Exception] = []
+        for a, r in zip(q, authorised, strict=True):
+            if _lock_conflict(r):
+                authorise_answers.append(await self._authorise_alone(a))
+            elif r["error_state"] is not None:
+                authorise_answers.append(_batch_error(r))
+            elif r["decision"] is None:
+                authorise_answers.append(None)  # gw_authorise_known's check: nothing written
+            else:
+                authorise_answers.append(AuthoriseResult(
+                    r["decision"], r["reason"], r["funded"], r["price"], r["first_increment"],
+                    r["increment"], r["rate_prefix"]))
+        return settle_answers, authorise_answers
+    async def _authorise_alone(self, request: dict[str, Any]
+                               ) -> AuthoriseResult | None | Exception:
+        try:
+            if request.get("context_version") is None:
+                return await self.authorise(**{k: v for k, v in request.items()
+                                               if k not in _KNOWN_CHECK})
+            return await self.authorise_known(**request)
+        except Exception as exc:  # noqa: BLE001 - its answer; the others committed
+            return exc
 
     async def void_authorisation(
         self, *, call_id: uuid.UUID, tenant_id: str, direction: str, caller: str,
