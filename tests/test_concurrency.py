@@ -13,6 +13,7 @@ from decimal import Decimal
 import pytest
 
 from gateway.billing.rater import Rater
+from tests.faults.invariants import assert_invariants
 from tests.support.ledger import ledger_agrees
 from tests.support.tenant import TENANT, standard_tenant
 
@@ -70,10 +71,10 @@ async def test_one_wallet_200_concurrent_authorisations_and_settlements(admin, r
 
 
 async def run_worker(url: str, caller: str, dialled: str, n: int, slice_seconds: int,
-                     settle: bool) -> dict:
+                     settle: bool | int) -> dict:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.concurrency_worker", url, caller, dialled, str(n),
-        str(slice_seconds), "1" if settle else "0",
+        str(slice_seconds), str(int(settle)),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         cwd=os.path.dirname(os.path.dirname(__file__)),
     )
@@ -106,3 +107,27 @@ async def test_two_gateway_processes_share_one_wallet(admin, repo, database_url)
     w = await repo.get_wallet(TENANT)
     assert w["balance"] - w["reserved"] == Decimal(0)
     await ledger_agrees(repo)
+
+
+async def test_three_gateway_processes_coalescing_on_one_pool(admin, repo, database_url):
+    """Each process sends its concurrent requests of the pool in shared statements
+    (gw_pool_batch); together they still fund exactly the pool, and each call reported
+    twice at once is settled once."""
+    await many_users(admin, 48)  # 3000 s
+    workers = await asyncio.gather(
+        run_worker(database_url, "u{m}", "2125550123", 100, 60, settle=0),
+        run_worker(database_url, "u{m}", "2125550123", 100, 60, settle=2),
+        run_worker(database_url, "alice", "2125550123", 100, 60, settle=2),
+    )
+    assert [w["errors"] for w in workers] == [[], [], []]
+    assert sum(w["funded"] for w in workers) == 3000  # one-minute slices, billed whole
+    assert set().union(*(w["reasons"] for w in workers)) == {"FUNDED", "NO_BALANCE"}
+    settled = workers[1]["allowed"] + workers[2]["allowed"]
+    assert workers[1]["first_settlements"] + workers[2]["first_settlements"] == settled
+    # the requests of each process went fewer statements than requests
+    assert sum(w["batches"] for w in workers) < sum(w["requests"] for w in workers)
+    charges = await repo.pool.fetchval("SELECT count(*) FROM ledger WHERE entry = 'charge'")
+    assert charges == settled
+    for row in await repo.open_calls():
+        await Rater(repo).release(row["id"])
+    await assert_invariants(repo.pool)

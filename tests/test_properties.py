@@ -3,6 +3,7 @@ assign keep the invariants of billing rules §8 at every step."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 
@@ -32,16 +33,49 @@ operation = st.one_of(
     st.tuples(st.just("assign"), st.sampled_from(["erin", "carol"])),
     st.tuples(st.just("unassign"), st.sampled_from(["erin", "carol"])),
     st.tuples(st.just("clock"), st.integers(1, 20)),
+    # calls of one pool at once: their requests share statements (gw_pool_batch)
+    st.tuples(st.just("burst"), st.lists(st.sampled_from(CALLERS), min_size=2, max_size=6),
+              st.sampled_from(DESTINATIONS[:2] + ["2125550123"]), st.integers(0, 400),
+              st.booleans()),
 )
 
 
-@settings(max_examples=int(os.environ.get("GATEWAY_PROPERTY_EXAMPLES", "30")), deadline=None, suppress_health_check=list(HealthCheck))
+# bursts of one pool's calls, with what moves the pool and the wallet between them
+burst_operation = st.one_of(
+    operation.filter(lambda op: op[0] in ("burst", "renew", "release", "topup", "clock")),
+    st.tuples(st.just("burst"), st.lists(st.sampled_from(["alice", "bob", "erin"]),
+                                         min_size=3, max_size=8),
+              st.just("2125550123"), st.integers(0, 400), st.booleans()),
+)
+
+EXAMPLES = int(os.environ.get("GATEWAY_PROPERTY_EXAMPLES", "30"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(ops=st.lists(operation, min_size=1, max_size=25),
        slice_seconds=st.sampled_from([10, 60, 300]),
        domestic_minutes=st.integers(0, 4), intl_minutes=st.integers(0, 3),
        recharge=st.booleans())
 async def test_random_sequences_keep_the_invariants(db_pool, ops, slice_seconds,
                                                     domestic_minutes, intl_minutes, recharge):
+    await keeps_the_invariants(db_pool, ops, slice_seconds, domestic_minutes, intl_minutes,
+                               recharge)
+
+
+@settings(max_examples=max(10, EXAMPLES // 2), deadline=None,
+          suppress_health_check=list(HealthCheck))
+@given(ops=st.lists(burst_operation, min_size=1, max_size=10),
+       slice_seconds=st.sampled_from([10, 60, 300]),
+       domestic_minutes=st.integers(0, 6), recharge=st.booleans())
+async def test_bursts_on_one_pool_keep_the_invariants(db_pool, ops, slice_seconds,
+                                                      domestic_minutes, recharge):
+    """Calls of one pool at once: their requests go in shared statements, and a pool of
+    a few minutes runs dry in the middle of a statement."""
+    await keeps_the_invariants(db_pool, ops, slice_seconds, domestic_minutes, 0, recharge)
+
+
+async def keeps_the_invariants(db_pool, ops, slice_seconds, domestic_minutes, intl_minutes,
+                               recharge):
     from gateway.store.repository import Repository
 
     await db_pool.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
@@ -103,6 +137,26 @@ async def test_random_sequences_keep_the_invariants(db_pool, ops, slice_seconds,
                 assert getattr(exc, "code", None) == "LICENCE_NOT_ASSIGNED"
         elif kind == "clock":
             clock.advance(minutes=op[1])
+        elif kind == "burst":
+            _, callers, dialled, billable, settle_twice = op
+            decisions = await asyncio.gather(
+                *(rater.authorise_outbound(c, dialled) for c in callers))
+            opened = [d.call_id for d in decisions if d.call_id]
+            calls.extend(opened)
+            # each call ended at once, some reported twice: each is settled once
+            reports = [(call_id, rater.settle(call_id, billable))
+                       for call_id in opened for _ in range(2 if settle_twice else 1)]
+            results = await asyncio.gather(*(r for _, r in reports))
+            for call_id in opened:
+                mine = [s for (c, _), s in zip(reports, results) if c == call_id]
+                firsts = [s for s in mine if s.first_time]
+                if call_id in settled:
+                    assert firsts == []
+                else:
+                    assert len(firsts) <= 1
+                    if firsts:
+                        settled[call_id] = firsts[0].billed_seconds
+                    assert {s.billed_seconds for s in mine} <= {settled.get(call_id, 0)}
         await ledger_agrees(repo, capacity=not unassigned)
     # every ended call settles: releasing what is still open leaves nothing reserved
     for call_id in calls:

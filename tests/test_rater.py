@@ -4,6 +4,7 @@ settlement, periods and the ledger."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import uuid
 from decimal import Decimal
@@ -15,6 +16,7 @@ from gateway.billing.rater import Rater
 from gateway.billing.views import as_dict
 from gateway.errors import Conflict, InvalidInput, NotFound, Unavailable
 from gateway.rating.model import Reason, Route, Source
+from gateway.store.pool import open_pool
 from gateway.store.repository import Repository, translate_errors
 from tests.support.ledger import ledger_agrees, pool_row
 from tests.support.tenant import TENANT, standard_tenant
@@ -801,3 +803,212 @@ async def test_inbound_number_whose_user_was_deleted_is_unallocated(admin, rater
     await admin.deactivate_user("alice")  # +15145550100 was alice's
     d = await rater.authorise_inbound("+15145550100", "2125550100")
     assert (d.allow, d.reason) == (False, Reason.UNKNOWN_NUMBER)
+
+
+# ---- one pool's requests coalesced into one statement (issue 10, the hot pool) ---------------
+# The authorisations and settlements of one pool that arrive while one of that pool's
+# statements is in the database leave together as the next one (gw_pool_batch): each is
+# decided as alone, in a subtransaction of its own, and they share one commit. A test
+# holds the pool row's lock from another connection so that the requests queue up and
+# go in one statement, whatever the machine's speed.
+
+DOMESTIC = "2125550123"  # not like any of the tenant's numbers: one round trip
+
+
+@contextlib.asynccontextmanager
+async def pool_row_held(repo, tenant=TENANT, country="CA"):
+    """The pool row locked by another transaction until the block ends."""
+    async with repo.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM pools WHERE tenant_id = $1 AND country = $2"
+                           " FOR UPDATE", tenant, country)
+        yield conn
+
+
+async def one_then_together(rater_, first, rest):
+    """Start coroutine ``first``; once its statement is sent (it then waits for the held
+    lock), start the coroutines ``rest``, and return the tasks once every one of them
+    waits for it: they go together in the next statement."""
+    batches = rater_.coalesced["batches"]
+    first_task = asyncio.create_task(first)
+    async with asyncio.timeout(10):
+        while rater_.coalesced["batches"] == batches:
+            await asyncio.sleep(0.01)
+        rest_tasks = [asyncio.create_task(c) for c in rest]
+        while rater_.coalesced["queued"] < len(rest_tasks):
+            await asyncio.sleep(0.01)
+    return first_task, rest_tasks
+
+
+async def known_callers(rater_, *callers: str) -> None:
+    """Each caller's context kept (one call each, released), and the pool row there."""
+    for caller in callers:
+        d = await rater_.authorise_outbound(caller, DOMESTIC)
+        await rater_.release(d.call_id)
+
+
+async def test_one_pools_concurrent_requests_go_in_one_statement(admin, rater, repo):
+    await standard_tenant(admin)
+    await known_callers(rater, "alice", "bob")
+    before = rater.coalesced
+    async with pool_row_held(repo):
+        first, rest = await one_then_together(
+            rater, rater.authorise_outbound("alice", DOMESTIC),
+            [rater.authorise_outbound("alice" if i % 2 else "bob", DOMESTIC,
+                                      pbx_uniqueid=f"17.{i}") for i in range(9)])
+    decisions = [await first, *[await t for t in rest]]
+    assert all((d.allow, d.reason, d.funded_seconds) == (True, Reason.FUNDED, 300)
+               for d in decisions)
+    after = rater.coalesced
+    assert (after["batches"] - before["batches"], after["requests"] - before["requests"]) == (
+        2, 10)  # the first alone, then the nine together
+    assert await pool_row(repo) == (0, 3000)
+    rows = await repo.pool.fetch("SELECT pbx_uniqueid, state, funded_seconds FROM calls"
+                                 " WHERE pbx_uniqueid LIKE '17.%' ORDER BY pbx_uniqueid")
+    assert [tuple(r) for r in rows] == [(f"17.{i}", "authorised", 300) for i in range(9)]
+
+    # settled together, each once; a second report of three of them (alone: the first
+    # took the call's pool) says so, whichever of the two the database saw first
+    async with pool_row_held(repo):
+        first, rest = await one_then_together(
+            rater, rater.settle(decisions[0].call_id, 61),
+            [rater.settle(d.call_id, 61) for d in decisions[1:]])
+        again = [asyncio.create_task(rater.settle(d.call_id, 61)) for d in decisions[:3]]
+        await asyncio.sleep(0.1)
+    reports = [await first, *[await t for t in rest]] + [await t for t in again]
+    assert {(s.outcome, s.billed_seconds) for s in reports} == {
+        ("settled", 120), ("already_settled", 120)}
+    firsts = [s.outcome for s in reports].count("settled")
+    assert firsts == 10
+    assert rater.coalesced["batches"] - after["batches"] == 2
+    assert await pool_row(repo) == (1200, 0)
+    charges = await repo.pool.fetchval("SELECT count(*) FROM ledger WHERE entry = 'charge'")
+    assert charges == 10
+    await ledger_agrees(repo)
+
+
+async def test_a_request_failing_in_a_batch_takes_none_of_the_others(admin, rater, repo):
+    await standard_tenant(admin)
+    await known_callers(rater, "alice", "bob")
+    async with pool_row_held(repo):
+        # the same channel twice: the second is refused, the others go on
+        first, tasks = await one_then_together(
+            rater, rater.authorise_outbound("alice", DOMESTIC),
+            [rater.authorise_outbound(caller, DOMESTIC, pbx_uniqueid=uniqueid)
+             for caller, uniqueid in (("alice", "17.1"), ("bob", "17.2"), ("bob", "17.1"),
+                                      ("alice", "17.3"))])
+    await first
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[2], Conflict) and results[2].code == "DUPLICATE"
+    assert [(d.allow, d.funded_seconds) for d in (results[0], results[1], results[3])] == [
+        (True, 300)] * 3
+    assert await repo.pool.fetchval("SELECT count(*) FROM calls WHERE state = 'authorised'") == 4
+    assert await pool_row(repo) == (0, 1200)  # the refused one reserved nothing
+    assert rater.voids_pending == 0  # a definite refusal: nothing to void
+    await ledger_agrees(repo)
+
+
+async def gateway_errors_hold_nothing(repo, uniqueids: list[str]) -> None:
+    """Authorisations the rater could not answer: each ended as what the PBX was told (a
+    GATEWAY_ERROR rejection, released if it had committed), and nothing is held."""
+    rows = await repo.pool.fetch("SELECT decision, reason, state FROM calls"
+                                 " WHERE pbx_uniqueid = ANY($1)", uniqueids)
+    assert len(rows) == len(uniqueids)
+    assert {(r["decision"], r["reason"]) for r in rows} == {("REJECT", "GATEWAY_ERROR")}
+    assert {r["state"] for r in rows} <= {"rejected", "released"}
+    assert await pool_row(repo) == (0, 0)
+    await ledger_agrees(repo)
+
+
+LOST = [f"lost.{i}" for i in range(6)]
+
+
+async def lost_batch(rater_, repo, cut) -> list:
+    """Six authorisations of one pool, five of them in one statement, while the pool row
+    is held; ``cut(conn)`` ends the wait (the test's way to fail the statements)."""
+    async with pool_row_held(repo) as conn:
+        first, rest = await one_then_together(
+            rater_, rater_.authorise_outbound("alice", DOMESTIC, pbx_uniqueid="lost.0"),
+            [rater_.authorise_outbound("alice" if i % 2 else "bob", DOMESTIC,
+                                       pbx_uniqueid=f"lost.{i}") for i in range(1, 6)])
+        await cut(conn)
+    return await asyncio.gather(first, *rest, return_exceptions=True)
+
+
+async def test_a_batch_cut_by_the_statement_timeout_is_voided_whole(admin, repo, clock,
+                                                                   database_url):
+    await standard_tenant(admin)
+    # the server cancels a statement after 1.2 s (open_pool: a fifth under the client's)
+    short = await open_pool(database_url, min_size=2, max_size=4, command_timeout=1.5,
+                            run_migrations=False)
+    try:
+        r = Rater(Repository(short), clock=clock)
+        await known_callers(r, "alice", "bob")
+
+        async def outlast(conn):  # keep the lock past both statements' timeouts
+            await asyncio.sleep(3.0)
+
+        before = r.coalesced["batches"]
+        results = await lost_batch(r, repo, outlast)
+        assert all(isinstance(x, Unavailable) for x in results), results
+        assert r.coalesced["batches"] - before == 2  # the first alone, then five together
+        await voided(r)
+    finally:
+        await short.close()
+    await gateway_errors_hold_nothing(repo, LOST)
+
+
+async def test_a_batch_whose_connection_is_killed_is_voided_whole(admin, repo, clock,
+                                                                  database_url):
+    await standard_tenant(admin)
+    own = await open_pool(database_url, min_size=2, max_size=4, run_migrations=False)
+    try:
+        r = Rater(Repository(own), clock=clock)
+        await known_callers(r, "alice", "bob")
+
+        async def kill(conn):  # each statement, once it waits for the lock
+            killed: set[int] = set()
+            while len(killed) < 2:  # the first alone, then five together
+                async with asyncio.timeout(10):
+                    while not (waiting := {row["pid"] for row in await conn.fetch(
+                            "SELECT pid FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                            " AND wait_event_type = 'Lock'")} - killed):
+                        await asyncio.sleep(0.02)
+                await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid", list(waiting))
+                killed |= waiting
+
+        results = await lost_batch(r, repo, kill)
+        assert all(isinstance(x, Unavailable) for x in results), results
+        await voided(r)
+    finally:
+        await own.close()
+    await gateway_errors_hold_nothing(repo, LOST)
+
+
+class LosesBatchAnswers(Repository):
+    """A batch reaches the database and commits, and its answer is lost."""
+
+    async def pool_batch(self, settlements, authorisations):
+        await super().pool_batch(settlements, authorisations)
+        raise Unavailable("database unavailable: timeout", code="DATABASE_UNAVAILABLE")
+
+
+async def test_a_committed_batch_whose_answer_was_lost_is_released_whole(admin, repo, clock):
+    await standard_tenant(admin)
+    r = Rater(LosesBatchAnswers(repo.pool), clock=clock)
+    await known_callers(r, "alice", "bob")
+
+    async def release(conn):
+        pass
+
+    results = await lost_batch(r, repo, release)
+    assert all(isinstance(x, Unavailable) for x in results[1:]), results
+    assert not isinstance(results[0], Exception), results[0]
+    assert results[0].allow  # sent alone: its answer came back
+    await voided(r)
+    await r.release(results[0].call_id)
+    rows = await repo.pool.fetch("SELECT state FROM calls WHERE pbx_uniqueid = ANY($1)",
+                                 LOST[1:])
+    assert [row["state"] for row in rows] == ["released"] * 5  # they had committed
+    await gateway_errors_hold_nothing(repo, LOST[1:])

@@ -92,6 +92,6 @@ class Coalescer(Generic[Request]):
                 future.cancel()
 
     @property
-    def in_flight(self) -> int:
-        """Keys with a batch being sent."""
-        return len(self._draining)
+    def queued(self) -> int:
+        """Requests waiting for their key's batch in flight to end."""
+        return sum(len(q) for q in self._queued.values())

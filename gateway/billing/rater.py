@@ -338,9 +338,11 @@ class Rater:
 
     @property
     def coalesced(self) -> dict[str, int]:
-        """Statements sent for pool-paid authorisations and settlements, and the requests
-        they carried (a statement of one is a request sent alone)."""
-        return {"batches": self._pool_steps.batches, "requests": self._pool_steps.requests}
+        """Statements sent for pool-paid authorisations and settlements, the requests
+        they carried (a statement of one is a request sent alone), and the requests
+        waiting now for their pool's statement in flight."""
+        return {"batches": self._pool_steps.batches, "requests": self._pool_steps.requests,
+                "queued": self._pool_steps.queued}
 
     # ---- authorisations whose answer was lost ---------------------------------------------
 
