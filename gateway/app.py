@@ -123,6 +123,8 @@ class Gateway:
         # a fenced transaction left idle (a frozen process) ends well before its lease
         self.repo.fence_idle_seconds = cfg.lease_seconds / 3
         self.rater = Rater(self.repo, clock=self.clock, slice_seconds=cfg.slice_seconds)
+        self.metrics.pool_statements.set_function(lambda: self.rater.coalesced["batches"])
+        self.metrics.pool_requests.set_function(lambda: self.rater.coalesced["requests"])
         self.provisioning = Provisioning(self.repo, clock=self.clock)
         self.views = Views(self.repo, clock=self.clock)
         self.alerts = Alerts(AlertStore(self.pool))

@@ -71,6 +71,15 @@ class Metrics:
         self.ami_handler_latency = Histogram(
             "gateway_ami_handler_seconds", "Time the handlers of one AMI event ran, by event",
             ["event"], registry=r, buckets=HANDLER_BUCKETS)
+        # the rater's statements for pool-paid authorisations and settlements, and the
+        # requests they carried: more requests than statements is coalescing at work
+        # (set to read the rater's own counts when the gateway starts)
+        self.pool_statements = Gauge(
+            "gateway_pool_statements", "Statements sent for pool-paid authorisations and "
+            "settlements (one pool's concurrent requests share one)", registry=r)
+        self.pool_requests = Gauge(
+            "gateway_pool_requests", "Pool-paid authorisations and settlements sent",
+            registry=r)
         # the same counts, kept as plain numbers for /status
         self.reason_counts: PyCounter[tuple[str, str, str]] = PyCounter()
 

@@ -108,3 +108,23 @@ def test_status_document_carries_the_ami_backlog():
     gateway = Gateway(Config(), configure_logs=False)
     gateway.ami = AmiClient("127.0.0.1", 5038, "gateway", "secret")
     assert gateway.ami_status()["event_backlog"] == 0
+
+
+async def test_pool_statements_and_requests_are_in_metrics(database_url, repo):
+    """How many of the pool-paid requests shared a statement: the requests sent, and
+    the statements that carried them (fewer when one pool's requests were coalesced)."""
+    from tests.support.gateway import running_gateway
+    from tests.support.tenant import standard_tenant
+
+    async with running_gateway(database_url) as gw:
+        await standard_tenant(gw.provisioning)
+        first = await gw.rater.authorise_outbound("alice", "2125550123")  # now known
+        await gw.rater.release(first.call_id)
+        # six at once leave in one statement; the releases one by one
+        decisions = await asyncio.gather(
+            *(gw.rater.authorise_outbound("alice", "2125550123") for _ in range(6)))
+        assert all(d.allow for d in decisions)
+        for d in decisions:
+            await gw.rater.release(d.call_id)
+        assert sample(gw.metrics, "gateway_pool_requests") == 14
+        assert sample(gw.metrics, "gateway_pool_statements") == 2 + 1 + 6
