@@ -922,16 +922,40 @@ async def gateway_errors_hold_nothing(repo, uniqueids: list[str]) -> None:
 LOST = [f"lost.{i}" for i in range(6)]
 
 
+@contextlib.asynccontextmanager
+async def channel_held(repo, uniqueid: str):
+    """Another transaction holds channel ``uniqueid`` (an uncommitted call row of its
+    own) until the block ends, then rolls back: an authorisation of that channel waits."""
+    async with repo.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await conn.execute(
+                "INSERT INTO calls (id, tenant_id, direction, caller, destination,"
+                " number_class, decision, reason, pbx_uniqueid, month, state, authorised_at)"
+                " VALUES (gen_random_uuid(), $1, 'outbound', 'test', 'test', 'domestic',"
+                " 'REJECT', 'TEST', $2, '2026-11-01', 'rejected', now())", TENANT, uniqueid)
+            yield conn
+        finally:
+            await tx.rollback()
+
+
 async def lost_batch(rater_, repo, cut) -> list:
-    """Six authorisations of one pool, five of them in one statement, while the pool row
-    is held; ``cut(conn)`` ends the wait (the test's way to fail the statements)."""
-    async with pool_row_held(repo) as conn:
-        first, rest = await one_then_together(
-            rater_, rater_.authorise_outbound("alice", DOMESTIC, pbx_uniqueid="lost.0"),
-            [rater_.authorise_outbound("alice" if i % 2 else "bob", DOMESTIC,
-                                       pbx_uniqueid=f"lost.{i}") for i in range(1, 6)])
+    """Six authorisations of one pool: the first alone, then five in one statement that
+    waits for another transaction holding the channel of one of them; ``cut(conn)``
+    (``conn``: that transaction's) is the test's way to fail that statement."""
+    async with channel_held(repo, "lost.1") as conn:
+        async with pool_row_held(repo):
+            first, rest = await one_then_together(
+                rater_, rater_.authorise_outbound("alice", DOMESTIC, pbx_uniqueid="lost.0"),
+                [rater_.authorise_outbound("alice" if i % 2 else "bob", DOMESTIC,
+                                           pbx_uniqueid=f"lost.{i}") for i in range(1, 6)])
+        decided = await first  # the five leave now, together, and wait for lost.1
+        assert decided.allow
         await cut(conn)
-    return await asyncio.gather(first, *rest, return_exceptions=True)
+    results = await asyncio.gather(*rest, return_exceptions=True)
+    await rater_.release(decided.call_id)
+    return results
 
 
 async def test_a_batch_cut_by_the_statement_timeout_is_voided_whole(admin, repo, clock,
@@ -944,17 +968,17 @@ async def test_a_batch_cut_by_the_statement_timeout_is_voided_whole(admin, repo,
         r = Rater(Repository(short), clock=clock)
         await known_callers(r, "alice", "bob")
 
-        async def outlast(conn):  # keep the lock past both statements' timeouts
-            await asyncio.sleep(3.0)
+        async def outlast(conn):  # hold the channel past the statement's timeout
+            await asyncio.sleep(2.0)
 
         before = r.coalesced["batches"]
         results = await lost_batch(r, repo, outlast)
         assert all(isinstance(x, Unavailable) for x in results), results
-        assert r.coalesced["batches"] - before == 2  # the first alone, then five together
+        assert r.coalesced["batches"] - before == 3  # the first, the five, the release
         await voided(r)
     finally:
         await short.close()
-    await gateway_errors_hold_nothing(repo, LOST)
+    await gateway_errors_hold_nothing(repo, LOST[1:])
 
 
 async def test_a_batch_whose_connection_is_killed_is_voided_whole(admin, repo, clock,
@@ -965,24 +989,47 @@ async def test_a_batch_whose_connection_is_killed_is_voided_whole(admin, repo, c
         r = Rater(Repository(own), clock=clock)
         await known_callers(r, "alice", "bob")
 
-        async def kill(conn):  # each statement, once it waits for the lock
-            killed: set[int] = set()
-            while len(killed) < 2:  # the first alone, then five together
-                async with asyncio.timeout(10):
-                    while not (waiting := {row["pid"] for row in await conn.fetch(
-                            "SELECT pid FROM pg_stat_activity"
-                            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                            " AND wait_event_type = 'Lock'")} - killed):
-                        await asyncio.sleep(0.02)
-                await conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid", list(waiting))
-                killed |= waiting
+        async def kill(conn):  # the statement of the five, once it waits
+            async with asyncio.timeout(10):
+                while not (waiting := [row["pid"] for row in await conn.fetch(
+                        "SELECT pid FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        " AND wait_event_type = 'Lock'")]):
+                    await asyncio.sleep(0.02)
+            assert len(waiting) == 1
+            await conn.execute("SELECT pg_terminate_backend($1)", waiting[0])
 
         results = await lost_batch(r, repo, kill)
         assert all(isinstance(x, Unavailable) for x in results), results
         await voided(r)
     finally:
         await own.close()
+    await gateway_errors_hold_nothing(repo, LOST[1:])
+
+
+async def test_requests_waiting_for_a_statement_without_answer_fail_with_it(
+        admin, repo, clock, database_url):
+    """A statement of a pool gets no answer: the requests that waited for it fail at once,
+    unsent, instead of waiting as long again (a frozen database answers each caller within
+    one statement's timeout); each is voided as its own would be."""
+    await standard_tenant(admin)
+    short = await open_pool(database_url, min_size=2, max_size=4, command_timeout=1.5,
+                            run_migrations=False)
+    try:
+        r = Rater(Repository(short), clock=clock)
+        await known_callers(r, "alice", "bob")
+        before = r.coalesced["batches"]
+        async with pool_row_held(repo):
+            first, rest = await one_then_together(
+                r, r.authorise_outbound("alice", DOMESTIC, pbx_uniqueid="lost.0"),
+                [r.authorise_outbound("bob", DOMESTIC, pbx_uniqueid=f"lost.{i}")
+                 for i in range(1, 6)])
+            results = await asyncio.gather(first, *rest, return_exceptions=True)
+        assert all(isinstance(x, Unavailable) for x in results), results
+        assert r.coalesced["batches"] - before == 1  # the five were never sent
+        await voided(r)
+    finally:
+        await short.close()
     await gateway_errors_hold_nothing(repo, LOST)
 
 
@@ -999,15 +1046,12 @@ async def test_a_committed_batch_whose_answer_was_lost_is_released_whole(admin, 
     r = Rater(LosesBatchAnswers(repo.pool), clock=clock)
     await known_callers(r, "alice", "bob")
 
-    async def release(conn):
+    async def let_go(conn):
         pass
 
-    results = await lost_batch(r, repo, release)
-    assert all(isinstance(x, Unavailable) for x in results[1:]), results
-    assert not isinstance(results[0], Exception), results[0]
-    assert results[0].allow  # sent alone: its answer came back
+    results = await lost_batch(r, repo, let_go)
+    assert all(isinstance(x, Unavailable) for x in results), results
     await voided(r)
-    await r.release(results[0].call_id)
     rows = await repo.pool.fetch("SELECT state FROM calls WHERE pbx_uniqueid = ANY($1)",
                                  LOST[1:])
     assert [row["state"] for row in rows] == ["released"] * 5  # they had committed

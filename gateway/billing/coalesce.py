@@ -34,11 +34,16 @@ def _own_copy(exc: BaseException) -> BaseException:
 
 
 class Coalescer(Generic[Request]):
-    def __init__(self, send: Send, *, limit: int = 32):
+    def __init__(self, send: Send, *, limit: int = 32,
+                 shared_failures: tuple[type[BaseException], ...] = ()):
+        """``shared_failures``: when a batch fails with one of these (the database did not
+        answer), the requests of its key that waited for it fail the same at once,
+        unsent, instead of waiting once more as long."""
         if limit < 1:
             raise ValueError("limit must be positive")
         self._send = send
         self.limit = limit
+        self.shared_failures = shared_failures
         self._queued: dict[Hashable, list[tuple[Request, asyncio.Future[Any]]]] = {}
         self._draining: dict[Hashable, asyncio.Task[None]] = {}
         self.batches = 0  # batches sent, and the requests they carried (for /metrics)
@@ -68,6 +73,9 @@ class Coalescer(Generic[Request]):
                     answers = await self._send([r for r, _ in batch])
                 except BaseException as exc:  # noqa: BLE001 - each caller gets it
                     cancelled = isinstance(exc, asyncio.CancelledError)
+                    if isinstance(exc, self.shared_failures):
+                        batch += queue
+                        del queue[:]
                     for _, future in batch:
                         if future.done():
                             continue

@@ -124,8 +124,10 @@ class Rater:
         self._known: dict[str, CallerRow] = {}
         self.batch_limit = batch_limit
         # one pool's authorisations and settlements, sent together
-        self._pool_steps: Coalescer[_PoolStep] = Coalescer(self._send_pool_steps,
-                                                           limit=batch_limit)
+        # (a statement that got no answer fails the requests that waited for it: under
+        # a frozen database each caller is answered within one statement's timeout)
+        self._pool_steps: Coalescer[_PoolStep] = Coalescer(
+            self._send_pool_steps, limit=batch_limit, shared_failures=(Unavailable,))
         # call id -> its pool, for the calls this process authorised from a pool
         self._pool_of: dict[uuid.UUID, PoolKey] = {}
 
