@@ -148,7 +148,7 @@ async def keeps_the_invariants(db_pool, ops, slice_seconds, domestic_minutes, in
                        for call_id in opened for _ in range(2 if settle_twice else 1)]
             results = await asyncio.gather(*(r for _, r in reports))
             for call_id in opened:
-                mine = [s for (c, _), s in zip(reports, results) if c == call_id]
+                mine = [s for (c, _), s in zip(reports, results, strict=True) if c == call_id]
                 firsts = [s for s in mine if s.first_time]
                 if call_id in settled:
                     assert firsts == []

@@ -20,6 +20,7 @@ from gateway.store.pool import open_pool
 from gateway.store.repository import Repository, translate_errors
 from tests.support.ledger import ledger_agrees, pool_row
 from tests.support.tenant import TENANT, standard_tenant
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.db
 
@@ -830,12 +831,9 @@ async def one_then_together(rater_, first, rest):
     waits for it: they go together in the next statement."""
     batches = rater_.coalesced["batches"]
     first_task = asyncio.create_task(first)
-    async with asyncio.timeout(10):
-        while rater_.coalesced["batches"] == batches:
-            await asyncio.sleep(0.01)
-        rest_tasks = [asyncio.create_task(c) for c in rest]
-        while rater_.coalesced["queued"] < len(rest_tasks):
-            await asyncio.sleep(0.01)
+    await eventually(lambda: rater_.coalesced["batches"] > batches, within=10)
+    rest_tasks = [asyncio.create_task(c) for c in rest]
+    await eventually(lambda: rater_.coalesced["queued"] == len(rest_tasks), within=10)
     return first_task, rest_tasks
 
 
@@ -990,12 +988,14 @@ async def test_a_batch_whose_connection_is_killed_is_voided_whole(admin, repo, c
         await known_callers(r, "alice", "bob")
 
         async def kill(conn):  # the statement of the five, once it waits
-            async with asyncio.timeout(10):
-                while not (waiting := [row["pid"] for row in await conn.fetch(
-                        "SELECT pid FROM pg_stat_activity"
-                        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                        " AND wait_event_type = 'Lock'")]):
-                    await asyncio.sleep(0.02)
+            for _ in range(500):  # 10 s
+                waiting = [row["pid"] for row in await conn.fetch(
+                    "SELECT pid FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND wait_event_type = 'Lock'")]
+                if waiting:
+                    break
+                await asyncio.sleep(0.02)
             assert len(waiting) == 1
             await conn.execute("SELECT pg_terminate_backend($1)", waiting[0])
 
