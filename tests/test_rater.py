@@ -905,7 +905,7 @@ async def test_a_request_failing_in_a_batch_takes_none_of_the_others(admin, rate
     await ledger_agrees(repo)
 
 
-async def gateway_errors_hold_nothing(repo, uniqueids: list[str]) -> None:
+async def gateway_errors_hold_nothing(repo, uniqueids: list[str], used: int = 0) -> None:
     """Authorisations the rater could not answer: each ended as what the PBX was told (a
     GATEWAY_ERROR rejection, released if it had committed), and nothing is held."""
     rows = await repo.pool.fetch("SELECT decision, reason, state FROM calls"
@@ -913,7 +913,7 @@ async def gateway_errors_hold_nothing(repo, uniqueids: list[str]) -> None:
     assert len(rows) == len(uniqueids)
     assert {(r["decision"], r["reason"]) for r in rows} == {("REJECT", "GATEWAY_ERROR")}
     assert {r["state"] for r in rows} <= {"rejected", "released"}
-    assert await pool_row(repo) == (0, 0)
+    assert await pool_row(repo) == (used, 0)
     await ledger_agrees(repo)
 
 
@@ -1056,3 +1056,32 @@ async def test_a_committed_batch_whose_answer_was_lost_is_released_whole(admin, 
                                  LOST[1:])
     assert [row["state"] for row in rows] == ["released"] * 5  # they had committed
     await gateway_errors_hold_nothing(repo, LOST[1:])
+
+
+async def test_settlements_waiting_for_a_statement_without_answer_are_sent(
+        admin, repo, clock, database_url):
+    """The settlements that waited for a statement that got no answer are sent after it
+    (to a server that may have taken over meanwhile): they do not fail with it."""
+    await standard_tenant(admin)
+    short = await open_pool(database_url, min_size=2, max_size=4, command_timeout=1.5,
+                            run_migrations=False)
+    try:
+        r = Rater(Repository(short), clock=clock)
+        await known_callers(r, "alice", "bob")
+        call = await r.authorise_outbound("alice", DOMESTIC)
+        async with pool_row_held(repo):
+            first, (settling, authorising) = await one_then_together(
+                r, r.authorise_outbound("bob", DOMESTIC, pbx_uniqueid="lost.0"),
+                [r.settle(call.call_id, 61),
+                 r.authorise_outbound("alice", DOMESTIC, pbx_uniqueid="lost.1")])
+            await eventually(first.done, within=10)  # the server cancelled it
+            assert isinstance(first.exception(), Unavailable)
+            await eventually(authorising.done)  # failed with it, unsent
+            assert isinstance(authorising.exception(), Unavailable)
+            assert not settling.done()  # sent again: waits for the lock
+        s = await settling
+        assert (s.outcome, s.billed_seconds) == ("settled", 120)
+        await voided(r)
+    finally:
+        await short.close()
+    await gateway_errors_hold_nothing(repo, LOST[:2], used=120)  # the settled call's

@@ -35,15 +35,15 @@ def _own_copy(exc: BaseException) -> BaseException:
 
 class Coalescer(Generic[Request]):
     def __init__(self, send: Send, *, limit: int = 32,
-                 shared_failures: tuple[type[BaseException], ...] = ()):
-        """``shared_failures``: when a batch fails with one of these (the database did not
-        answer), the requests of its key that waited for it fail the same at once,
-        unsent, instead of waiting once more as long."""
+                 fails_with: Callable[[Request, BaseException], bool] | None = None):
+        """``fails_with(request, exc)``: whether a request that waited for a batch that
+        failed with ``exc`` fails the same at once, unsent (instead of waiting as long
+        again for a database that did not answer); the others go as the next batch."""
         if limit < 1:
             raise ValueError("limit must be positive")
         self._send = send
         self.limit = limit
-        self.shared_failures = shared_failures
+        self.fails_with = fails_with
         self._queued: dict[Hashable, list[tuple[Request, asyncio.Future[Any]]]] = {}
         self._draining: dict[Hashable, asyncio.Task[None]] = {}
         self.batches = 0  # batches sent, and the requests they carried (for /metrics)
@@ -73,9 +73,10 @@ class Coalescer(Generic[Request]):
                     answers = await self._send([r for r, _ in batch])
                 except BaseException as exc:  # noqa: BLE001 - each caller gets it
                     cancelled = isinstance(exc, asyncio.CancelledError)
-                    if isinstance(exc, self.shared_failures):
-                        batch += queue
-                        del queue[:]
+                    if self.fails_with is not None and not cancelled:
+                        failing = [(r, f) for r, f in queue if self.fails_with(r, exc)]
+                        queue[:] = [(r, f) for r, f in queue if not self.fails_with(r, exc)]
+                        batch += failing
                     for _, future in batch:
                         if future.done():
                             continue

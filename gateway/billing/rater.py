@@ -124,10 +124,15 @@ class Rater:
         self._known: dict[str, CallerRow] = {}
         self.batch_limit = batch_limit
         # one pool's authorisations and settlements, sent together
-        # (a statement that got no answer fails the requests that waited for it: under
-        # a frozen database each caller is answered within one statement's timeout)
+        # (a statement that got no answer fails the authorisations that waited for it:
+        # under a frozen database each caller is answered within one statement's
+        # timeout; the settlements that waited are sent, to a server that may have
+        # taken over meanwhile: their callers are the PBX's end reports, not a caller
+        # waiting to dial)
         self._pool_steps: Coalescer[_PoolStep] = Coalescer(
-            self._send_pool_steps, limit=batch_limit, shared_failures=(Unavailable,))
+            self._send_pool_steps, limit=batch_limit,
+            fails_with=lambda step, exc: (step.authorise is not None
+                                          and isinstance(exc, Unavailable)))
         # call id -> its pool, for the calls this process authorised from a pool
         self._pool_of: dict[uuid.UUID, PoolKey] = {}
 
