@@ -146,8 +146,11 @@ async def test_database_frozen_past_the_statement_timeout(gw: Gateway,
 
     # callers were answered in bounded time, and rejected while the database was frozen
     assert max(a.seconds for a in answers) < WORST_ANSWER
-    during = [a for a in answers if frozen_at <= a.asked_at
-              and a.asked_at + a.seconds <= thawed_at]
+    # answered while it was frozen (from a second in: an answer already on its way when
+    # it froze may still arrive). Not only callers who asked after the freeze: one pool's
+    # callers wait together behind one statement (the rater coalesces them), so all of
+    # them may have asked before it and be answered, together, within it.
+    during = [a for a in answers if frozen_at + 1.0 <= a.asked_at + a.seconds <= thawed_at]
     assert during and {a.reason for a in during} == {"GATEWAY_ERROR"}
     assert {a.reason for a in answers} <= {"FUNDED", "GATEWAY_ERROR"}
     # back to normal once thawed
