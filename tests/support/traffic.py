@@ -71,7 +71,8 @@ async def _one_call(rater: Rater, rng: random.Random, *, settle: bool = True
 async def month_of_traffic(admin: Provisioning, rater: Rater, clock: Clock, *,
                            calls: int = 240, seed: int = 11,
                            first: dt.datetime = dt.datetime(2026, 11, 1, 6, tzinfo=dt.UTC),
-                           days: int = 29) -> Traffic:
+                           days: int = 29, domestic_minutes: int = 40,
+                           international_minutes: int = 15) -> Traffic:
     """The standard tenant (America/Toronto) and ``calls`` calls spread over ``days``
     from ``first`` (November 2026 by default), a call in October and one in December
     around them, and the last three of the month left open (if allowed)."""
@@ -79,8 +80,8 @@ async def month_of_traffic(admin: Provisioning, rater: Rater, clock: Clock, *,
     clock.now = first - dt.timedelta(days=2)  # October, in Toronto
     await standard_tenant(admin, wallet="5.00")
     # small allotments so that the pool and the add-on run dry within the month
-    await admin.set_allotment("CA", "domestic", 40)
-    await admin.set_allotment("CA", "international", 15)
+    await admin.set_allotment("CA", "domestic", domestic_minutes)
+    await admin.set_allotment("CA", "international", international_minutes)
     await admin.set_auto_recharge(TENANT, enabled=True, threshold="2.00", amount="5.00",
                                   monthly_cap=3)
     traffic = Traffic([], [], [])
