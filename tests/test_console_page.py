@@ -256,7 +256,7 @@ async def test_operator_console(admin, rater, clock, views, database_url, tmp_pa
         await page.press("Tab", 9)
         assert (await page.evaluate(FOCUSED))["id"] == "Skip to the tenant console"
         await page.press("Enter", 13)
-        await page.wait_for("document.activeElement.id === 'console'", timeout=5)
+        await page.wait_for("document.activeElement.id === 'console'", within=5)
         assert await page.evaluate("window.scrollY") > 100  # scrolled to the console
         # choose alice's rejected calls, then apply with Enter on the Apply button
         await page.evaluate("document.getElementById('filter-user').value = 'alice';"

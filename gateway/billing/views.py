@@ -17,8 +17,8 @@ from zoneinfo import ZoneInfo
 
 from ..errors import NotFound
 from ..rating import rules
-from . import reports
 from ..store.repository import Repository
+from . import reports
 from .rater import Clock, utcnow
 
 # ---- tenants, users, numbers -----------------------------------------------------------

@@ -210,6 +210,13 @@ def _read(path: str, what: str) -> str:
         raise CliError(f"{what} {path}: {exc}", code="FILE_UNREADABLE") from exc
 
 
+def _write(path: str, text: str, what: str) -> None:
+    try:
+        pathlib.Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"{what} {path}: {exc}", code="FILE_UNWRITABLE") from exc
+
+
 def _month(value: str | None) -> dt.date | None:
     return schemas.parse_month(value)
 
@@ -297,10 +304,7 @@ async def _export(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
     if args.output is None:
         out.write(text)
         return
-    try:
-        pathlib.Path(args.output).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise CliError(f"cannot write {args.output}: {exc}", code="FILE_UNWRITABLE") from exc
+    _write(args.output, text, "export")
     print(f"{args.tenant} {export.month.isoformat()[:7]}: {len(export.calls)} calls written "
           f"to {args.output}", file=out)
 

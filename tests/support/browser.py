@@ -73,9 +73,9 @@ class Page:
             raise RuntimeError(f"{expression[:80]}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    async def wait_for(self, expression: str, timeout: float = 20) -> Any:
-        """Polls ``expression`` until it is truthy; its value."""
-        async with asyncio.timeout(timeout):
+    async def wait_for(self, expression: str, within: float = 20) -> Any:
+        """Polls ``expression`` until it is truthy (at most ``within`` seconds); its value."""
+        async with asyncio.timeout(within):
             while True:
                 value = await self.evaluate(expression)
                 if value:
