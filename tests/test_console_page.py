@@ -186,7 +186,8 @@ async def test_operator_console(admin, rater, clock, views, database_url, tmp_pa
                 + "".join(f"f.elements['{k}'].value = '{v}';" for k, v in values.items())
                 + "document.getElementById('call-log').dataset.query = '';"
                 + "f.requestSubmit(); })()")
-            await page.wait_for("document.getElementById('call-log').dataset.query")
+            await page.wait_for("document.getElementById('call-log').dataset.query"
+                                " === callQuery()")
             return await page.evaluate("""[...document.querySelectorAll('#call-log tbody tr')]
               .map((r) => r.dataset.loggedCall)""")
 
@@ -213,7 +214,8 @@ async def test_operator_console(admin, rater, clock, views, database_url, tmp_pa
 
         # ---- screenshots: the whole page and the console, with the chart's colours
         await page.evaluate("document.getElementById('call-filters').reset()")
-        await page.wait_for("document.querySelectorAll('#call-log tbody tr').length === 100")
+        await page.wait_for("document.getElementById('call-log').dataset.query === callQuery()"
+                            " && document.querySelectorAll('#call-log tbody tr').length === 100")
         top = await page.evaluate(
             "document.getElementById('console').getBoundingClientRect().top + window.scrollY")
         await page.evaluate(f"window.scrollTo(0, {int(top)})")
@@ -270,7 +272,8 @@ async def test_operator_console(admin, rater, clock, views, database_url, tmp_pa
         assert (await page.evaluate(FOCUSED))["id"] == "Apply"
         await page.evaluate("document.getElementById('call-log').dataset.query = ''")
         await page.press("Enter", 13)
-        await page.wait_for("document.getElementById('call-log').dataset.query")
+        await page.wait_for("document.getElementById('call-log').dataset.query"
+                            " === callQuery()")
         assert await page.evaluate("""[...document.querySelectorAll('#call-log tbody tr')]
           .map((r) => r.dataset.loggedCall)""") == [str(c.id) for c in alice_rejected]
         assert not [m for m in page.console if m.startswith(("exception", "error"))], \

@@ -213,16 +213,23 @@ function renderCallLog(calls, tz, currency) {
   document.getElementById("call-log").hidden = calls.length === 0;
 }
 
+let callLogRequest = 0;
+
 async function loadCallLog() {
+  // Only the answer to the latest request is drawn: a slow earlier one (a refresh, the
+  // filters before they changed) is dropped when it arrives.
   const t = consoleState.tenant;
   if (!t) return;
-  const result = await api(`/tenants/${encodeURIComponent(t.tenant_id)}/calls?${callQuery()}`);
+  const request = ++callLogRequest;
+  const query = callQuery();
+  const result = await api(`/tenants/${encodeURIComponent(t.tenant_id)}/calls?${query}`);
+  if (request !== callLogRequest) return;
   if (result.status !== 200) {
     consoleProblem(`Call log: ${apiError(result)}`);
     return;
   }
   renderCallLog(result.body.calls, t.timezone, t.currency);
-  document.getElementById("call-log").dataset.query = callQuery();  // what is shown
+  document.getElementById("call-log").dataset.query = query;  // what is shown
 }
 
 // ---- alerts and webhook deliveries (when this gateway has that API) -------------------
