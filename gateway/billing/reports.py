@@ -122,21 +122,26 @@ def account_forecast(account: str, item: str, unit: str, *, capacity: Decimal | 
         horizon=horizon, history=history, projection=projection)
 
 
-def burns_of(charges: Iterable[Mapping[str, Any]], account: str, *, country: str | None = None,
-             user_id: str | None = None, month: dt.date | None = None) -> list[fc.Burn]:
-    """The charges of one account (ledger rows) as burns: seconds for a pool or an
-    add-on, money for the wallet (its charges are negative balance deltas)."""
-    out = []
+def burns_by_account(charges: Iterable[Mapping[str, Any]]
+                     ) -> dict[tuple[str, str | None], list[tuple[dt.date | None, fc.Burn]]]:
+    """The charges (ledger rows) as burns, grouped by account: ``("pool", country)``,
+    ``("addon", user_id)``, ``("wallet", None)``; each with the month it was charged to.
+    Seconds for a pool or an add-on, money for the wallet (its charges are negative
+    balance deltas)."""
+    out: dict[tuple[str, str | None], list[tuple[dt.date | None, fc.Burn]]] = {}
     for c in charges:
-        if c["account"] != account or (month is not None and c["month"] != month):
-            continue
-        if country is not None and c["country"] != country:
-            continue
-        if user_id is not None and c["user_id"] != user_id:
-            continue
+        account = c["account"]
+        key = {"pool": c["country"], "addon": c["user_id"]}.get(account)
         amount = -c["d_balance"] if account == "wallet" else Decimal(c["d_used_seconds"])
-        out.append(fc.Burn(c["at"], amount))
+        out.setdefault((account, key), []).append((c["month"], fc.Burn(c["at"], amount)))
     return out
+
+
+def burns_of(grouped: Mapping[tuple[str, str | None], list[tuple[dt.date | None, fc.Burn]]],
+             account: str, key: str | None = None, *, month: dt.date | None = None
+             ) -> list[fc.Burn]:
+    """One account's burns (of one month, when given)."""
+    return [b for m, b in grouped.get((account, key), []) if month is None or m == month]
 
 
 # ---- the month export ------------------------------------------------------------------------

@@ -370,7 +370,7 @@ class Views:
         month_start, month_end = reports.month_bounds(month, tz)
         usage = await self.usage(tenant_id, month)
         since = min(month_start, now - reports.fc.HISTORY)
-        charges = await self._repo.charges_since(tenant_id, since)
+        charges = reports.burns_by_account(await self._repo.charges_since(tenant_id, since))
         first = await self._repo.first_movement(tenant_id)
         created = min(tenant.created_at, first) if first else tenant.created_at
         common = dict(created_at=created, now=now, month_start=month_start,
@@ -382,9 +382,8 @@ class Views:
                 used=Decimal(p.used_seconds), reserved=Decimal(p.reserved_seconds),
                 remaining=Decimal(max(p.capacity_seconds - p.used_seconds
                                       - p.reserved_seconds, 0)),
-                burns=reports.burns_of(charges, "pool", country=p.country),
-                month_burns=reports.burns_of(charges, "pool", country=p.country,
-                                             month=month),
+                burns=reports.burns_of(charges, "pool", p.country),
+                month_burns=reports.burns_of(charges, "pool", p.country, month=month),
                 horizon=month_end, **common))
         for a in usage.international_addon:
             accounts.append(reports.account_forecast(
@@ -392,9 +391,8 @@ class Views:
                 used=Decimal(a.used_seconds), reserved=Decimal(a.reserved_seconds),
                 remaining=Decimal(max(a.capacity_seconds - a.used_seconds
                                       - a.reserved_seconds, 0)),
-                burns=reports.burns_of(charges, "addon", user_id=a.user_id),
-                month_burns=reports.burns_of(charges, "addon", user_id=a.user_id,
-                                             month=month),
+                burns=reports.burns_of(charges, "addon", a.user_id),
+                month_burns=reports.burns_of(charges, "addon", a.user_id, month=month),
                 horizon=month_end, **common))
         wallet_month = reports.burns_of(charges, "wallet", month=month)
         accounts.append(reports.account_forecast(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 from collections.abc import Iterable
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -97,6 +98,15 @@ def _hours(delta: dt.timedelta) -> Decimal:
     return Decimal(int(delta.total_seconds() * 1_000_000)) / 3_600_000_000
 
 
+@functools.lru_cache(maxsize=6)
+def _walk(start: dt.datetime, end: dt.datetime, tz: ZoneInfo
+          ) -> tuple[tuple[dt.datetime, Decimal, int], ...]:
+    """The pieces of [start, end): each one's start, length in hours and hour of the week.
+    The last few are kept for the next account of the same tenant: they share now, the
+    month's end and the history's start (a year's walk is about 2 MB)."""
+    return tuple((a, _hours(b - a), slot_of(a, tz)) for a, b in _segments(start, end))
+
+
 def burn_rate(burns: Iterable[Burn], *, start: dt.datetime, now: dt.datetime,
               tz: ZoneInfo) -> BurnRate:
     """The burn rate from the charges in [max(start, now - HISTORY), now); ``start`` is
@@ -118,8 +128,8 @@ def burn_rate(burns: Iterable[Burn], *, start: dt.datetime, now: dt.datetime,
     if history < PROFILE_MIN:
         return BurnRate("flat", history, (flat,) * WEEK_HOURS)
     exposure = [ZERO] * WEEK_HOURS
-    for a, b in _segments(start, now):
-        exposure[slot_of(a, tz)] += _hours(b - a)
+    for _, hours, slot in _walk(start, now, tz):
+        exposure[slot] += hours
     # a slot the history never covered (a skipped daylight-saving hour) takes the flat rate
     per_hour = tuple(by_slot[s] / exposure[s] if exposure[s] > 0 else flat
                      for s in range(WEEK_HOURS))
@@ -132,9 +142,9 @@ def run_out(rate: BurnRate, remaining: Decimal, *, now: dt.datetime, horizon: dt
     if remaining <= 0:
         return now
     left = remaining
-    for a, b in _segments(now, horizon):
-        per_hour = rate.per_hour[slot_of(a, tz)]
-        use = per_hour * _hours(b - a)
+    for a, hours, slot in _walk(now, horizon, tz):
+        per_hour = rate.per_hour[slot]
+        use = per_hour * hours
         if use >= left:
             seconds = left / per_hour * 3600
             return a + dt.timedelta(seconds=float(seconds))
@@ -145,8 +155,8 @@ def run_out(rate: BurnRate, remaining: Decimal, *, now: dt.datetime, horizon: dt
 def expected_use(rate: BurnRate, *, now: dt.datetime, until: dt.datetime,
                  tz: ZoneInfo) -> Decimal:
     """What ``rate`` spends between ``now`` and ``until``."""
-    return sum((rate.per_hour[slot_of(a, tz)] * _hours(b - a)
-                for a, b in _segments(now, until)), ZERO)
+    return sum((rate.per_hour[slot] * hours for _, hours, slot in _walk(now, until, tz)),
+               ZERO)
 
 
 def outlook(burns: Iterable[Burn], remaining: Decimal, *, start: dt.datetime,
@@ -176,10 +186,13 @@ def projection(rate: BurnRate, start_value: Decimal, *, now: dt.datetime,
                until: dt.datetime, tz: ZoneInfo) -> list[tuple[dt.datetime, Decimal]]:
     """The expected cumulative use at each local day's end from ``now`` to ``until``,
     starting from ``start_value`` (what is used or held now)."""
+    ends = day_ends(now, until, tz)
     points = [(now, start_value)]
-    value, at = start_value, now
-    for end in day_ends(now, until, tz):
-        value += expected_use(rate, now=at, until=end, tz=tz)
-        points.append((end, value))
-        at = end
+    value, i = start_value, 0
+    for a, hours, slot in _walk(now, until, tz):
+        while a >= ends[i]:
+            points.append((ends[i], value))
+            i += 1
+        value += rate.per_hour[slot] * hours
+    points.extend((end, value) for end in ends[i:])
     return points
