@@ -13,6 +13,7 @@ Screenshots are kept in ``test-output/console-page/`` at the top of the checkout
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import pathlib
@@ -230,6 +231,21 @@ async def test_operator_console(admin, rater, clock, views, database_url, tmp_pa
         assert seen.get(bytes((0x2F, 0x6F, 0xDE)), 0) >= 30, "no used line"
         assert seen.get(bytes((0xA3, 0x5F, 0x00)), 0) >= 30, "no forecast line"
         assert png_rows(full)[1] > 900  # the whole page is taller than the window
+
+        # ---- the month's export, downloaded from the button
+        downloads = tmp_path / "downloads"
+        await page.send("Page.setDownloadBehavior", behavior="allow",
+                        downloadPath=str(downloads))
+        await page.evaluate("document.getElementById('export-csv').click()")
+        saved = downloads / f"{TENANT}-export.csv"
+        for _ in range(100):
+            if saved.exists() and saved.stat().st_size:
+                break
+            await asyncio.sleep(0.1)
+        exported = saved.read_text().splitlines()
+        assert exported[0].startswith("record,call_id,")
+        assert sum(1 for line in exported if line.startswith("call,")) == len(
+            (await views.month_export(TENANT, dt.date(2026, 11, 1))).calls)
 
         # ---- accessibility: labels, names, contrast
         audit = await page.evaluate(AUDIT)
