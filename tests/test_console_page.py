@@ -24,9 +24,9 @@ import pytest
 from gateway.http.openapi import document
 from tests.support.browser import headless_page
 from tests.support.gateway import READ, running_gateway
+from tests.support.png import colours, png_rows
 from tests.support.tenant import TENANT
 from tests.support.traffic import month_of_traffic
-from tests.test_web_page import colours, png_rows
 
 pytestmark = pytest.mark.db
 

@@ -247,7 +247,14 @@ async function apiPaths() {
 }
 
 function firstOf(obj, names) {
-  for (const n of names) if (obj[n] !== undefined && obj[n] !== null) return obj[n];
+  for (const n of names) {
+    const v = obj[n];
+    if (v === undefined || v === null) continue;
+    if (typeof v === "object") {  // details: "key value, key value"
+      return Object.entries(v).map(([k, x]) => `${k.replace(/_/g, " ")} ${x}`).join(", ");
+    }
+    return v;
+  }
   return "";
 }
 
@@ -293,8 +300,9 @@ async function loadAlertsAndDeliveries(t) {
   await renderOptionalPanel(document.getElementById("alerts"), `/tenants/${id}/alerts`,
     ["alerts", "items"], [["Raised", ["raised_at", "created_at", "at"], "time"],
                           ["Alert", ["kind", "type", "event"]],
+                          ["About", ["subject"]],
                           ["State", ["state", "status"]],
-                          ["Details", ["message", "summary", "detail"]]],
+                          ["Details", ["message", "summary", "details"]]],
     (a) => !["cleared", "resolved"].includes(a.state || a.status), t.timezone);
   await renderOptionalPanel(document.getElementById("deliveries"),
     `/webhook-deliveries?tenant_id=${id}`,
@@ -302,6 +310,7 @@ async function loadAlertsAndDeliveries(t) {
                               ["Event", ["event_type", "event", "kind"]],
                               ["State", ["state", "status"]],
                               ["Attempts", ["attempts", "attempt"]],
+                              ["Next attempt", ["next_attempt_at"], "time"],
                               ["Last error", ["last_error", "error"]]],
     () => true, t.timezone);
 }
