@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from ..errors import NotFound
 from ..rating import rules
+from ..rating.forecast import HISTORY
 from ..store.repository import Repository
 from . import reports
 from .rater import Clock, utcnow
@@ -369,7 +370,7 @@ class Views:
         month = rules.month_of(now, tenant.timezone)
         month_start, month_end = reports.month_bounds(month, tz)
         usage = await self.usage(tenant_id, month)
-        since = min(month_start, now - reports.fc.HISTORY)
+        since = min(month_start, now - HISTORY)
         charges = reports.burns_by_account(await self._repo.charges_since(tenant_id, since))
         first = await self._repo.first_movement(tenant_id)
         created = min(tenant.created_at, first) if first else tenant.created_at
