@@ -268,9 +268,9 @@ function notAvailable(box, text) {
   box.dataset.state = "unavailable";
 }
 
-async function renderOptionalPanel(box, path, listNames, columns, keep, tz) {
+async function renderOptionalPanel(box, template, path, listNames, columns, keep, tz) {
+  // ``template``: the path as the API document names it; ``path``: what is asked
   const paths = await apiPaths();
-  const template = path.replace(/\?.*$/, "").replace(encodeURIComponent(consoleState.tenant.tenant_id), "{tenant_id}");
   if (!paths.includes(template)) {
     notAvailable(box, "Not available: this gateway has no such API yet.");
     return;
@@ -297,14 +297,15 @@ async function renderOptionalPanel(box, path, listNames, columns, keep, tz) {
 
 async function loadAlertsAndDeliveries(t) {
   const id = encodeURIComponent(t.tenant_id);
-  await renderOptionalPanel(document.getElementById("alerts"), `/tenants/${id}/alerts`,
+  await renderOptionalPanel(document.getElementById("alerts"), "/tenants/{tenant_id}/alerts",
+    `/tenants/${id}/alerts`,
     ["alerts", "items"], [["Raised", ["raised_at", "created_at", "at"], "time"],
                           ["Alert", ["kind", "type", "event"]],
                           ["About", ["subject"]],
                           ["State", ["state", "status"]],
                           ["Details", ["message", "summary", "details"]]],
     (a) => !["cleared", "resolved"].includes(a.state || a.status), t.timezone);
-  await renderOptionalPanel(document.getElementById("deliveries"),
+  await renderOptionalPanel(document.getElementById("deliveries"), "/webhook-deliveries",
     `/webhook-deliveries?tenant_id=${id}`,
     ["deliveries", "items"], [["Created", ["created_at", "at"], "time"],
                               ["Event", ["event_type", "event", "kind"]],
