@@ -23,7 +23,7 @@ import pytest
 
 from gateway.http.openapi import document
 from tests.support.browser import headless_page
-from tests.support.gateway import READ, running_gateway
+from tests.support.gateway import ADMIN, READ, running_gateway
 from tests.support.png import colours, png_rows
 from tests.support.tenant import TENANT
 from tests.support.traffic import month_of_traffic
@@ -292,5 +292,12 @@ async def test_operator_console(admin, rater, clock, views, database_url, tmp_pa
                             " === callQuery()")
         assert await page.evaluate("""[...document.querySelectorAll('#call-log tbody tr')]
           .map((r) => r.dataset.loggedCall)""") == [str(c.id) for c in alice_rejected]
+        # with the alerts API on this gateway, the admin token shows its panels
+        if "/tenants/{tenant_id}/alerts" in paths and "/webhook-deliveries" in paths:
+            await page.goto(f"{base}/?token={ADMIN}#tenant={TENANT}")
+            await page.wait_for("document.querySelector('#alerts').dataset.state"
+                                " && document.querySelector('#deliveries').dataset.state")
+            assert await page.evaluate("""['alerts', 'deliveries'].map(
+              (id) => document.getElementById(id).dataset.state)""") == ["ok", "ok"]
         assert not [m for m in page.console if m.startswith(("exception", "error"))], \
             page.console
