@@ -23,7 +23,7 @@ import pytest
 
 from gateway.http.openapi import document
 from tests.support.browser import headless_page
-from tests.support.gateway import ADMIN, READ, running_gateway
+from tests.support.gateway import READ, running_gateway
 from tests.support.png import colours, png_rows
 from tests.support.tenant import TENANT
 from tests.support.traffic import month_of_traffic
@@ -98,7 +98,8 @@ AUDIT = r"""
 """
 
 FOCUSED = """(() => { const e = document.activeElement;
-  return { id: e.id || e.textContent.trim(), tag: e.tagName,
+  const region = e.tagName === "ARTICLE" ? e.getAttribute("aria-labelledby") : null;
+  return { id: region ? `region:${region}` : e.id || e.textContent.trim(), tag: e.tagName,
            outline: getComputedStyle(e).outlineStyle,
            outlineWidth: getComputedStyle(e).outlineWidth }; })()"""
 
@@ -210,8 +211,8 @@ async def test_operator_console(admin, rater, clock, views, database_url, tmp_pa
                                                 "/webhook-deliveries"), strict=True):
             if path not in paths:
                 assert state == "unavailable" and "no such API" in text
-            else:
-                assert state in ("ok", "unavailable") and "no such API" not in text
+            else:  # read with the read token, like the rest of the console
+                assert state == "ok", text
 
         # ---- screenshots: the whole page and the console, with the chart's colours
         await page.evaluate("document.getElementById('call-filters').reset()")
@@ -255,17 +256,23 @@ async def test_operator_console(admin, rater, clock, views, database_url, tmp_pa
         # ---- the keyboard: focus order, visible focus, the skip link, a filter applied
         await page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
         order = []
-        for _ in range(16):
+        for _ in range(30):  # up to the console's last control
             await page.press("Tab", 9)
             focused = await page.evaluate(FOCUSED)
             assert focused["outline"] != "none" and focused["outlineWidth"] != "0px", focused
             if not order or order[-1] != focused["id"]:
                 order.append(focused["id"])  # a date field takes a Tab per part
+            if focused["id"] == "Clear":
+                break
         # the skip link, then the console's controls in reading order (a date field takes
-        # four Tabs: day, month, year and its picker)
-        assert order == ["Skip to the tenant console", "tenant-select", "export-csv",
-                         "filter-user", "filter-direction", "filter-decision", "filter-from",
-                         "filter-to", "Apply", "Clear"], order
+        # four Tabs: day, month, year and its picker); a panel whose content is wider
+        # than it scrolls, which Chromium lets the keyboard reach, is a named region
+        controls = [o for o in order if not o.startswith("region:")]
+        assert controls == ["Skip to the tenant console", "tenant-select", "export-csv",
+                            "filter-user", "filter-direction", "filter-decision",
+                            "filter-from", "filter-to", "Apply", "Clear"], order
+        assert all(o[len("region:"):].endswith("-title") for o in order
+                   if o.startswith("region:")), order
         # a fresh page: the first Tab reaches the skip link, Enter takes focus to the console
         await page.evaluate("window.previous = true")
         await page.send("Page.reload")
@@ -292,12 +299,5 @@ async def test_operator_console(admin, rater, clock, views, database_url, tmp_pa
                             " === callQuery()")
         assert await page.evaluate("""[...document.querySelectorAll('#call-log tbody tr')]
           .map((r) => r.dataset.loggedCall)""") == [str(c.id) for c in alice_rejected]
-        # with the alerts API on this gateway, the admin token shows its panels
-        if "/tenants/{tenant_id}/alerts" in paths and "/webhook-deliveries" in paths:
-            await page.goto(f"{base}/?token={ADMIN}#tenant={TENANT}")
-            await page.wait_for("document.querySelector('#alerts').dataset.state"
-                                " && document.querySelector('#deliveries').dataset.state")
-            assert await page.evaluate("""['alerts', 'deliveries'].map(
-              (id) => document.getElementById(id).dataset.state)""") == ["ok", "ok"]
         assert not [m for m in page.console if m.startswith(("exception", "error"))], \
             page.console

@@ -470,7 +470,7 @@ async def list_alerts(request: web.Request) -> web.Response:
 
 
 @operation("A tenant's alerts, newest first", "alerts", returns=a.AlertList,
-           query=("alert_state", "limit"), errors=(404,))
+           query=("alert_state", "limit"), errors=(404,), read=True)
 async def list_tenant_alerts(request: web.Request) -> web.Response:
     tenant_id = await _known_tenant(request, request.match_info["tenant_id"])
     alerts = await _alerts(request).list(tenant_id, request.query.get("state"),
@@ -559,7 +559,8 @@ async def delete_webhook(request: web.Request) -> web.Response:
 
 
 @operation("Webhook deliveries, newest first", "webhooks", returns=a.DeliveryList,
-           query=("webhook_id", "tenant_id", "delivery_state", "limit"), errors=(404,))
+           query=("webhook_id", "tenant_id", "delivery_state", "limit"), errors=(404,),
+           read=True)
 async def list_deliveries(request: web.Request) -> web.Response:
     webhook = request.query.get("webhook_id")
     deliveries = await _alerts(request).deliveries(
