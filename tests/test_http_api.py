@@ -67,7 +67,9 @@ def _concrete(path: str) -> str:
 async def test_every_admin_route_refuses_a_missing_or_wrong_token(client, acme, db_pool,
                                                                   token):
     before = await dump_tables(db_pool)
-    for method, path, _ in api.ROUTES:
+    for method, path, handler in api.ROUTES:
+        if token == READ and handler.operation.read:
+            continue  # reads take the read token (test_reports, test_web_page)
         r = await client(method, api.PREFIX + _concrete(path), {"quantity": 1}, token=token)
         assert r.status == 401, (method, path, r.body)
         assert r.error["code"] == "UNAUTHORIZED"

@@ -54,6 +54,13 @@ USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"
 ENDPOINT_PATTERN = r"^[A-Za-z0-9_.-]{1,80}$"
 EXTENSION_PATTERN = r"^[0-9]{2,8}$"
 CURRENCY_PATTERN = r"^[A-Z]{3}$"
+#: A day from 2000-01-01 to 9999-12-31 that exists (leap years included), so that a day
+#: the pattern allows is never refused.
+DATE_PATTERN = (
+    r"^(?:[2-9][0-9]{3}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])"
+    r"|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+    r"|(?:[2-9][0-9](?:0[48]|[2468][048]|[13579][26])|(?:[2468][048]|[3579][26])00)"
+    r"-02-29)$")
 MONTH_PATTERN = r"^(?:20[0-9]{2}|2[1-9][0-9]{2}|[3-9][0-9]{3})-(?:0[1-9]|1[0-2])$"
 SKUS = ["business_voice", "business_voice_calling_plan", "international_calling_plan"]
 BLOCKABLE_CLASSES = ["domestic", "international", "premium_rate", "toll_free"]
@@ -469,6 +476,17 @@ def ref(model: type, components: dict[str, Any]) -> dict[str, str]:
 
 
 _MONTH = re.compile(r"^([0-9]{4})-([0-9]{2})$")
+
+
+def parse_day(value: str, field: str) -> dt.date:
+    """YYYY-MM-DD -> that day (a query's day filter)."""
+    try:
+        if not re.fullmatch(DATE_PATTERN, value):
+            raise ValueError(value)
+        return dt.date.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidInput(f"{field} must be a day like 2026-11-05", code="INVALID_DATE",
+                           field=field) from exc
 
 
 def parse_month(value: str | None) -> dt.date | None:

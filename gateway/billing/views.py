@@ -13,10 +13,13 @@ import datetime as dt
 import uuid
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from ..errors import NotFound
 from ..rating import rules
+from ..rating.forecast import HISTORY
 from ..store.repository import Repository
+from . import reports
 from .rater import Clock, utcnow
 
 # ---- tenants, users, numbers -----------------------------------------------------------
@@ -335,10 +338,86 @@ class Views:
                      international_addon=addons, wallet=await self._wallet(tenant_id, month),
                      calls=totals)
 
-    async def calls(self, tenant_id: str, month: dt.date | None, limit: int) -> list[Call]:
-        """A tenant's calls, newest first, of one month or of all time."""
-        await self.tenant(tenant_id)
-        return [_pick(Call, r) for r in await self._repo.list_calls(tenant_id, month, limit)]
+    async def calls(self, tenant_id: str, month: dt.date | None, limit: int, *,
+                    user_id: str | None = None, direction: str | None = None,
+                    decision: str | None = None, first_day: dt.date | None = None,
+                    last_day: dt.date | None = None) -> list[Call]:
+        """A tenant's calls, newest first, of one month or of all time; optionally only
+        one user's, one direction, one decision, or those authorised from ``first_day``
+        to ``last_day`` (inclusive, in the tenant's timezone)."""
+        tenant = await self.tenant(tenant_id)
+        tz = ZoneInfo(tenant.timezone)
+
+        def midnight(day: dt.date) -> dt.datetime:
+            return dt.datetime.combine(day, dt.time(), tzinfo=tz).astimezone(dt.UTC)
+
+        since = midnight(first_day) if first_day else None
+        before = (midnight(last_day + dt.timedelta(days=1))
+                  if last_day and last_day < dt.date.max else None)
+        rows = await self._repo.list_calls(tenant_id, month, limit, user_id=user_id,
+                                           direction=direction, decision=decision,
+                                           since=since, before=before)
+        return [_pick(Call, r) for r in rows]
+
+    # ---- forecast and month export --------------------------------------------------------
+
+    async def forecast(self, tenant_id: str) -> reports.Forecast:
+        """Each pool, add-on and the wallet of the current month, and when each runs out
+        at the recent burn rate (docs/billing.md, "Forecast")."""
+        tenant = await self.tenant(tenant_id)
+        tz = ZoneInfo(tenant.timezone)
+        now = self.clock()
+        month = rules.month_of(now, tenant.timezone)
+        month_start, month_end = reports.month_bounds(month, tz)
+        usage = await self.usage(tenant_id, month)
+        since = min(month_start, now - HISTORY)
+        charges = reports.burns_by_account(await self._repo.charges_since(tenant_id, since))
+        first = await self._repo.first_movement(tenant_id)
+        created = min(tenant.created_at, first) if first else tenant.created_at
+        common = dict(created_at=created, now=now, month_start=month_start,
+                      month_end=month_end, tz=tz)
+        accounts = []
+        for p in usage.pools:
+            accounts.append(reports.account_forecast(
+                "pool", p.country, "seconds", capacity=Decimal(p.capacity_seconds),
+                used=Decimal(p.used_seconds), reserved=Decimal(p.reserved_seconds),
+                remaining=Decimal(max(p.capacity_seconds - p.used_seconds
+                                      - p.reserved_seconds, 0)),
+                burns=reports.burns_of(charges, "pool", p.country),
+                month_burns=reports.burns_of(charges, "pool", p.country, month=month),
+                horizon=month_end, **common))
+        for a in usage.international_addon:
+            accounts.append(reports.account_forecast(
+                "addon", a.user_id, "seconds", capacity=Decimal(a.capacity_seconds),
+                used=Decimal(a.used_seconds), reserved=Decimal(a.reserved_seconds),
+                remaining=Decimal(max(a.capacity_seconds - a.used_seconds
+                                      - a.reserved_seconds, 0)),
+                burns=reports.burns_of(charges, "addon", a.user_id),
+                month_burns=reports.burns_of(charges, "addon", a.user_id, month=month),
+                horizon=month_end, **common))
+        wallet_month = reports.burns_of(charges, "wallet", month=month)
+        accounts.append(reports.account_forecast(
+            "wallet", tenant.currency, "money", capacity=None,
+            used=sum((b.amount for b in wallet_month), Decimal(0)),
+            reserved=usage.wallet.reserved, remaining=max(usage.wallet.available, Decimal(0)),
+            burns=reports.burns_of(charges, "wallet"), month_burns=wallet_month,
+            horizon=now + reports.WALLET_HORIZON, **common))
+        return reports.Forecast(tenant_id=tenant_id, currency=tenant.currency,
+                                timezone=tenant.timezone, month=month, generated_at=now,
+                                accounts=accounts)
+
+    async def month_export(self, tenant_id: str, month: dt.date | None = None
+                           ) -> reports.MonthExport:
+        """A tenant's month (its current one by default): each call with its rated cost
+        and funding sources, totals per user, pool, add-on and for the wallet."""
+        tenant = await self.tenant(tenant_id)
+        month = await self._month(tenant, month)
+        start, end = reports.month_bounds(month, ZoneInfo(tenant.timezone))
+        calls, wallet = await self._repo.month_export(tenant_id, month, start, end)
+        return reports.build_export(
+            tenant_id=tenant_id, name=tenant.name, currency=tenant.currency,
+            timezone=tenant.timezone, month=month, now=self.clock(), calls=calls,
+            wallet=wallet)
 
 
 def as_dict(view: Any) -> dict[str, Any]:

@@ -5,7 +5,12 @@
     gateway topup TENANT AMOUNT [--note TEXT]
     gateway import-rates FILE.csv [--tenant TENANT]
     gateway usage TENANT [--month YYYY-MM] [--csv]
-    gateway calls TENANT [--month YYYY-MM] [--limit N] [--csv]
+    gateway calls TENANT [--month YYYY-MM] [--limit N] [--csv] [--user USER]
+                 [--direction inbound|outbound] [--decision ALLOW|REJECT]
+                 [--from YYYY-MM-DD] [--to YYYY-MM-DD]
+    gateway forecast TENANT [--json]         when pools, add-ons and wallet run out
+    gateway export TENANT [--month YYYY-MM] [--json] [--output FILE]
+                                             a month's calls and totals (CSV or JSON)
     gateway live                             live calls of the running gateway (GET /status)
     gateway alerts [TENANT] [--state S] [--limit N] [--csv]
     gateway alert-ack ID [--note TEXT]       acknowledge an alert (seen)
@@ -40,7 +45,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from ..app import open_billing
-from ..billing import schemas
+from ..billing import reports, schemas
 from ..billing.provisioning_file import apply_provision_file, check_provision_file
 from ..billing.views import as_dict
 from ..config import Config, ConfigError, load
@@ -138,7 +143,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--month")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--csv", action="store_true")
+    p.add_argument("--user")
+    p.add_argument("--direction", choices=["inbound", "outbound"])
+    p.add_argument("--decision", choices=["ALLOW", "REJECT"])
+    p.add_argument("--from", dest="first_day")
+    p.add_argument("--to", dest="last_day")
     p.set_defaults(handler=_calls)
+    p = sub.add_parser("forecast", add_help=False)
+    p.add_argument("tenant")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_forecast)
+    p = sub.add_parser("export", add_help=False)
+    p.add_argument("tenant")
+    p.add_argument("--month")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--output")
+    p.set_defaults(handler=_export)
     p = sub.add_parser("live", add_help=False)
     p.set_defaults(handler=_live)
     p = sub.add_parser("alerts", add_help=False)
@@ -190,6 +210,13 @@ def _read(path: str, what: str) -> str:
         raise CliError(f"{what} {path}: {exc}", code="FILE_UNREADABLE") from exc
 
 
+def _write(path: str, text: str, what: str) -> None:
+    try:
+        pathlib.Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"{what} {path}: {exc}", code="FILE_UNWRITABLE") from exc
+
+
 def _month(value: str | None) -> dt.date | None:
     return schemas.parse_month(value)
 
@@ -230,8 +257,12 @@ async def _calls(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
     if not 1 <= args.limit <= 100_000:
         raise InvalidInput("--limit must be from 1 to 100000", code="INVALID_LIMIT",
                            field="limit")
+    first = schemas.parse_day(args.first_day, "from") if args.first_day else None
+    last = schemas.parse_day(args.last_day, "to") if args.last_day else None
     async with open_billing(cfg) as billing:
-        rows = [as_dict(c) for c in await billing.views.calls(args.tenant, month, args.limit)]
+        rows = [as_dict(c) for c in await billing.views.calls(
+            args.tenant, month, args.limit, user_id=args.user, direction=args.direction,
+            decision=args.decision, first_day=first, last_day=last)]
     if args.csv:
         columns = ["id", "authorised_at", "direction", "user_id", "caller", "destination",
                    "number_class", "decision", "reason", "route", "state", "answered_at",
@@ -254,6 +285,28 @@ async def _calls(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
           r["state"], render.duration(r["billed_seconds"]),
           render.money(r["charged_amount"]) if r["charged_amount"] is not None else ""]
          for r in rows]), file=out)
+
+
+async def _forecast(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
+    async with open_billing(cfg) as billing:
+        forecast = await billing.views.forecast(args.tenant)
+    if args.json:
+        out.write(reports.to_json(forecast))
+    else:
+        render.forecast_table(forecast, out)
+
+
+async def _export(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:
+    month = _month(args.month)
+    async with open_billing(cfg) as billing:
+        export = await billing.views.month_export(args.tenant, month)
+    text = reports.to_json(export) if args.json else reports.export_csv(export)
+    if args.output is None:
+        out.write(text)
+        return
+    _write(args.output, text, "export")
+    print(f"{args.tenant} {export.month.isoformat()[:7]}: {len(export.calls)} calls written "
+          f"to {args.output}", file=out)
 
 
 async def _live(cfg: Config, args: argparse.Namespace, out: TextIO) -> None:

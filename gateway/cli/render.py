@@ -8,6 +8,7 @@ import datetime as dt
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any, TextIO
+from zoneinfo import ZoneInfo
 
 
 def money(value: Decimal | None) -> str:
@@ -119,3 +120,28 @@ def csv_cell(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "+".join(str(v) for v in value)
     return str(value)
+
+
+def forecast_table(f: Any, out: TextIO) -> None:
+    """A tenant's forecast as text: one row per pool, add-on and the wallet."""
+    print(f"{f.tenant_id} - {f.month.isoformat()[:7]} - {f.currency}, {f.timezone}; "
+          "burn rate by hour of week over the last 4 weeks (flat below a week)", file=out)
+
+    def amount(a: Any, value: Decimal | None) -> str:
+        if value is None:
+            return ""
+        return f"{(value / 60).quantize(Decimal('0.01'))} min" if a.unit == "seconds" \
+            else f"{money(value)} {f.currency}"
+
+    def outlook(a: Any) -> str:
+        if a.status == "runs_out":
+            return f"runs out {a.runs_out_on.isoformat()} " \
+                   f"{a.runs_out_at.astimezone(ZoneInfo(f.timezone)).strftime('%H:%M')}"
+        return {"lasts": "lasts the month" if a.account != "wallet" else "lasts a year",
+                "no_recent_use": "no recent use", "exhausted": "used up"}[a.status]
+
+    print(table(["account", "item", "capacity", "used", "reserved", "left", "per day",
+                 "basis", "outlook"],
+                [[a.account, a.item, amount(a, a.capacity), amount(a, a.used),
+                  amount(a, a.reserved), amount(a, a.remaining), amount(a, a.burn_per_day),
+                  a.basis, outlook(a)] for a in f.accounts]), file=out)

@@ -22,10 +22,11 @@ import structlog
 from aiohttp import web
 
 from ..billing import alerts as a
+from ..billing import reports as r
 from ..billing import schemas as s
 from ..billing import views as v
 from ..errors import InvalidInput, Unavailable
-from .auth import require_admin
+from .auth import require_admin, require_api_read
 from .bodies import json_response, read_json
 from .keys import GATEWAY
 
@@ -50,6 +51,10 @@ class Operation:
     query: tuple[str, ...] = ()  # names in QUERY
     #: the error statuses besides 401 and 503; 404 and 409 where they depend on state
     errors: tuple[int, ...] = (404, 422)
+    #: a read: the read token is enough (the operator page's per-tenant view uses these)
+    read: bool = False
+    #: the media type of the answer (``returns`` None with text/csv: a CSV file)
+    media: str = "application/json"
 
 
 def operation(summary: str, tag: str, **kw: Any) -> Callable[[Handler], Handler]:
@@ -88,6 +93,14 @@ QUERY: dict[str, dict[str, Any]] = {
                        "pattern": "^(?:{0})(?:,(?:{0}))*$".format("|".join(a.DELIVERY_STATES)),
                        "description": "comma-separated states; absent: any"},
     "webhook_id": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+    "user_id": {"type": "string", "pattern": s.USER_ID_PATTERN,
+                "description": "only this user's calls"},
+    "direction": {"type": "string", "enum": ["inbound", "outbound"]},
+    "decision": {"type": "string", "enum": ["ALLOW", "REJECT"]},
+    "from": {"type": "string", "format": "date", "pattern": s.DATE_PATTERN,
+             "description": "calls authorised on or after this day (tenant's timezone)"},
+    "to": {"type": "string", "format": "date", "pattern": s.DATE_PATTERN,
+           "description": "calls authorised on or before this day (tenant's timezone)"},
 }
 
 
@@ -126,6 +139,25 @@ def _limit(value: str | None, default: int = 100) -> int:
         raise InvalidInput(f"limit must be a whole number from 1 to {MAX_CALLS}",
                            code="INVALID_LIMIT", field="limit")
     return int(value)
+
+
+def _choice(request: web.Request, name: str) -> str | None:
+    """An optional query value that must be one of QUERY[name]'s values."""
+    value = request.query.get(name)
+    if value is None:
+        return None
+    allowed = QUERY[name]["enum"]
+    if value not in allowed:
+        raise InvalidInput(f"{name} must be one of {', '.join(allowed)}",
+                           code="INVALID_" + name.upper(), field=name)
+    return value
+
+
+def _day(request: web.Request, name: str) -> dt.date | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    return s.parse_day(value, name)
 
 
 def _tenant_query(request: web.Request) -> str | None:
@@ -204,7 +236,7 @@ async def create_user(request: web.Request) -> web.Response:
 
 
 @operation("List a tenant's users with their licences", "users", returns=s.UserList,
-           errors=(404,))
+           errors=(404,), read=True)
 async def list_users(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
     return json_response(s.UserList(tenant_id, await _views(request).users(tenant_id)))
@@ -363,24 +395,34 @@ async def put_auto_recharge(request: web.Request) -> web.Response:
 
 
 @operation("Balance, reserved, available, auto-recharge and recent entries", "wallet",
-           returns=v.WalletView, errors=(404,))
+           returns=v.WalletView, errors=(404,), read=True)
 async def get_wallet(request: web.Request) -> web.Response:
     return json_response(await _views(request).wallet(request.match_info["tenant_id"]))
 
 
 @operation("Pools, add-on minutes, wallet and call totals of a month", "usage",
-           returns=v.Usage, query=("month",))
+           returns=v.Usage, query=("month",), read=True)
 async def get_usage(request: web.Request) -> web.Response:
     month = _query_month(request)
     return json_response(await _views(request).usage(request.match_info["tenant_id"], month))
 
 
-@operation("Calls, newest first", "usage", returns=s.CallList, query=("month", "limit"))
+@operation("Calls, newest first; filtered by user, direction, decision and days (from and "
+           "to, inclusive, in the tenant's timezone)", "usage", returns=s.CallList,
+           query=("month", "limit", "user_id", "direction", "decision", "from", "to"),
+           read=True)
 async def list_calls(request: web.Request) -> web.Response:
     tenant_id = request.match_info["tenant_id"]
     month = _query_month(request)
     limit = _limit(request.query.get("limit"))
-    calls = await _views(request).calls(tenant_id, month, limit)
+    user_id = request.query.get("user_id")
+    if user_id == "":
+        raise InvalidInput("user_id must not be empty; leave it out for every user",
+                           code="INVALID_ID", field="user_id")
+    calls = await _views(request).calls(
+        tenant_id, month, limit, user_id=user_id, direction=_choice(request, "direction"),
+        decision=_choice(request, "decision"), first_day=_day(request, "from"),
+        last_day=_day(request, "to"))
     return json_response(s.CallList(tenant_id, month.isoformat()[:7] if month else None,
                                     calls))
 
@@ -428,7 +470,7 @@ async def list_alerts(request: web.Request) -> web.Response:
 
 
 @operation("A tenant's alerts, newest first", "alerts", returns=a.AlertList,
-           query=("alert_state", "limit"), errors=(404,))
+           query=("alert_state", "limit"), errors=(404,), read=True)
 async def list_tenant_alerts(request: web.Request) -> web.Response:
     tenant_id = await _known_tenant(request, request.match_info["tenant_id"])
     alerts = await _alerts(request).list(tenant_id, request.query.get("state"),
@@ -517,7 +559,8 @@ async def delete_webhook(request: web.Request) -> web.Response:
 
 
 @operation("Webhook deliveries, newest first", "webhooks", returns=a.DeliveryList,
-           query=("webhook_id", "tenant_id", "delivery_state", "limit"), errors=(404,))
+           query=("webhook_id", "tenant_id", "delivery_state", "limit"), errors=(404,),
+           read=True)
 async def list_deliveries(request: web.Request) -> web.Response:
     webhook = request.query.get("webhook_id")
     deliveries = await _alerts(request).deliveries(
@@ -539,6 +582,36 @@ async def get_delivery(request: web.Request) -> web.Response:
 async def retry_delivery(request: web.Request) -> web.Response:
     return json_response(await _alerts(request).retry_delivery(
         _uuid(request.match_info["delivery_id"])))
+
+
+# ---- forecast and month export --------------------------------------------------------
+
+
+@operation("When each pool, add-on and the wallet runs out at the recent burn rate (by "
+           "hour of week over the last four weeks; see docs/billing.md, Forecast)",
+           "reports", returns=r.Forecast, errors=(404,), read=True)
+async def get_forecast(request: web.Request) -> web.Response:
+    return json_response(await _views(request).forecast(request.match_info["tenant_id"]))
+
+
+@operation("A month's calls with their rated cost and funding, and totals per user, pool, "
+           "add-on and for the wallet", "reports", returns=r.MonthExport, query=("month",),
+           read=True)
+async def get_export(request: web.Request) -> web.Response:
+    month = _query_month(request)
+    return json_response(await _views(request).month_export(
+        request.match_info["tenant_id"], month))
+
+
+@operation("The same month export as one CSV file: a row per call (record 'call'), then "
+           "per user, pool, add-on and the wallet", "reports", query=("month",), read=True,
+           media="text/csv")
+async def get_export_csv(request: web.Request) -> web.Response:
+    tenant_id = request.match_info["tenant_id"]
+    export = await _views(request).month_export(tenant_id, _query_month(request))
+    name = f"{tenant_id}-{export.month.isoformat()[:7]}.csv"
+    return web.Response(text=r.export_csv(export), content_type="text/csv", charset="utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 # ---- registration ---------------------------------------------------------------------
@@ -585,13 +658,22 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/webhook-deliveries", list_deliveries),
     ("GET", "/webhook-deliveries/{delivery_id}", get_delivery),
     ("POST", "/webhook-deliveries/{delivery_id}/retry", retry_delivery),
+    ("GET", "/tenants/{tenant_id}/forecast", get_forecast),
+    ("GET", "/tenants/{tenant_id}/export", get_export),
+    ("GET", "/tenants/{tenant_id}/export.csv", get_export_csv),
 ]
 
 
 def _admin_only(handler: Handler) -> Handler:
+    read = handler.operation.read  # type: ignore[attr-defined]
+
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> web.StreamResponse:
-        require_admin(request, request.app[GATEWAY].config.admin_token)
+        config = request.app[GATEWAY].config
+        if read:
+            require_api_read(request, config.read_token, config.admin_token)
+        else:
+            require_admin(request, config.admin_token)
         # ids and query values go into SQL: a NUL or a lone surrogate is never one
         for name, value in (*request.match_info.items(), *request.query.items()):
             s.check_text(value, name)

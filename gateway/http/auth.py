@@ -43,6 +43,18 @@ def require_admin(request: web.Request, admin_token: str) -> None:
         raise Unauthorized("missing or wrong bearer token for the admin API")
 
 
+def require_api_read(request: web.Request, read_token: str, admin_token: str) -> None:
+    """A read of the admin API (usage, calls, wallet, forecast, export): the admin API
+    must be enabled; the admin token or, when one is set, the read token."""
+    if not admin_token:
+        raise AdminApiDisabled("the admin API is disabled: set admin_token "
+                               "(GATEWAY_ADMIN_TOKEN) to enable it")
+    given = bearer(request)
+    if not (_matches(given, admin_token) or _matches(given, read_token)):
+        raise Unauthorized("missing or wrong bearer token (admin_token, or read_token for "
+                           "reads)")
+
+
 def require_read(request: web.Request, read_token: str, admin_token: str) -> None:
     """/status and /metrics: open when no read token is configured (bind http_host to
     loopback then); otherwise the read token or the admin token."""

@@ -37,6 +37,8 @@ def _schema(value: Any, components: dict[str, Any]) -> dict[str, Any]:
 def _operation(name: str, path: str, op: api.Operation,
                components: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"summary": op.summary, "tags": [op.tag], "operationId": name}
+    if op.read:
+        out["description"] = "A read: the read token is enough."
     if op.query:
         out["parameters"] = [
             {"name": api.QUERY[n].get("name", n), "in": "query", "required": False,
@@ -54,7 +56,9 @@ def _operation(name: str, path: str, op: api.Operation,
     ok: dict[str, Any] = {"description": {201: "Created", 204: "Done, no content"}.get(
         op.ok, "OK")}
     if op.returns is not None:
-        ok["content"] = {"application/json": {"schema": schemas.ref(op.returns, components)}}
+        ok["content"] = {op.media: {"schema": schemas.ref(op.returns, components)}}
+    elif op.media != "application/json":
+        ok["content"] = {op.media: {"schema": {"type": "string"}}}
     responses = {str(op.ok): ok}
     for status in sorted({*errors, 401, 503}):
         responses[str(status)] = {"$ref": f"#/components/responses/E{status}"}

@@ -823,12 +823,20 @@ class Repository:
             tenant_id, month,
         )
 
-    async def list_calls(self, tenant_id: str, month: dt.date | None, limit: int = 100
-                         ) -> list[asyncpg.Record]:
+    async def list_calls(self, tenant_id: str, month: dt.date | None, limit: int = 100, *,
+                         user_id: str | None = None, direction: str | None = None,
+                         decision: str | None = None, since: dt.datetime | None = None,
+                         before: dt.datetime | None = None) -> list[asyncpg.Record]:
+        """A tenant's calls, newest first; each filter that is not None narrows them."""
         return await self._fetch(
             "SELECT * FROM calls WHERE tenant_id = $1 AND ($2::date IS NULL OR month = $2)"
+            " AND ($4::text IS NULL OR user_id = $4)"
+            " AND ($5::text IS NULL OR direction = $5)"
+            " AND ($6::text IS NULL OR decision = $6)"
+            " AND ($7::timestamptz IS NULL OR authorised_at >= $7)"
+            " AND ($8::timestamptz IS NULL OR authorised_at < $8)"
             " ORDER BY authorised_at DESC LIMIT $3",
-            tenant_id, month, limit,
+            tenant_id, month, limit, user_id, direction, decision, since, before,
         )
 
     async def usage_summary(self, tenant_id: str, month: dt.date) -> list[asyncpg.Record]:
@@ -848,6 +856,63 @@ class Repository:
             "SELECT * FROM ledger WHERE tenant_id = $1 ORDER BY id DESC LIMIT $2",
             tenant_id, limit,
         )
+
+    # ---- forecasts and month exports -------------------------------------------------
+
+    async def charges_since(self, tenant_id: str, since: dt.datetime) -> list[asyncpg.Record]:
+        """A tenant's charges (pool and add-on seconds, wallet money) since ``since``,
+        oldest first: what the forecast's burn rates are drawn from."""
+        return await self._fetch(
+            "SELECT at, account, country, month, user_id, d_used_seconds, d_balance"
+            " FROM ledger WHERE tenant_id = $1 AND entry = 'charge' AND at >= $2"
+            " ORDER BY id",
+            tenant_id, since,
+        )
+
+    async def first_movement(self, tenant_id: str) -> dt.datetime | None:
+        """When the tenant's ledger begins (its first row); None before any."""
+        return await self._fetchval(
+            "SELECT at FROM ledger WHERE tenant_id = $1 ORDER BY id LIMIT 1", tenant_id)
+
+    async def month_export(self, tenant_id: str, month: dt.date, start: dt.datetime,
+                           end: dt.datetime) -> tuple[list[asyncpg.Record],
+                                                      list[asyncpg.Record]]:
+        """The month's calls, each with what its funding sources were charged, and the
+        wallet's top-ups and recharges between ``start`` and ``end``: read in one
+        snapshot, so that a call settled meanwhile is in both or in neither."""
+        with translate_errors():
+            async with self.pool.acquire() as conn, conn.transaction(
+                    isolation="repeatable_read", readonly=True):
+                calls = await conn.fetch(
+                    """
+                    SELECT c.*, coalesce(f.pool_seconds, 0) AS pool_seconds,
+                           coalesce(f.addon_seconds, 0) AS addon_seconds,
+                           coalesce(f.wallet_seconds, 0) AS wallet_seconds,
+                           coalesce(f.wallet_amount, 0) AS wallet_amount
+                    FROM calls c
+                    LEFT JOIN LATERAL (
+                        SELECT sum(charged_seconds) FILTER (WHERE source = 'pool')
+                                   AS pool_seconds,
+                               sum(charged_seconds) FILTER (WHERE source = 'addon')
+                                   AS addon_seconds,
+                               sum(charged_seconds) FILTER (WHERE source = 'wallet')
+                                   AS wallet_seconds,
+                               sum(charged_amount) FILTER (WHERE source = 'wallet')
+                                   AS wallet_amount
+                        FROM call_funding WHERE call_id = c.id) f ON true
+                    WHERE c.tenant_id = $1 AND c.month = $2
+                    ORDER BY c.authorised_at, c.id
+                    """,
+                    tenant_id, month,
+                )
+                wallet = await conn.fetch(
+                    "SELECT entry, count(*) AS entries, sum(d_balance) AS amount FROM ledger"
+                    " WHERE tenant_id = $1 AND account = 'wallet'"
+                    " AND entry IN ('topup', 'recharge') AND at >= $2 AND at < $3"
+                    " GROUP BY entry",
+                    tenant_id, start, end,
+                )
+        return calls, wallet
 
     # ---- the PBX's own record ------------------------------------------------------
 

@@ -1,4 +1,5 @@
-// Operator page: polls /status and draws the PBXs, live calls, pools and wallets.
+// Operator page: polls /status and draws the PBXs, live calls, pools and wallets; the
+// tenant console (console.js) hears each /status document as a "gateway-status" event.
 // No framework, no build step. Data is written with textContent only.
 "use strict";
 
@@ -236,6 +237,7 @@ async function refresh() {
     renderDecisions(doc.decisions);
     renderReconcile(doc.last_reconcile);
     showProblem(doc.tenants_error ? `Tenants: ${doc.tenants_error.message}` : "");
+    document.dispatchEvent(new CustomEvent("gateway-status", { detail: doc }));
   } catch (err) {
     showProblem(`Cannot read /status: ${err.message}`);
   }
