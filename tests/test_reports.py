@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -270,3 +271,25 @@ async def test_calls_filters(admin, rater, clock, views, repo, database_url):
                              "/wallet/topups", json={"amount": "1"}, headers=auth) as r:
             assert r.status == 401
 
+
+
+async def test_the_csv_never_hands_a_spreadsheet_a_formula(admin, rater, views):
+    """An inbound caller id comes from outside (a SIP From header): a caller of
+    ``=HYPERLINK(…)`` or ``+cmd|…`` is written as text, with a leading apostrophe, while
+    E.164 numbers and amounts stay as they are."""
+    await standard_tenant(admin)
+    d = await rater.authorise_outbound("alice", "2125550100")
+    await rater.settle(d.call_id, 61)
+    export = await views.month_export(TENANT, NOVEMBER)
+    (call,) = export.calls
+    hostile = ['=HYPERLINK("http://x.invalid","y")', "+cmd|' /C calc'!A0", "@SUM(1)",
+               "-2+3", "\t=1"]
+    calls = [dataclasses.replace(call, caller=c) for c in hostile]
+    rows = list(csv.DictReader(io.StringIO(
+        reports.export_csv(dataclasses.replace(export, calls=calls)))))
+    assert [r["caller"] for r in rows if r["record"] == "call"] == ["'" + c for c in hostile]
+    plain = [r for r in csv.DictReader(io.StringIO(reports.export_csv(export)))
+             if r["record"] == "call"]
+    assert plain[0]["destination"] == call.destination and \
+        plain[0]["destination"].startswith("+1")
+    assert plain[0]["caller"] == call.caller

@@ -18,6 +18,7 @@ import dataclasses
 import datetime as dt
 import io
 import json
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
@@ -308,6 +309,14 @@ CSV_COLUMNS = ["record", "call_id", "authorised_at", "answered_at", "ended_at", 
                "wallet_seconds", "wallet_amount", "topups", "recharges"]
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula. Caller ids of
+# inbound calls come from outside (a SIP From header), so a text cell that would be read
+# as a formula is written with a leading apostrophe; a plain number (an E.164 "+1514…",
+# a negative amount) is left as it is.
+_FORMULA_START = ("=", "@", "+", "-", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -315,7 +324,10 @@ def _cell(value: Any) -> str:
         return value.astimezone(dt.UTC).isoformat()
     if isinstance(value, list):
         return "+".join(str(v) for v in value)
-    return str(value)
+    text = str(value)
+    if text.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
 
 
 def export_csv(export: MonthExport) -> str:
