@@ -4,6 +4,7 @@ fake AMI link (the real PBX proves the same paths in test_e2e_*)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import uuid
 from decimal import Decimal
@@ -152,6 +153,51 @@ async def test_renewal_moves_the_deadline_on_the_callee(admin, repo, clock):
     assert call.renew_task.done()
     used, reserved = await pool_row(repo)
     assert (used, reserved) == (2, 0)  # 2.6 s: whole seconds, as the CDR counts them
+    await svc.stop()
+
+
+@pytest.mark.parametrize(("late", "counted"), [(2.0, 2.0), (0.0, 0.0), (-3.0, 0.0),
+                                                (45.0, 10.0)])
+async def test_an_answer_heard_late_counts_from_when_the_pbx_sent_it(admin, repo, clock,
+                                                                      late, counted):
+    """A DialEnd heard ``late`` seconds after the PBX sent it (its ``Timestamp``): the
+    funded end counts from the PBX's answer, so a deadline moved later is not later by
+    that much (one CI run under load: DialEnds 4 s late, a re-sent deadline let a call
+    talk 13 s on 8 s funded). A PBX clock ahead of ours counts as on time; one far
+    behind, as ``EVENT_LAG_MAX_SECONDS`` late."""
+    await standard_tenant(admin)
+    await admin.set_rates([{"kind": "domestic_overage", "prefix": "1",
+                            "price_per_minute": "0.02", "first_increment": 1,
+                            "increment": 1}])
+    rater = Rater(repo, clock=clock, slice_seconds=3)
+    svc = CallService(rater, Recovery(repo), renew_before_seconds=30)
+    ami = FakeAmi()
+    svc.attach_ami(ami)
+    s = Session("outbound", "2125550100", "alice", uniqueid="u-late")
+    await svc.agi_outbound(s)
+    heard = dataclasses.replace(answer("u-late", "PJSIP/carrier-0000000c"),
+                                sent_at=clock().timestamp() - late)
+    heard_at = asyncio.get_running_loop().time()
+    await svc.on_dial_end(heard)
+    call = next(iter(svc.live.values()))
+    row = await repo.find_call(call.call_id)
+    assert row["answered_at"] == clock() - dt.timedelta(seconds=counted)
+    for _ in range(100):  # the first renewal (6 s funded) moves the deadline
+        if ami.setvars or call.renew_task.done():
+            break
+        await asyncio.sleep(0.05)
+    if counted >= 6:
+        # answered 10 s ago by the PBX's clock: 6 s funded ended before we heard it, the
+        # PBX has cut the call at its own deadline; nothing is moved
+        assert ami.setvars == [] and call.renew_task.done()
+        await svc.stop()
+        return
+    [(channel, variable, value, sent)] = ami.setvars[:1]
+    assert (channel, variable) == ("PJSIP/carrier-0000000c", "TIMEOUT(absolute)")
+    assert call.funded_seconds >= 6
+    # the time left when it was sent, counted from the PBX's answer (0.5 s at the least)
+    left = max(6 - counted - (sent - heard_at), 0.5)
+    assert abs(float(value) - left) <= 0.1, (value, left)
     await svc.stop()
 
 

@@ -10,6 +10,7 @@ Only the fields the gateway uses are kept.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,17 @@ class Headers:
     def text(self, name: str) -> str | None:
         """The header's value, or ``None`` when it is missing or empty."""
         return self._by_lower.get(name.lower()) or None
+
+    def epoch(self, name: str) -> float | None:
+        """The header as seconds since the epoch (``Timestamp: 1795838217.123456``, sent
+        with every event when manager.conf has ``timestampevents = yes``); ``None`` when
+        missing or not a finite number."""
+        value = (self._by_lower.get(name.lower()) or "").strip()
+        try:
+            seconds = float(value)
+        except ValueError:
+            return None
+        return seconds if math.isfinite(seconds) and seconds > 0 else None
 
     def number(self, name: str) -> int:
         """The header as a whole number; 0 when missing or not a number."""
@@ -52,6 +64,8 @@ class DialEnd:
     dial_status: str | None
     dest_channel: str | None  # the callee's channel, where the hangup deadline lives
     linkedid: str | None
+    # when the PBX sent it, by its clock (``timestampevents = yes``); None without it
+    sent_at: float | None = None
 
     @property
     def answered(self) -> bool:
@@ -61,7 +75,8 @@ class DialEnd:
     def parse(cls, headers: Mapping[str, str]) -> DialEnd:
         h = Headers(headers)
         return cls(uniqueid=h.text("Uniqueid"), dial_status=h.text("DialStatus"),
-                   dest_channel=h.text("DestChannel"), linkedid=h.text("Linkedid"))
+                   dest_channel=h.text("DestChannel"), linkedid=h.text("Linkedid"),
+                   sent_at=h.epoch("Timestamp"))
 
 
 @dataclass(frozen=True)

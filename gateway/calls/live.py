@@ -49,6 +49,11 @@ DEADLINE_RETRY_SECONDS = 0.5
 # The PBX's deadline read back may differ from ours by the time between the answer and
 # our DialEnd handling, and by the read's own delay: beyond this it is corrected.
 DEADLINE_TOLERANCE_SECONDS = 1.0
+# A DialEnd heard late (a loaded PBX or gateway, a backlog on the AMI link) counts from
+# when the PBX sent it (its ``Timestamp``), so that the funded end stays where the PBX's
+# own answer puts it; the correction is bounded, so that a PBX clock far behind ours
+# (no NTP) cuts calls at most this much early rather than at once.
+EVENT_LAG_MAX_SECONDS = 10.0
 
 
 class DeadlineLink(Protocol):
@@ -214,8 +219,10 @@ class LiveCalls:
             await self._answered(call, event)
 
     async def _answered(self, call: LiveCall, event: DialEnd) -> None:
-        call.answered_mono = self.monotonic()
-        call.answered_at = self.rater.clock()
+        now = self.rater.clock()
+        late = self._heard_late_by(event, now)
+        call.answered_mono = self.monotonic() - late
+        call.answered_at = now - dt.timedelta(seconds=late)
         call.dest_channel = event.dest_channel
         call.deadline_sent_for = call.funded_seconds  # Dial's L() set it at answer
         call.linkedid = call.linkedid or event.linkedid
@@ -228,6 +235,17 @@ class LiveCalls:
         self.start_renewals(call)
         if call.funding_final:
             self._schedule_warning(call)
+
+    def _heard_late_by(self, event: DialEnd, now: dt.datetime) -> float:
+        """How long ago the PBX sent ``event`` (0 without its ``Timestamp``, or when the
+        PBX's clock is ahead of ours), at most ``EVENT_LAG_MAX_SECONDS``."""
+        if event.sent_at is None:
+            return 0.0
+        late = now.timestamp() - event.sent_at
+        if late > DEADLINE_TOLERANCE_SECONDS:  # the call's id is bound to the log
+            log.warning("answer_heard_late", seconds=round(late, 3),
+                        counted_from_pbx=round(min(late, EVENT_LAG_MAX_SECONDS), 3))
+        return min(max(late, 0.0), EVENT_LAG_MAX_SECONDS)
 
     def start_renewals(self, call: LiveCall) -> None:
         """Renew an answered, rated call's funding before each slice ends (needs AMI to

@@ -541,6 +541,7 @@ enabled = yes
 port = {self.ami_port}
 bindaddr = 127.0.0.1
 displayconnects = no
+timestampevents = yes
 
 [{self.ami_user}]
 secret = {self.ami_secret}
