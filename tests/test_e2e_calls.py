@@ -16,23 +16,28 @@ import pytest_asyncio
 from gateway import dialplan_variables as var
 from gateway.app import Gateway
 from gateway.calls.causes import sip_response_for
-from gateway.config import Config
 from gateway.rating import rules
+from tests.support.e2e import (
+    DOMESTIC,
+    callee,
+    explain,
+    gateway_config,
+    gateways,
+    per_second_overage,
+    settled,
+)
 from tests.support.ledger import ledger_agrees, pool_row
-from tests.support.pbx import CallResult, Pbx, cdr_pgsql, free_port
+from tests.support.pbx import Pbx, cdr_pgsql, free_port
 from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = [pytest.mark.pbx, pytest.mark.db]
 
-DOMESTIC = "2125550100"  # New York, domestic for a Canadian user
 UK = "+442079460000"  # London, 0.05 / min in the scenario's rates
 FRANCE = "+33142685300"  # no rate
 NAMED_PHONE = "front.desk-2"  # an endpoint name with '.' and '-', dialled by name
-
-
-def explain(*results: CallResult) -> str:
-    return "\n".join(r.summary() for r in results)
-
+# callers' announcements and warnings are tested in tests/test_pbx_announce.py; here they
+# would only add seconds
+UNANNOUNCED = dict(announce_rejections=False, announce_warning_seconds=0)
 
 
 @pytest.fixture(scope="module")
@@ -58,43 +63,10 @@ async def pbx(e2e_pbx: Pbx):
     await e2e_pbx.clear()
 
 
-def gateway_config(pbx: Pbx, database_url: str, agi_port: int, **overrides) -> Config:
-    values = dict(database_url=database_url, agi_port=agi_port, http_port=0,
-                  ami_host=pbx.ami_host, ami_port=pbx.ami_port, ami_username=pbx.ami_user,
-                  ami_secret=pbx.ami_secret, reconcile_interval_seconds=3600,
-                  log_format="console", log_level="warning",
-                  # callers' announcements and warnings are tested in
-                  # tests/test_pbx_announce.py; here they would only add seconds
-                  announce_rejections=False, announce_warning_seconds=0)
-    values.update(overrides)
-    return Config(**values)
-
-
 @pytest_asyncio.fixture
 async def start_gateway(pbx, database_url, agi_port, repo):
-    started: list[Gateway] = []
-
-    async def start(**overrides) -> Gateway:
-        gw = Gateway(gateway_config(pbx, database_url, agi_port, **overrides),
-                     configure_logs=False)
-        await gw.start()
-        started.append(gw)
-        return gw
-
-    yield start
-    for gw in started:
-        await gw.stop()
-
-
-async def settled(repo, *, wait: float = 10.0, count: int = 1):
-    """Wait until `count` calls are settled or released; return all calls."""
-    deadline = asyncio.get_running_loop().time() + wait
-    while True:
-        rows = await repo.pool.fetch("SELECT * FROM calls ORDER BY authorised_at")
-        done = [r for r in rows if r["state"] in ("settled", "released")]
-        if len(done) >= count or asyncio.get_running_loop().time() > deadline:
-            return rows
-        await asyncio.sleep(0.1)
+    async with gateways(pbx, database_url, agi_port, **UNANNOUNCED) as start:
+        yield start
 
 
 async def until_answered(repo) -> None:
@@ -105,10 +77,6 @@ async def until_answered(repo) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"the call was not answered: {row and dict(row)}")
-
-
-async def callee(pbx: Pbx, endpoint: str = "carrier", **kw):
-    return await pbx.uas(endpoint, **kw).started()
 
 
 # 1 ----------------------------------------------------------------------------------------
@@ -220,13 +188,6 @@ async def test_two_minutes_left_and_no_wallet_the_pbx_cuts_at_the_funded_end(
 
 
 # 6 ----------------------------------------------------------------------------------------
-
-async def per_second_overage(admin):
-    """Per-second increments, so that short slices are really short."""
-    await admin.set_rates([{"kind": "domestic_overage", "prefix": "1",
-                            "price_per_minute": "0.02", "first_increment": 1,
-                            "increment": 1}])
-
 
 async def test_short_slices_are_renewed_and_never_cut_while_funded(pbx, start_gateway, admin,
                                                                    repo):
@@ -474,7 +435,7 @@ async def test_fifty_concurrent_calls_on_a_pool_that_funds_only_some(
     big.start()
     gw = None
     try:
-        gw = Gateway(gateway_config(big, database_url, port, slice_seconds=8),
+        gw = Gateway(gateway_config(big, database_url, port, slice_seconds=8, **UNANNOUNCED),
                      configure_logs=False)
         await gw.start()
         trunk = await big.uas("carrier", calls=50, max_wait=60).started()
@@ -510,8 +471,8 @@ async def test_fifty_concurrent_calls_on_a_pool_that_funds_only_some(
 async def test_wrong_ami_secret_is_a_clear_error_at_start(pbx, database_url, agi_port):
     from gateway.app import StartupError
 
-    gw = Gateway(gateway_config(pbx, database_url, agi_port, ami_secret="wrong-secret"),
-                 configure_logs=False)
+    gw = Gateway(gateway_config(pbx, database_url, agi_port, ami_secret="wrong-secret",
+                                **UNANNOUNCED), configure_logs=False)
     started = asyncio.get_running_loop().time()
     with pytest.raises(StartupError) as e:
         await gw.start()

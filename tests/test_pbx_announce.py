@@ -18,7 +18,6 @@ import pytest
 import pytest_asyncio
 
 from gateway import dialplan_variables as var
-from gateway.app import Gateway
 from gateway.calls.announce import DEFAULT_PROMPTS
 from gateway.calls.causes import sip_response_for
 from gateway.rating.model import Reason
@@ -26,7 +25,7 @@ from tests.support.e2e import (
     DOMESTIC,
     callee,
     explain,
-    gateway_config,
+    gateways,
     per_second_overage,
     settled,
 )
@@ -62,18 +61,8 @@ async def pbx(e2e_pbx: Pbx):
 
 @pytest_asyncio.fixture
 async def start_gateway(pbx, database_url, agi_port, repo):
-    started: list[Gateway] = []
-
-    async def start(**overrides) -> Gateway:
-        gw = Gateway(gateway_config(pbx, database_url, agi_port, **overrides),
-                     configure_logs=False)
-        await gw.start()
-        started.append(gw)
-        return gw
-
-    yield start
-    for gw in started:
-        await gw.stop()
+    async with gateways(pbx, database_url, agi_port) as start:
+        yield start
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]")
 
 

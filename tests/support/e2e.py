@@ -1,12 +1,15 @@
 """Helpers for end-to-end tests through the real PBX with the real gateway: a gateway
-configuration pointed at a ``Pbx``, waiting for calls to be settled, a callee, and
+configuration pointed at a ``Pbx`` and gateways started on it, waiting for calls to be settled, a callee, and
 per-second rates (so that short slices are really short)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from gateway.app import Gateway
 from gateway.config import Config
 
 from .pbx import CallResult, Pbx
@@ -26,6 +29,26 @@ def gateway_config(pbx: Pbx, database_url: str, agi_port: int, **overrides: Any)
                   log_format="console", log_level="warning")
     values.update(overrides)
     return Config(**values)
+
+
+@contextlib.asynccontextmanager
+async def gateways(pbx: Pbx, database_url: str, agi_port: int, **defaults: Any,
+                   ) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+    """A function that starts an in-process gateway of ``pbx`` (``gateway_config``
+    with ``defaults``, then its own overrides); every gateway it started is stopped
+    on the way out."""
+    started: list[Gateway] = []
+
+    async def start(**overrides: Any) -> Gateway:
+        gw = Gateway(gateway_config(pbx, database_url, agi_port, **{**defaults, **overrides}),
+                     configure_logs=False)
+        await gw.start()
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        await gw.stop()
 
 
 async def settled(repo: Any, *, wait: float = 10.0, count: int = 1) -> list[Any]:
