@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -300,6 +301,64 @@ GW_EMERGENCY_NUMBERS=911,933,112,999
 # ---- Asterisk, chrooted into the PBX root ----------------------------------------------------
 
 
+def asterisk_conf(guest_dir: str, module_dir: str) -> str:
+    """asterisk.conf of an Asterisk chrooted into the PBX root: its folders under
+    ``guest_dir`` (a path inside the root), its modules in ``module_dir``."""
+    g = guest_dir
+    return f"""[directories]
+astcachedir => {g}/lib/cache
+astetcdir => {g}/etc
+astmoddir => {module_dir}
+astvarlibdir => {g}/lib
+astdbdir => {g}/db
+astkeydir => {g}/lib
+astdatadir => /usr/share/asterisk
+astagidir => /usr/share/asterisk/agi-bin
+astspooldir => {g}/spool
+astrundir => {g}/run
+astlogdir => {g}/log
+astsbindir => /usr/sbin
+
+[options]
+runuser = root
+rungroup = root
+verbose = 3
+nocolor = yes
+hideconnect = yes
+"""
+
+
+def modules_conf(noload: Iterable[str] = NOLOAD) -> str:
+    """modules.conf: every module loads but those of ``noload``."""
+    return "[modules]\nautoload = yes\n" + "".join(f"noload => {m}\n" for m in noload)
+
+
+# the full log with millisecond stamps (tests read timings from it)
+LOGGER_CONF = ("[general]\ndateformat = %F %T.%3q\n\n"
+               "[logfiles]\nfull => notice,warning,error,verbose\n")
+
+# A private mount namespace: proc is mounted for Asterisk only and vanishes with it, so a
+# crash or a kill -9 leaves no mount behind. The shell also watches a pipe from the
+# starting process (the Popen's stdin): if that process dies without stopping Asterisk,
+# the pipe closes and the shell takes Asterisk down with it.
+_IN_ROOT = (
+    'mount -t proc proc "$1/proc" || exit 1\n'
+    "exec 3<&0\n"
+    'chroot "$1" asterisk -C "$2" -f </dev/null &\n'
+    "pid=$!\n"
+    '( while read -r _; do :; done; kill -KILL "$pid" 2>/dev/null ) <&3 &\n'
+    "exec 3<&-\n"
+    'wait "$pid"\n'
+)
+
+
+def asterisk_command(root: Path, conf: str) -> list[str]:
+    """The command that runs Asterisk in the foreground, chrooted into ``root`` with the
+    configuration ``conf`` (a path inside the root); start it with ``stdin=PIPE``."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", _IN_ROOT, "sh",
+            str(root), conf]
+
+
 def root_ready(root: Path) -> bool:
     return all((root / p).exists() for p in ("usr/sbin/asterisk", "usr/sbin/chroot"))
 
@@ -346,31 +405,9 @@ class Asterisk:
         if not mod_dirs:
             raise LabError(f"no Asterisk modules under {self.root}/usr/lib")
         files = {
-            "asterisk.conf": f"""[directories]
-astcachedir => {g}/lib/cache
-astetcdir => {g}/etc
-astmoddir => /{mod_dirs[0].relative_to(self.root)}
-astvarlibdir => {g}/lib
-astdbdir => {g}/db
-astkeydir => {g}/lib
-astdatadir => /usr/share/asterisk
-astagidir => /usr/share/asterisk/agi-bin
-astspooldir => {g}/spool
-astrundir => {g}/run
-astlogdir => {g}/log
-astsbindir => /usr/sbin
-
-[options]
-runuser = root
-rungroup = root
-verbose = 3
-nocolor = yes
-hideconnect = yes
-""",
-            "modules.conf": "[modules]\nautoload = yes\n"
-                            + "".join(f"noload => {m}\n" for m in NOLOAD),
-            "logger.conf": "[general]\ndateformat = %F %T.%3q\n\n"
-                           "[logfiles]\nfull => notice,warning,error,verbose\n",
+            "asterisk.conf": asterisk_conf(g, f"/{mod_dirs[0].relative_to(self.root)}"),
+            "modules.conf": modules_conf(),
+            "logger.conf": LOGGER_CONF,
             "extensions.conf": extensions_conf(s),
             "pjsip.conf": pjsip_conf((DIALPLAN_DIR / "pjsip.conf.example").read_text(), s),
             "pjsip_lab.conf": pjsip_lab_conf(s),
@@ -391,18 +428,8 @@ hideconnect = yes
         self.sweep_stale_runs()
         self.write_config()
         self._out = open(self.run_dir / "log" / "console.out", "wb")  # noqa: SIM115
-        script = (
-            'mount -t proc proc "$1/proc" || exit 1\n'
-            "exec 3<&0\n"
-            'chroot "$1" asterisk -C "$2" -f </dev/null &\n'
-            "pid=$!\n"
-            '( while read -r _; do :; done; kill -KILL "$pid" 2>/dev/null ) <&3 &\n'
-            "exec 3<&-\n"
-            'wait "$pid"\n'
-        )
         self.proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-             str(self.root), self.conf],
+            asterisk_command(self.root, self.conf),
             stdin=subprocess.PIPE, stdout=self._out, stderr=subprocess.STDOUT,
             start_new_session=True)
         deadline = time.monotonic() + boot_timeout
@@ -449,12 +476,12 @@ hideconnect = yes
             with contextlib.suppress(OSError):
                 proc.stdin.close()  # releases the watchdog
             for sig in (signal.SIGTERM, signal.SIGKILL):
-                if not _group_alive(proc.pid):
+                if not group_alive(proc.pid):
                     break
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, sig)
                 deadline = time.monotonic() + 5
-                while _group_alive(proc.pid) and time.monotonic() < deadline:
+                while group_alive(proc.pid) and time.monotonic() < deadline:
                     time.sleep(0.1)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
@@ -478,7 +505,7 @@ def cli(root: Path, conf: str, command: str, timeout: float = 10.0) -> str:
     return out
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """Whether any process of the group still runs (zombies do not count)."""
     try:
         os.killpg(pgid, 0)

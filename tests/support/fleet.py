@@ -28,6 +28,7 @@ from typing import Any
 
 import asyncpg
 
+from gateway.lab import asterisk_command
 from tests.faults.process import GatewayProcess
 
 from .pbx import Pbx, free_port
@@ -106,17 +107,7 @@ class FleetPbx(Pbx):
         if self._out is not None:
             self._out.close()
         self._out = open(self.run_dir / "log" / "console.out", "ab")  # noqa: SIM115
-        script = (
-            'mount -t proc proc "$1/proc" || exit 1\n'
-            "exec 3<&0\n"
-            'chroot "$1" asterisk -C "$2" -f </dev/null &\n'
-            "pid=$!\n"
-            '( while read -r _; do :; done; kill -KILL "$pid" 2>/dev/null ) <&3 &\n'
-            "exec 3<&-\n"
-            'wait "$pid"\n'
-        )
-        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-               str(self.root), f"{self.guest_dir}/etc/asterisk.conf"]
+        cmd = asterisk_command(self.root, f"{self.guest_dir}/etc/asterisk.conf")
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._out,
                                       stderr=subprocess.STDOUT, start_new_session=True)
         track(self._proc)

@@ -37,7 +37,7 @@ from typing import Any
 
 # Modules not to load (absent hardware and back-ends, extra ports, sample dialplans):
 # the product's list, which the softphone lab (gateway/lab.py) runs Asterisk with too.
-from gateway.lab import NOLOAD
+from gateway.lab import LOGGER_CONF, NOLOAD, asterisk_command, asterisk_conf, modules_conf
 
 from .ports import free_port, free_sip_port, free_udp_ports
 from .processes import PbxError, group_alive, track, untrack
@@ -215,22 +215,9 @@ class Pbx:
         self._write_config()
         self._open_requests = OpenRequests(self.run_dir / "log" / "full")
         self._out = open(self.run_dir / "log" / "console.out", "wb")  # noqa: SIM115
-        # A private mount namespace: proc is mounted for Asterisk only and
-        # vanishes with it, so a crash or a kill -9 leaves no mount behind.
-        # The shell also watches a pipe from this process: if the test run
-        # dies without stop() (kill -9, a CI job killed), the pipe closes and
-        # the shell takes Asterisk down with it.
-        script = (
-            'mount -t proc proc "$1/proc" || exit 1\n'
-            "exec 3<&0\n"
-            'chroot "$1" asterisk -C "$2" -f </dev/null &\n'
-            "pid=$!\n"
-            '( while read -r _; do :; done; kill -KILL "$pid" 2>/dev/null ) <&3 &\n'
-            "exec 3<&-\n"
-            'wait "$pid"\n'
-        )
-        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
-        cmd += [str(self.root), f"{self.guest_dir}/etc/asterisk.conf"]
+        # proc mounted for Asterisk only; if the test run dies without stop()
+        # (kill -9, a CI job killed), Asterisk goes down with it (asterisk_command)
+        cmd = asterisk_command(self.root, f"{self.guest_dir}/etc/asterisk.conf")
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -494,36 +481,9 @@ class Pbx:
         g = self.guest_dir
         etc = self.run_dir / "etc"
         files: dict[str, str] = {}
-        files["asterisk.conf"] = f"""[directories]
-astcachedir => {g}/lib/cache
-astetcdir => {g}/etc
-astmoddir => {self._mod_dir()}
-astvarlibdir => {g}/lib
-astdbdir => {g}/db
-astkeydir => {g}/lib
-astdatadir => /usr/share/asterisk
-astagidir => /usr/share/asterisk/agi-bin
-astspooldir => {g}/spool
-astrundir => {g}/run
-astlogdir => {g}/log
-astsbindir => /usr/sbin
-
-[options]
-runuser = root
-rungroup = root
-verbose = 3
-debug = 0
-nocolor = yes
-; the PBX must not wait on DNS for anything (there is none here)
-hideconnect = yes
-"""
-        files["modules.conf"] = "[modules]\nautoload = yes\n" + "".join(
-            f"noload => {m}\n" for m in self.noload
-        )
-        files["logger.conf"] = (
-            "[general]\ndateformat = %F %T.%3q\n\n"
-            "[logfiles]\nfull => notice,warning,error,verbose\n"
-        )
+        files["asterisk.conf"] = asterisk_conf(g, self._mod_dir())
+        files["modules.conf"] = modules_conf(self.noload)
+        files["logger.conf"] = LOGGER_CONF
         globals_text = "".join(f"{k}={v}\n" for k, v in self.globals.items())
         files["extensions.conf"] = (
             "[general]\nstatic = yes\nwriteprotect = yes\n\n"

@@ -13,7 +13,8 @@ import contextlib
 import os
 import signal
 import subprocess
-from pathlib import Path
+
+from gateway.lab import group_alive
 
 __all__ = ["PbxError", "group_alive", "kill_leftovers", "track", "untrack"]
 
@@ -39,26 +40,6 @@ def kill_leftovers() -> None:
     for proc in list(_LIVE_PROCS):
         with contextlib.suppress(Exception):
             os.killpg(proc.pid, signal.SIGKILL)  # each runs in its own session
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the group still runs (zombies do not count)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields: state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
 
 
 atexit.register(kill_leftovers)
