@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from ..errors import NotFound
-from .repository import translate_errors
+from .repository import PoolStore, translate_errors
 
 #: the settings columns an operator may change (alert_settings)
 SETTINGS = ("pool_percents", "addon_percents", "wallet_below", "auto_recharge",
@@ -22,18 +22,7 @@ SETTINGS = ("pool_percents", "addon_percents", "wallet_below", "auto_recharge",
 WEBHOOK_FIELDS = ("url", "events", "secret", "enabled", "description")
 
 
-class AlertStore:
-    def __init__(self, pool: asyncpg.Pool):
-        self.pool = pool
-
-    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        with translate_errors():
-            return await self.pool.fetch(sql, *args)
-
-    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        with translate_errors():
-            return await self.pool.fetchrow(sql, *args)
-
+class AlertStore(PoolStore):
     # ---- alerts ----------------------------------------------------------------------
 
     async def alerts(self, tenant_id: str | None, states: Sequence[str] | None,

@@ -136,13 +136,30 @@ class _OneConnection:
         return await self.conn.execute(sql, *args)
 
 
-class Repository:
-    # a fenced transaction left idle this long is ended by the server (see ``_fenced``);
-    # well under a lease's length (the gateway sets it from ``lease_seconds``)
-    fence_idle_seconds: float = 2.0
+class PoolStore:
+    """Statements on a pool, each with the database's errors translated (the base of
+    the repository classes)."""
 
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        with translate_errors():
+            return await self.pool.fetch(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        with translate_errors():
+            return await self.pool.fetchrow(sql, *args)
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        with translate_errors():
+            return await self.pool.fetchval(sql, *args)
+
+
+class Repository(PoolStore):
+    # a fenced transaction left idle this long is ended by the server (see ``_fenced``);
+    # well under a lease's length (the gateway sets it from ``lease_seconds``)
+    fence_idle_seconds: float = 2.0
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
@@ -172,18 +189,6 @@ class Repository:
                     await tx.rollback()
                 else:
                     await tx.commit()
-
-    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        with translate_errors():
-            return await self.pool.fetch(sql, *args)
-
-    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        with translate_errors():
-            return await self.pool.fetchrow(sql, *args)
-
-    async def _fetchval(self, sql: str, *args: Any) -> Any:
-        with translate_errors():
-            return await self.pool.fetchval(sql, *args)
 
     async def _execute(self, sql: str, *args: Any) -> str:
         with translate_errors():
