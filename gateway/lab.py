@@ -352,6 +352,23 @@ _IN_ROOT = (
 )
 
 
+def sweep_stale_runs(run_root: Path, pattern: str, min_age: float) -> None:
+    """Remove the run folders under ``run_root`` named like ``pattern`` whose Asterisk
+    (``run/asterisk.pid``) is gone and that are older than ``min_age`` seconds (so that
+    one just starting in another process is left alone)."""
+    now = time.time()
+    for folder in run_root.glob(pattern):
+        with contextlib.suppress(OSError, ValueError):
+            if now - folder.stat().st_mtime < min_age:
+                continue
+            pid_file = folder / "run" / "asterisk.pid"
+            if pid_file.exists():
+                pid = int(pid_file.read_text().strip() or 0)
+                if pid > 0 and Path(f"/proc/{pid}").exists():
+                    continue
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def asterisk_command(root: Path, conf: str) -> list[str]:
     """The command that runs Asterisk in the foreground, chrooted into ``root`` with the
     configuration ``conf`` (a path inside the root); start it with ``stdin=PIPE``."""
@@ -385,17 +402,7 @@ class Asterisk:
     def sweep_stale_runs(self, min_age: float = 60.0) -> None:
         """Remove the run folders of labs killed with ``kill -9`` (their Asterisk died
         with them, by the watchdog, but nobody removed the folder)."""
-        now = time.time()
-        for folder in (self.root / "run").glob("lab-*"):
-            with contextlib.suppress(OSError, ValueError):
-                if now - folder.stat().st_mtime < min_age:
-                    continue  # a lab that is just starting
-                pid_file = folder / "run" / "asterisk.pid"
-                if pid_file.exists():
-                    pid = int(pid_file.read_text().strip() or 0)
-                    if pid > 0 and Path(f"/proc/{pid}").exists():
-                        continue
-                shutil.rmtree(folder, ignore_errors=True)
+        sweep_stale_runs(self.root / "run", "lab-*", min_age)
 
     def write_config(self) -> None:
         s, g, etc = self.s, self.guest_dir, self.run_dir / "etc"

@@ -24,10 +24,11 @@ from tests.support.e2e import (
     gateway_config,
     gateways,
     per_second_overage,
+    running_pbx,
     settled,
 )
 from tests.support.ledger import ledger_agrees, pool_row
-from tests.support.pbx import Pbx, cdr_pgsql, free_port
+from tests.support.pbx import Pbx, free_port
 from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = [pytest.mark.pbx, pytest.mark.db]
@@ -48,13 +49,9 @@ def agi_port():
 @pytest.fixture(scope="module")
 def e2e_pbx(pbx_root, agi_port, database_url, db_pool):  # noqa: F811
     # db_pool has run the migrations: cdr_pgsql must find its table when it loads
-    # (Asterisk 22.10 aborts with a double free when the table is missing)
-    pbx = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{agi_port}",
-              phones=("alice", "bob", "carol", "dave", NAMED_PHONE),
-              **cdr_pgsql(database_url))
-    pbx.start()
-    yield pbx
-    pbx.stop()
+    with running_pbx(pbx_root, agi_port, database_url,
+                     phones=("alice", "bob", "carol", "dave", NAMED_PHONE)) as pbx:
+        yield pbx
 
 
 @pytest_asyncio.fixture

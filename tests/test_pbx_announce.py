@@ -27,10 +27,11 @@ from tests.support.e2e import (
     explain,
     gateways,
     per_second_overage,
+    running_pbx,
     settled,
 )
 from tests.support.ledger import ledger_agrees, pool_row
-from tests.support.pbx import Pbx, cdr_pgsql, free_port
+from tests.support.pbx import Pbx, free_port
 from tests.support.tenant import TENANT, standard_tenant
 
 pytestmark = [pytest.mark.pbx, pytest.mark.db, pytest.mark.timeout(180)]
@@ -47,10 +48,8 @@ def agi_port():
 @pytest.fixture(scope="module")
 def e2e_pbx(pbx_root, agi_port, database_url, db_pool):
     # db_pool has run the migrations: cdr_pgsql needs its table when it loads
-    asterisk = Pbx(root=pbx_root, gw_agi=f"127.0.0.1:{agi_port}", **cdr_pgsql(database_url))
-    asterisk.start()
-    yield asterisk
-    asterisk.stop()
+    with running_pbx(pbx_root, agi_port, database_url) as asterisk:
+        yield asterisk
 
 
 @pytest_asyncio.fixture

@@ -6,19 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from gateway.app import Gateway
 from gateway.config import Config
 
-from .pbx import CallResult, Pbx
+from .pbx import CallResult, Pbx, cdr_pgsql
 
 DOMESTIC = "2125550100"  # New York, domestic for a Canadian user
 
 
 def explain(*results: CallResult) -> str:
     return "\n".join(r.summary() for r in results)
+
+
+@contextlib.contextmanager
+def running_pbx(root: Any, agi_port: int, database_url: str, **options: Any) -> Iterator[Pbx]:
+    """A PBX whose FastAGI calls go to a gateway on ``agi_port`` and whose CDRs go to
+    ``database_url`` (its migrations must have run: Asterisk 22.10 aborts with a double
+    free when cdr_pgsql's table is missing); ``Pbx`` keywords in ``options``. Stopped
+    on the way out."""
+    pbx = Pbx(root=root, gw_agi=f"127.0.0.1:{agi_port}", **options, **cdr_pgsql(database_url))
+    pbx.start()
+    yield pbx
+    pbx.stop()
 
 
 def gateway_config(pbx: Pbx, database_url: str, agi_port: int, **overrides: Any) -> Config:

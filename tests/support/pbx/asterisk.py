@@ -37,7 +37,14 @@ from typing import Any
 
 # Modules not to load (absent hardware and back-ends, extra ports, sample dialplans):
 # the product's list, which the softphone lab (gateway/lab.py) runs Asterisk with too.
-from gateway.lab import LOGGER_CONF, NOLOAD, asterisk_command, asterisk_conf, modules_conf
+from gateway.lab import (
+    LOGGER_CONF,
+    NOLOAD,
+    asterisk_command,
+    asterisk_conf,
+    modules_conf,
+    sweep_stale_runs,
+)
 
 from .ports import free_port, free_sip_port, free_udp_ports
 from .processes import PbxError, group_alive, track, untrack
@@ -201,7 +208,8 @@ class Pbx:
         if not root_ready(self.root):
             raise PbxError(f"no Asterisk/SIPp root folder at {self.root} (run .ci/pbx-root.sh)")
         if not os.environ.get("PBX_KEEP_RUNS"):
-            _sweep_stale_runs(self.root / "run")
+            # test processes that died without stop()
+            sweep_stale_runs(self.root / "run", "gwpbx-*", min_age=600.0)
         name = "gwpbx-" + secrets.token_hex(4)
         self.run_dir = self.root / "run" / name
         self.guest_dir = f"/run/{name}"
@@ -545,28 +553,6 @@ write = {write}
             out.append(f"[{name}]\ntype=aor\ncontact=sip:{name}@127.0.0.1:{port}\n")
             out.append(f"[{name}-id]\ntype=identify\nendpoint={name}\nmatch=127.0.0.1:{port}\n")
         return "\n".join(out)
-
-
-def _sweep_stale_runs(run_root: Path, min_age: float = 600.0) -> None:
-    """Remove run folders left by test processes that died without ``stop()``.
-
-    A folder is stale when its Asterisk (``run/asterisk.pid``) is gone and the
-    folder is older than ``min_age`` seconds (so a PBX that is just starting
-    in another process is left alone).
-    """
-    now = time.time()
-    for folder in run_root.glob("gwpbx-*"):
-        try:
-            if now - folder.stat().st_mtime < min_age:
-                continue
-            pid_file = folder / "run" / "asterisk.pid"
-            if pid_file.exists():
-                pid = int(pid_file.read_text().strip() or 0)
-                if pid > 0 and Path(f"/proc/{pid}").exists():
-                    continue
-            shutil.rmtree(folder, ignore_errors=True)
-        except (OSError, ValueError):
-            continue
 
 
 def _manager_perms() -> tuple[str, str, list[str]]:
