@@ -42,7 +42,8 @@ account is the shipped one (dialplan/manager.conf.example) with its ``eventfilte
 lines; ``--no-ami-eventfilter`` drops them (every event of its read classes). Part 1
 also counts the AMI events that account is sent per call (a second session of the
 same account, part 1 only) and prints the CPU per call of Asterisk and of this
-process (the gateway with the bench's probes).
+process (the gateway with the bench's probes); ``--all-events`` also counts, by name,
+every event a call makes (an account reading all classes).
 
 Needs the PBX root folder (``.ci/pbx-root.sh``; ``$PBX_ROOT``) and PostgreSQL
 (``$GATEWAY_TEST_DATABASE_URL``, default the test suite's). Loopback only; every
@@ -510,15 +511,29 @@ class DbProbe:
         }
 
 
+ALL_EVENTS_ACCOUNT = ("bench-all", "bench-all-events")
+ALL_EVENTS_MANAGER = f"""
+[{ALL_EVENTS_ACCOUNT[0]}]
+secret = {ALL_EVENTS_ACCOUNT[1]}
+deny = 0.0.0.0/0.0.0.0
+permit = 127.0.0.1/255.255.255.255
+read = all
+write =
+"""
+
+
 class AmiTap:
     """A second AMI session logged in as the gateway's own account, so that it is sent
     exactly what the gateway is sent (the same ``read`` classes and ``eventfilter``
     lines): it counts the events, by name. Used in part 1 only, since each session
     costs Asterisk a write per event."""
 
-    def __init__(self, pbx: Pbx) -> None:
+    def __init__(self, pbx: Pbx, user: str = "", secret: str = "") -> None:
         self.pbx = pbx
+        self.user = user or pbx.ami_user
+        self.secret = secret or pbx.ami_secret
         self.counts: dict[str, int] = {}
+        self.detail: dict[str, int] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -526,20 +541,32 @@ class AmiTap:
         reader, self._writer = await asyncio.wait_for(
             asyncio.open_connection(self.pbx.ami_host, self.pbx.ami_port), 5)
         await asyncio.wait_for(reader.readline(), 5)  # the banner
-        self._writer.write(f"Action: Login\r\nUsername: {self.pbx.ami_user}\r\n"
-                           f"Secret: {self.pbx.ami_secret}\r\n\r\n".encode())
+        self._writer.write(f"Action: Login\r\nUsername: {self.user}\r\n"
+                           f"Secret: {self.secret}\r\n\r\n".encode())
         await self._writer.drain()
         self._task = asyncio.create_task(self._read(reader))
         return self
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
+        event = b""
         while line := await reader.readline():
             if line.startswith(b"Event: "):
-                name = line[7:].strip().decode(errors="replace")
+                event = line[7:].strip()
+                name = event.decode(errors="replace")
                 self.counts[name] = self.counts.get(name, 0) + 1
+            elif event in (b"VarSet", b"Newexten") and line.startswith(
+                    (b"Variable: ", b"Application: ")):
+                # which variable, which application: "VarSet GW_ROUTE", "Newexten GotoIf"
+                key = f"{event.decode()} {line.split(b': ', 1)[1].strip().decode(errors='replace')}"
+                self.detail[key] = self.detail.get(key, 0) + 1
+            elif line == b"\r\n":
+                event = b""
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.counts)
+
+    def details(self) -> dict[str, int]:
+        return dict(self.detail)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -648,6 +675,8 @@ class Step:
     cpu: dict[str, float] = field(default_factory=dict)
     cpu_elapsed: float = 0.0  # seconds the CPU shares were measured over
     ami_events: dict[str, int] = field(default_factory=dict)  # sent to the gateway's account
+    all_events: dict[str, int] = field(default_factory=dict)  # --all-events: every AMI event
+    event_detail: dict[str, int] = field(default_factory=dict)  # VarSet/Newexten by name
     db: dict[str, Any] = field(default_factory=dict)
     invite_retrans: int = 0
     call_states: dict[str, int] = field(default_factory=dict)
@@ -803,6 +832,7 @@ class Bench:
                   phones=("alice", "direct"), trunks=("carrier",),
                   contexts={"direct": "bench-direct"}, extra_dialplan=DIRECT_DIALPLAN,
                   extra_config=extra, ami_eventfilters=not self.args.no_ami_eventfilter,
+                  extra_manager=ALL_EVENTS_MANAGER if self.args.all_events else "",
                   pjsip_global={"taskprocessor_overload_trigger": trigger} if trigger else None)
         self.pbx = pbx  # stop() in the finally even if start() fails half-way
         pbx.start()
@@ -869,7 +899,7 @@ class Bench:
         await asyncio.sleep(1)
 
     async def step(self, mode: str, rate: float, calls: int,
-                   tap: AmiTap | None = None) -> Step:
+                   tap: AmiTap | None = None, all_tap: AmiTap | None = None) -> Step:
         a = self.args
         pbx = self.pbx
         hold_s = a.hold_ms / 1000
@@ -886,6 +916,8 @@ class Bench:
         agi0, hist0, dec0 = probe.agi_stats(), probe.snapshot(), probe.decisions()
         states0 = await self.call_states()
         tap0 = tap.snapshot() if tap else {}
+        all0 = all_tap.snapshot() if all_tap else {}
+        detail0 = all_tap.details() if all_tap else {}
         self.mark_log()
         with contextlib.suppress(PbxError):
             await pbx.acli("core reset taskprocessors")
@@ -919,6 +951,11 @@ class Bench:
         if tap is not None:
             st.ami_events = {k: v - tap0.get(k, 0) for k, v in tap.snapshot().items()
                              if v - tap0.get(k, 0)}
+        if all_tap is not None:
+            st.all_events = {k: v - all0.get(k, 0) for k, v in all_tap.snapshot().items()
+                             if v - all0.get(k, 0)}
+            st.event_detail = {k: v - detail0.get(k, 0) for k, v in all_tap.details().items()
+                               if v - detail0.get(k, 0)}
         st.call_states = {k: v - states0.get(k, 0) for k, v in states1.items()
                           if v - states0.get(k, 0)}
 
@@ -1087,13 +1124,16 @@ class Bench:
             f"held {a.hold_ms} ms")
         fixed: dict[str, Step] = {}
         tap = await AmiTap(pbx).start()
+        all_tap = await AmiTap(pbx, *ALL_EVENTS_ACCOUNT).start() if a.all_events else None
         try:
             for mode in MODES:
-                fixed[mode] = await self.step(mode, a.rate, a.calls, tap)
+                fixed[mode] = await self.step(mode, a.rate, a.calls, tap, all_tap)
                 for line in self.describe(fixed[mode]):
                     print(line, flush=True)
         finally:
             await tap.close()
+            if all_tap is not None:
+                await all_tap.close()
         g, d = fixed["gateway"].pdd_summary, fixed["direct"].pdd_summary
         print()
         print(f"Post-dial delay, INVITE -> first 180/200, {a.calls} calls at {a.rate:g}/s "
@@ -1128,6 +1168,23 @@ class Bench:
             total = sum(st.ami_events.values())
             print(f"    {mode:8s} {total / st.calls:5.1f}: " + ", ".join(
                 f"{k} {v / st.calls:.1f}" for k, v in names))
+        if a.all_events:
+            g_all, d_all = fixed["gateway"].all_events, fixed["direct"].all_events
+            ng, nd = fixed["gateway"].calls, fixed["direct"].calls
+            print("  every AMI event a call (--all-events: an account reading all classes),"
+                  " gateway / direct / difference:")
+            for name in sorted(set(g_all) | set(d_all),
+                               key=lambda k: -(g_all.get(k, 0) / ng - d_all.get(k, 0) / nd)):
+                eg, ed = g_all.get(name, 0) / ng, d_all.get(name, 0) / nd
+                print(f"    {name:24s} {eg:6.1f} {ed:6.1f} {eg - ed:+6.1f}")
+            print(f"    {'total':24s} {sum(g_all.values()) / ng:6.1f} "
+                  f"{sum(d_all.values()) / nd:6.1f}")
+            g_det, d_det = fixed["gateway"].event_detail, fixed["direct"].event_detail
+            print("  VarSet by variable and Newexten by application, a call, gateway / direct:")
+            for name in sorted(set(g_det) | set(d_det),
+                               key=lambda k: (-g_det.get(k, 0) / ng, k)):
+                print(f"    {name:40s} {g_det.get(name, 0) / ng:5.2f} "
+                      f"{d_det.get(name, 0) / nd:5.2f}")
         print("  CPU per call (ms), measured over the whole step:")
         for mode in MODES:
             st = fixed[mode]
@@ -1220,6 +1277,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-ami-eventfilter", action="store_true",
                    help="what-if: the gateway's AMI account without the eventfilter lines of "
                         "dialplan/manager.conf.example (every event of its read classes)")
+    p.add_argument("--all-events", action="store_true",
+                   help="part 1 also counts every AMI event a call, by name, through a "
+                        "second account that reads all classes (what the manager queue "
+                        "carries; the account costs Asterisk a write per event)")
     p.add_argument("--pbx-root", default="", help="the sid root folder ($PBX_ROOT)")
     args = p.parse_args(argv)
     args.ramp = [float(x) for x in args.ramp.split(",") if x.strip()]

@@ -24,14 +24,22 @@ CAUSE = "GW_CAUSE"  # Q.850 cause of a REJECT
 
 ANNOUNCE = "GW_ANNOUNCE"  # REJECT only: Playback files ('&'-joined) heard before the cause
 
-# The order the answer is sent in (one MSet). DECISION is last: were the variables ever
-# set one by one, a session cut short would never leave an ALLOW behind.
-ANSWER = (REASON, CALL_ID, ROUTE, NUMBER, TARGET, FUNDED, CAUSE, DECISION)
-# A REJECT also carries ANNOUNCE (empty: nothing is played), always, so that a value a
-# parent channel handed down never plays. An ALLOW does not: the allowed call's path
-# reads it nowhere and gets no extra channel variable (the dialplan does not clear it
-# before asking, for the same reason).
-REJECT_ANSWER = (REASON, CALL_ID, ROUTE, NUMBER, TARGET, FUNDED, CAUSE, ANNOUNCE, DECISION)
+# What an answer may carry, in the order it is sent (one MSet). DECISION is last: were
+# the variables ever set one by one, a session cut short would never leave an ALLOW
+# behind. Each answer sets only what the dialplan reads after that decision, because
+# every variable set is a message on the PBX's AMI queue (docs/benchmarks.md); the
+# dialplan clears DECISION and CALL_ID before asking, and everything else it reads after
+# an ALLOW or a REJECT comes in the same MSet as the decision, so a value a parent
+# channel handed down is never read:
+# - an ALLOW: CALL_ID (when the call has one), ROUTE, NUMBER (trunk routes: pstn,
+#   partner, emergency) or TARGET (internal and inbound calls), FUNDED (empty = no
+#   limit), DECISION;
+# - a REJECT: REASON, CALL_ID (when the call has one), CAUSE, ANNOUNCE (empty: nothing
+#   is played; sent whenever announcements are configured, as the gateway runs),
+#   DECISION.
+ALLOW_ANSWER = (CALL_ID, ROUTE, NUMBER, TARGET, FUNDED, DECISION)
+REJECT_ANSWER = (REASON, CALL_ID, CAUSE, ANNOUNCE, DECISION)
+CLEARED = (DECISION, CALL_ID)  # emptied by the dialplan before it asks
 
 # ---- set by the gateway over AMI (Originate), read by [gateway-warning] ------------------
 
@@ -43,7 +51,7 @@ WARNING_EXTEN = "warning"  # its extension
 # The gateway never reads or sets these; they are declared so that the dialplan check
 # sees every GW_* name and a new one cannot slip in unnoticed.
 
-AGI = "GW_AGI"  # host:port of the gateway's FastAGI server
+AGI = "GW_AGI"  # host:port of the gateway's FastAGI server (empty: 127.0.0.1, port 4573)
 AGI_BACKUP = "GW_AGI_BACKUP"  # host:port asked once when AGI cannot be reached; empty = none
 FAIL_POLICY = "GW_FAIL_POLICY"  # outbound when the gateway is unreachable: closed | open
 INBOUND_FAIL_POLICY = "GW_INBOUND_FAIL_POLICY"  # the same for inbound
@@ -51,13 +59,15 @@ PSTN_TRUNK = "GW_PSTN_TRUNK"
 PARTNER_TRUNK = "GW_PARTNER_TRUNK"
 EMERGENCY_TRUNK = "GW_EMERGENCY_TRUNK"
 EMERGENCY_NUMBERS = "GW_EMERGENCY_NUMBERS"  # dialled straight, never asking the gateway
-DIRECTION = "GW_DIRECTION"  # outbound | inbound, for [gateway-decide]
-FUNDED_MS = "GW_FUNDED_MS"  # FUNDED in milliseconds, for Dial's L()
-DIAL_OPTS = "GW_DIAL_OPTS"  # Dial's options: L(<ms>) when funded
+DIRECTION = "GW_DIRECTION"  # outbound | inbound, set on entering [gateway-decide]
 
 DIALPLAN_ONLY = frozenset({AGI, AGI_BACKUP, FAIL_POLICY, INBOUND_FAIL_POLICY, PSTN_TRUNK,
-                           PARTNER_TRUNK, EMERGENCY_TRUNK, EMERGENCY_NUMBERS, DIRECTION,
-                           FUNDED_MS, DIAL_OPTS})
+                           PARTNER_TRUNK, EMERGENCY_TRUNK, EMERGENCY_NUMBERS, DIRECTION})
+
+# How every AGI() step writes the gateway's address: GW_AGI, or 127.0.0.1 when it is
+# empty (agi:// then uses FastAGI's port, 4573). IF() splits on the first ':' only, so
+# a host:port goes in its second branch.
+AGI_ADDRESS = '${IF($["${GW_AGI}" = ""]?127.0.0.1:${GW_AGI})}'
 
 # ---- the PBX's name ----------------------------------------------------------------------
 # A global of the PBX (empty on a PBX set up before names existed). The dialplan passes it
@@ -69,14 +79,14 @@ PBX = "GW_PBX"
 CDR_PBX = "pbx"  # CDR(pbx) on the PBX, column cdr.pbx in the database
 
 # Every GW_* name the shipped dialplan reads or sets.
-DIALPLAN = frozenset(REJECT_ANSWER) | DIALPLAN_ONLY | {PBX, WARNING}
+DIALPLAN = frozenset(ALLOW_ANSWER) | frozenset(REJECT_ANSWER) | DIALPLAN_ONLY | {PBX, WARNING}
 
 # ---- the health check ------------------------------------------------------------------
 
 # Set by the AGI server's ping route (a monitoring probe, not the shipped dialplan).
 PONG = "GW_PONG"
 
-# ---- AGI routes: agi://${GW_AGI}/<route>,<args> ----------------------------------------
+# ---- AGI routes: agi://<AGI_ADDRESS>/<route>,<args> ----------------------------------------
 # Each route's arguments as the dialplan writes them, in order; the *_<NAME> indices
 # below are where the gateway reads each one. The PBX's name is the LAST argument of
 # every route, so a dialplan older than it simply sends one argument fewer.

@@ -42,14 +42,17 @@ def test_the_dialplan_uses_exactly_the_declared_names():
 
 def test_every_declared_name_is_used_by_one_side_or_the_other():
     names = set(declared().values())
-    gateway_sets = set(var.REJECT_ANSWER) | {var.PONG, var.WARNING}
+    answers = set(var.ALLOW_ANSWER) | set(var.REJECT_ANSWER)
+    gateway_sets = answers | {var.PONG, var.WARNING}
     assert names == var.DIALPLAN | gateway_sets
     assert len(names) == len(declared())  # no name declared twice
     # what the gateway answers (or originates with), the dialplan reads
-    assert set(var.REJECT_ANSWER) | {var.WARNING} <= var.DIALPLAN
-    assert not var.DIALPLAN_ONLY & set(var.REJECT_ANSWER)
-    # a REJECT carries the announcement too, the decision still last
-    assert var.REJECT_ANSWER == (*var.ANSWER[:-1], var.ANNOUNCE, var.DECISION)
+    assert answers | {var.WARNING} <= var.DIALPLAN
+    assert not var.DIALPLAN_ONLY & answers
+    # the decision last in both; only a REJECT carries the announcement and the cause
+    assert var.ALLOW_ANSWER[-1] == var.REJECT_ANSWER[-1] == var.DECISION
+    assert var.ANNOUNCE not in var.ALLOW_ANSWER and var.CAUSE not in var.ALLOW_ANSWER
+    assert set(var.CLEARED) == {var.DECISION, var.CALL_ID}
 
 
 def test_no_gateway_module_spells_a_channel_variable_itself():
@@ -68,7 +71,7 @@ def test_no_gateway_module_spells_a_channel_variable_itself():
 
 def agi_calls() -> list[tuple[str, str]]:
     """(route, arguments) of every AGI() step of the dialplan."""
-    agi = re.compile(r"AGI\(agi://\$\{" + var.AGI + r"\}/(\w+),(.*)\)\s*$")
+    agi = re.compile(r"AGI\(agi://" + re.escape(var.AGI_ADDRESS) + r"/(\w+),(.*)\)\s*$")
     return [m.groups() for line in dialplan_code() if (m := agi.search(line))]
 
 
@@ -81,7 +84,7 @@ def test_the_dialplan_calls_the_declared_routes_with_the_declared_arguments():
     assert sorted(route for route, _ in calls) == sorted(
         [*var.ROUTES, "outbound", "outbound", "outbound", "inbound"])
     assert var.PING_ROUTE not in var.ROUTES  # the probe's, not the dialplan's
-    # no AGI() goes anywhere but ${GW_AGI} (the backup is swapped into it)
+    # no AGI() goes anywhere but GW_AGI or its default (the backup is swapped into it)
     assert sum("AGI(" in line for line in dialplan_code()) == len(calls)
 
 
@@ -94,17 +97,18 @@ def test_the_pbx_name_is_the_last_argument_of_every_route():
         assert index == len(args) - 1 and args[index] == "${" + var.PBX + "}", route
 
 
-def settings_mset() -> dict[str, str]:
-    """name -> value of the one MSet of [gateway-settings] that copies the globals."""
-    code = "\n".join(dialplan_code())
-    section = code.split("[gateway-settings]", 1)[1].split("\n[", 1)[0]
-    msets = [m for m in re.findall(r"MSet\((.*)\)\s*$", section, re.M) if var.DIRECTION in m]
-    assert len(msets) == 1, msets
-    # MSet splits on commas outside parentheses
-    items, depth, item = [], 0, ""
-    for ch in msets[0]:
+def mset_items(step: str) -> dict[str, str]:
+    """name -> value of one MSet step (split on commas outside parentheses and quotes,
+    as MSet does; the quotes removed)."""
+    body = re.fullmatch(r"MSet\((.*)\)", step.strip())
+    assert body, step
+    items, depth, quoted, item = [], 0, False, ""
+    for ch in body.group(1):
+        if ch == '"':
+            quoted = not quoted
+            continue
         depth += (ch in "([{") - (ch in ")]}")
-        if ch == "," and depth == 0:
+        if ch == "," and depth == 0 and not quoted:
             items.append(item)
             item = ""
         else:
@@ -113,12 +117,23 @@ def settings_mset() -> dict[str, str]:
     return dict(item.split("=", 1) for item in items)
 
 
-def test_the_settings_copy_the_pbx_name_and_the_backup_and_put_the_name_on_the_cdr():
-    """In the existing MSet: no extra dialplan step for either."""
-    copied = settings_mset()
-    assert copied[var.PBX] == "${GLOBAL(" + var.PBX + ")}"
-    assert copied[var.AGI_BACKUP] == "${GLOBAL(" + var.AGI_BACKUP + ")}"
-    assert copied[f"CDR({var.CDR_PBX})"] == "${GLOBAL(" + var.PBX + ")}"
+ASKING = (("gateway-outbound", "_[+0-9*#]!"), ("gateway-outbound", "_[A-Za-z]."),
+          ("gateway-inbound", "_[+0-9*#]!"))
+
+
+def test_one_step_before_asking_clears_the_answer_names_the_pbx_and_pushes_the_handler():
+    """Right before the first AGI() of each asking extension, one MSet: the decision and
+    the call id emptied (a parent channel must not hand down an ALLOW or a call id the
+    hangup handler would report), the PBX's name on the CDR, the hangup handler pushed
+    (so a caller who hangs up while the gateway decides is still reported)."""
+    for context, extension in ASKING:
+        ext_steps = steps(context, extension)
+        first_agi = next(i for i, st in enumerate(ext_steps) if st.startswith("AGI("))
+        items = mset_items(ext_steps[first_agi - 1])
+        assert items == {var.DECISION: "", var.CALL_ID: "",
+                         f"CDR({var.CDR_PBX})": "${" + var.PBX + "}",
+                         "CHANNEL(hangup_handler_push)": "gateway-hangup,s,1"}, (context, items)
+        assert not any("Gosub(" in st for st in ext_steps)
 
 
 def steps(context: str, extension: str) -> list[str]:
@@ -143,20 +158,22 @@ def test_a_delivered_hangup_report_takes_three_steps():
     """Check, report, ExecIf that returns: the fail-over costs nothing when the gateway
     answers (every step is a message on the AMI queue, docs/benchmarks.md)."""
     handler = steps("gateway-hangup", "s")
-    assert handler[1].startswith("AGI(agi://${" + var.AGI + "}/hangup,")
+    assert handler[1].startswith("AGI(agi://" + var.AGI_ADDRESS + "/hangup,")
     assert handler[2].startswith("ExecIf(") and handler[2].endswith(":Return())")
 
 
 def test_the_fail_over_steps_come_after_the_failure_branch_only():
-    """The number paths reach the backup only through the label the FAILURE check jumps
-    to: on the happy path, [gateway-outbound] still asks once and goes to
-    [gateway-decide], whose steps before 'unreachable' are those of a single AGI."""
-    outbound = steps("gateway-outbound", "_[+0-9*#]!")
-    agi = [i for i, s in enumerate(outbound) if s.startswith("AGI(")]
-    assert len(agi) == 1 and outbound[agi[0] + 1].startswith("Goto(gateway-decide,")
-    inbound = steps("gateway-inbound", "_[+0-9*#]!")
-    assert sum(s.startswith("AGI(") for s in inbound) == 1
-    assert inbound[-1].startswith("Goto(gateway-decide,")
+    """The number paths reach the backup only through [gateway-decide], where the
+    FAILURE check jumps: on the common path each asks once, checks the answer in one
+    step and dials; [gateway-decide]'s steps before 'unreachable' are those of a single
+    AGI."""
+    for context in ("gateway-outbound", "gateway-inbound"):
+        ext_steps = steps(context, "_[+0-9*#]!")
+        agi = [i for i, st in enumerate(ext_steps) if st.startswith("AGI(")]
+        assert len(agi) == 1, context
+        check, dial = ext_steps[agi[0] + 1], ext_steps[agi[0] + 2]
+        assert check.startswith("GotoIf(") and ":gateway-decide," in check, context
+        assert dial.startswith("Dial(PJSIP/"), context
     code = "\n".join(dialplan_code())
     decide = code.split("[gateway-decide]", 1)[1].split("\n[", 1)[0]
     before, _, after = decide.partition("same => n(unreachable),")
@@ -164,30 +181,31 @@ def test_the_fail_over_steps_come_after_the_failure_branch_only():
     assert "AGI(" in after
 
 
-def test_the_dialplan_clears_every_answer_variable_before_asking():
-    """A parent channel (Local, transfer) must not hand down an ALLOW: the settings
-    subroutine empties every variable the gateway answers with. Not GW_ANNOUNCE: it is
-    read on the REJECT path only, and every REJECT answer sets it (below), so clearing
-    it would only add a channel variable to every allowed call."""
-    cleared: set[str] = set()
-    for line in dialplan_code():
-        for mset in re.findall(r"MSet\(([^)]*)\)", line):
-            cleared |= {item[:-1] for item in mset.split(",") if item.endswith("=")}
-    assert set(var.ANSWER) <= cleared
-    assert var.ANNOUNCE not in cleared
+def test_an_allowed_call_to_a_trunk_takes_four_steps_to_dial():
+    """Check (emergency or not a number), clear and push, ask, check the answer, Dial:
+    every dialplan step and every variable set is a message on the PBX's AMI queue
+    (docs/benchmarks.md), and only Dial's own variables come after."""
+    ext_steps = steps("gateway-outbound", "_[+0-9*#]!")
+    assert [st.split("(", 1)[0] for st in ext_steps[:5]] == [
+        "GotoIf", "MSet", "AGI", "GotoIf", "Dial"]
+    inbound = steps("gateway-inbound", "_[+0-9*#]!")
+    assert [st.split("(", 1)[0] for st in inbound[:4]] == ["MSet", "AGI", "GotoIf", "Dial"]
+    # no step on the way sets a variable but the one MSet
+    assert not any(st.startswith("Set(") for st in ext_steps[:5] + inbound[:4])
 
 
 def test_the_allowed_path_has_no_announcement_steps():
-    """The announcement's steps sit behind the REJECT branch: an allowed call runs the
-    same [gateway-decide] steps as before it (one message each on the AMI queue)."""
+    """The announcement's steps sit behind the REJECT branch: an allowed call never
+    reads GW_ANNOUNCE nor plays anything."""
     code = "\n".join(dialplan_code())
     decide = code.split("[gateway-decide]", 1)[1].split("\n[", 1)[0]
     before, _, after = decide.partition("same => n(reject),")
     assert var.ANNOUNCE not in before and "Playback(" not in before
     allow = after.partition("same => n(allow),")[2]
     assert var.ANNOUNCE not in allow and "Playback(" not in allow and "Progress(" not in allow
-    settings = code.split("[gateway-settings]", 1)[1].split("\n[", 1)[0]
-    assert var.ANNOUNCE not in settings and var.WARNING not in settings
+    for context in ("gateway-outbound", "gateway-inbound"):
+        common = steps(context, "_[+0-9*#]!")[:5]
+        assert not any(var.ANNOUNCE in st or var.WARNING in st for st in common)
 
 
 class StubRater:
@@ -214,23 +232,43 @@ class Session:
 
 
 async def test_the_answer_sets_the_declared_variables_decision_last():
-    allow = Decision(True, Reason.FUNDED, uuid.uuid4(), route=Route.PSTN, funded_seconds=300,
+    call_id = uuid.uuid4()
+    allow = Decision(True, Reason.FUNDED, call_id, route=Route.PSTN, funded_seconds=300,
                      destination="+12125550100", sources=(Source.POOL,))
-    reject = Decision(False, Reason.NO_LICENSE, uuid.uuid4(), destination="2125550100")
+    internal = Decision(True, Reason.INTERNAL, None, route=Route.INTERNAL, target="bob",
+                        destination="bob")
+    reject = Decision(False, Reason.NO_LICENSE, None, destination="2125550100")
+    trunk_allow = [(var.CALL_ID, str(call_id)), (var.ROUTE, "pstn"),
+                   (var.NUMBER, "12125550100"), (var.FUNDED, "300"), (var.DECISION, "ALLOW")]
     for decision, announcements, expected in (
-        (allow, None, var.ANSWER), (reject, None, var.ANSWER),
+        (allow, None, trunk_allow),
+        (internal, None, [(var.ROUTE, "internal"), (var.TARGET, "bob"), (var.FUNDED, ""),
+                          (var.DECISION, "ALLOW")]),
+        (reject, None, [(var.REASON, "NO_LICENSE"), (var.CAUSE, "50"),
+                        (var.DECISION, "REJECT")]),
         # with announcements (as the gateway runs): an ALLOW is unchanged, a REJECT
         # carries GW_ANNOUNCE, even when it is switched off (empty)
-        (allow, Announcements(), var.ANSWER), (reject, Announcements(), var.REJECT_ANSWER),
-        (reject, Announcements(enabled=False), var.REJECT_ANSWER),
+        (allow, Announcements(), trunk_allow),
+        (reject, Announcements(enabled=False), [
+            (var.REASON, "NO_LICENSE"), (var.CAUSE, "50"), (var.ANNOUNCE, ""),
+            (var.DECISION, "REJECT")]),
     ):
         service = CallService(StubRater(decision), recovery=None,  # type: ignore[arg-type]
                               announcements=announcements)
         session = Session()
         await service.routes()[var.OUTBOUND_ROUTE](session)  # type: ignore[arg-type]
-        assert [name for name, _ in session.sent] == list(expected)
-        assert expected[-1] == var.DECISION
+        assert session.sent == expected
+        names = [name for name, _ in session.sent]
+        assert names == [n for n in (var.ALLOW_ANSWER if decision.allow
+                                     else var.REJECT_ANSWER) if n in names]
         await service.stop()
+    # a REJECT with announcements on carries the reason's prompt
+    service = CallService(StubRater(reject), recovery=None,  # type: ignore[arg-type]
+                          announcements=Announcements())
+    session = Session()
+    await service.routes()[var.OUTBOUND_ROUTE](session)  # type: ignore[arg-type]
+    assert [n for n, _ in session.sent] == [var.REASON, var.CAUSE, var.ANNOUNCE, var.DECISION]
+    await service.stop()
 
 
 async def test_the_ping_route_answers_with_pong():

@@ -638,7 +638,7 @@ async def test_emergency_number_dials_with_the_gateway_down(pbx, gw, number):
     trunk = await uas.result()
     assert phone.final_code == 200 and phone.bye_from == "phone", explain(phone, trunk)
     assert trunk.invite.first_line.startswith(f"INVITE sip:{number}@"), explain(trunk)
-    assert "AGISTATUS" not in pbx.log_text().split(f"gateway outbound {number}")[-1]
+    assert "AGISTATUS" not in pbx.log_text().split(f"emergency call {number}")[-1]
 
 
 async def test_emergency_numbers_are_configurable(pbx, gw):
@@ -944,7 +944,7 @@ async def test_emergency_dials_with_both_gateways_down(pbx, gw):
     trunk = await uas.result()
     assert phone.final_code == 200, explain(phone, trunk)
     assert trunk.invite.first_line.startswith("INVITE sip:911@"), explain(trunk)
-    assert "asking the backup" not in pbx.log_text().split("gateway outbound 911")[-1]
+    assert "asking the backup" not in pbx.log_text().split("emergency call 911")[-1]
 
 
 async def test_a_pbx_without_a_name_sends_an_empty_last_argument(make_pbx, gw):
@@ -1109,9 +1109,10 @@ async def test_agi_protocol_details(pbx, gw):
     assert phone.final_code == 486, explain(phone)
     req = gw.of("outbound")[0]
     assert req.env["_quoted"] == "200 result=1 (value with spaces)"
-    # Unquoted spaces are a syntax error (multi-line 520) and set nothing.
+    # Unquoted spaces are a syntax error (multi-line 520) and set nothing: the variable
+    # does not exist (result=0; the dialplan clears only GW_DECISION and GW_CALL_ID).
     assert req.env["_set_unquoted"].startswith("520-Invalid command syntax"), req.dialogue
-    assert req.env["_unquoted"] == "200 result=1 ()"
+    assert req.env["_unquoted"] == "200 result=0"
 
 
 async def test_agi_waits_for_a_slow_gateway_and_reports_a_hangup(pbx, gw, ami):
@@ -1175,7 +1176,7 @@ def test_shipped_dialplan_loads_without_warnings(shared_pbx):
     complaints = [ln for ln in log if "pbx_config" in ln and ("WARNING" in ln or "ERROR" in ln)]
     assert complaints == []
     out = shared_pbx.cli("dialplan show gateway-decide")
-    assert "Hangup(34)" in out and "L(${" + var.FUNDED_MS + "})" in out
+    assert "Hangup(34)" in out and "L($[TRUNC(0${" + var.FUNDED + "} * 1000)])" in out
 
 
 async def test_shipped_examples_load(make_pbx):  # noqa: F811

@@ -30,6 +30,7 @@ from gateway import dialplan_variables as var
 from gateway.agi import AgiReply, AgiServer, AgiSession
 from gateway.ami import AmiClient
 from gateway.ami.events import Cdr, DialEnd, Hangup
+from gateway.calls.announce import Announcements
 from gateway.calls.service import CallService
 from gateway.rating.model import Decision, Reason, Route, Source
 
@@ -427,16 +428,18 @@ class _Settled:
 
 def recorded_decision(t: AgiTranscript) -> Decision:
     v = t.set_variables()
-    route = Route(v[var.ROUTE]) if v[var.ROUTE] else None
-    number = v[var.NUMBER]
+    route = Route(v[var.ROUTE]) if v.get(var.ROUTE) else None
+    number = v.get(var.NUMBER, "")
     return Decision(
         allow=v[var.DECISION] == "ALLOW",
-        reason=Reason(v[var.REASON]),
-        call_id=uuid.UUID(v[var.CALL_ID]) if v[var.CALL_ID] else None,
+        # an ALLOW does not send its reason (the dialplan does not read it): any reason
+        # of an allowed call answers the same
+        reason=Reason(v.get(var.REASON, Reason.FUNDED.value)),
+        call_id=uuid.UUID(v[var.CALL_ID]) if v.get(var.CALL_ID) else None,
         route=route,
-        funded_seconds=int(v[var.FUNDED]) if v[var.FUNDED] else None,
+        funded_seconds=int(v[var.FUNDED]) if v.get(var.FUNDED) else None,
         destination=f"+{number}" if route in (Route.PSTN, Route.PARTNER) else number,
-        target=v[var.TARGET] or None,
+        target=v.get(var.TARGET) or None,
         sources=(Source.POOL,),
     )
 
@@ -448,7 +451,9 @@ async def test_call_routes_answer_the_recorded_sessions_as_the_gateway_did(agi_s
     t = AGI[name]
     script = t.env["network_script"]
     rater = StubRater(recorded_decision(t) if script != var.HANGUP_ROUTE else None)
-    calls = CallService(rater, StubRecovery())  # type: ignore[arg-type]
+    # the recording's gateway ran with its stock announcements, as the gateway does
+    calls = CallService(rater, StubRecovery(),  # type: ignore[arg-type]
+                        announcements=Announcements())
     server = await agi_server(calls.routes())
     done = await replay(server.port, t.steps)
     await calls.stop()

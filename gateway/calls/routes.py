@@ -263,23 +263,26 @@ def _not_served(session: AgiSession, exc: PbxNotServed, route: str, *, refused: 
 
 
 def _answer_variables(d: Decision, announce: str | None = None) -> list[tuple[str, str]]:
-    """The channel variables that carry a decision, in ``var.ANSWER`` order; a REJECT
-    with ``announce`` (even empty) in ``var.REJECT_ANSWER`` order."""
+    """The channel variables that carry a decision, in ``var.ALLOW_ANSWER`` or
+    ``var.REJECT_ANSWER`` order, and only those the dialplan reads after it (each one
+    set is a message on the PBX's AMI queue): no CALL_ID when the call has none, NUMBER
+    or TARGET by the route, ANNOUNCE only with ``announce`` (even empty)."""
+    trunk = d.route in (Route.PSTN, Route.PARTNER, Route.EMERGENCY)
     number = d.destination.lstrip("+") if d.route in (Route.PSTN, Route.PARTNER) else \
         d.destination
     values = {
         var.REASON: d.reason.value,
-        var.CALL_ID: str(d.call_id) if d.call_id else "",
+        var.CALL_ID: str(d.call_id) if d.call_id else None,
         var.ROUTE: d.route.value if d.route else "",
-        var.NUMBER: number if d.allow else "",
-        var.TARGET: d.target or "",
+        var.NUMBER: number if trunk else None,
+        var.TARGET: None if trunk else d.target or "",
         var.FUNDED: str(d.funded_seconds) if d.funded_seconds is not None else "",
-        var.CAUSE: "" if d.allow else str(cause_for(d.reason.value)),
-        var.ANNOUNCE: announce or "",
+        var.CAUSE: str(cause_for(d.reason.value)),
+        var.ANNOUNCE: announce,
         var.DECISION: d.decision,
     }
-    names = var.REJECT_ANSWER if announce is not None and not d.allow else var.ANSWER
-    return [(name, values[name]) for name in names]
+    names = var.ALLOW_ANSWER if d.allow else var.REJECT_ANSWER
+    return [(name, value) for name in names if (value := values[name]) is not None]
 
 
 def _bound(session: AgiSession) -> Any:

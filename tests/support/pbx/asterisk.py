@@ -113,6 +113,8 @@ class Pbx:
     pjsip_global
         more options of pjsip.conf's ``[global]`` section (e.g.
         ``taskprocessor_overload_trigger``).
+    extra_manager
+        text appended to manager.conf (e.g. a second account for measurements).
 
     After ``start()``: ``sip_port``, ``ami_host``/``ami_port``/``ami_user``/
     ``ami_secret``, ``ports`` (endpoint name -> SIPp port), ``run_dir`` (host
@@ -150,6 +152,7 @@ class Pbx:
         pjsip_global: Mapping[str, str] | None = None,
         boot_timeout: float = 60.0,
         ami_eventfilters: bool = True,
+        extra_manager: str = "",
     ) -> None:
         self.root = Path(root) if root else pbx_root_path()
         self.phones = tuple(phones)
@@ -173,6 +176,7 @@ class Pbx:
         self.extra_dialplan = extra_dialplan
         self.pjsip_global = dict(pjsip_global or {})
         self.boot_timeout = boot_timeout
+        self.extra_manager = extra_manager
         # False: the AMI user without the example's eventfilter lines (every event)
         self.ami_eventfilters = ami_eventfilters
 
@@ -517,7 +521,7 @@ deny = 0.0.0.0/0.0.0.0
 permit = 127.0.0.1/255.255.255.255
 read = {read}
 write = {write}
-""" + "".join(f"{line}\n" for line in filters)
+""" + "".join(f"{line}\n" for line in filters) + self.extra_manager
         files["cdr.conf"] = "[general]\n" + "".join(f"{k} = {v}\n" for k, v in self.cdr.items())
         files["cdr_manager.conf"] = "[general]\nenabled = yes\n\n[mappings]\nlinkedid => LinkedID\n"
         files["rtp.conf"] = "[general]\nrtpstart = 20000\nrtpend = 30000\n"
