@@ -345,6 +345,17 @@ def _postgres_backends(dbname: str) -> list[int]:
     return out
 
 
+def _pin(pid: int, cpus: set[int]) -> int:
+    """Every thread of process ``pid`` onto ``cpus`` (threads it starts later inherit
+    it); returns how many threads were pinned."""
+    n = 0
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task.name), cpus)
+            n += 1
+    return n
+
+
 def _machine_busy() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine."""
     parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -915,6 +926,9 @@ class Bench:
         probe = self.probe
         agi0, hist0, dec0 = probe.agi_stats(), probe.snapshot(), probe.decisions()
         states0 = await self.call_states()
+        if a.pin_pbx:  # the pool's backends (opened since the last step included)
+            for pid in _postgres_backends(self.dbname):
+                _pin(pid, os.sched_getaffinity(0))
         tap0 = tap.snapshot() if tap else {}
         all0 = all_tap.snapshot() if all_tap else {}
         detail0 = all_tap.details() if all_tap else {}
@@ -1111,6 +1125,15 @@ class Bench:
         log("starting Asterisk")
         pbx = await asyncio.to_thread(self.start_pbx, agi_port)
         await self.start_gateway(pbx, agi_port)
+        if a.pin_pbx:
+            # --pin-pbx: Asterisk alone on CPU 0; this process (the gateway, the bench),
+            # the SIPp phones it starts and the database's backends on the others
+            if self.asterisk_pid is None or len(os.sched_getaffinity(0)) < 2:
+                raise SystemExit("--pin-pbx needs Asterisk's pid and at least 2 CPUs")
+            rest = os.sched_getaffinity(0) - {0}
+            log(f"pinned: Asterisk ({_pin(self.asterisk_pid, {0})} threads) on CPU 0; "
+                f"this process ({_pin(os.getpid(), rest)} threads), SIPp and the "
+                f"database's backends on CPU {','.join(map(str, sorted(rest)))}")
         ver = (await pbx.acli("core show version")).strip().split("\n")[0]
         log(f"{ver.split(' built ')[0]}; gateway on 127.0.0.1:{agi_port}; "
             f"database {self.dbname}")
@@ -1281,6 +1304,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="part 1 also counts every AMI event a call, by name, through a "
                         "second account that reads all classes (what the manager queue "
                         "carries; the account costs Asterisk a write per event)")
+    p.add_argument("--pin-pbx", action="store_true",
+                   help="Asterisk alone on CPU 0, everything else (the gateway, the bench, "
+                        "SIPp, the database's backends) on the other CPUs: the call rate "
+                        "one PBX core carries, as when the gateway and the database run "
+                        "on their own machines")
     p.add_argument("--pbx-root", default="", help="the sid root folder ($PBX_ROOT)")
     args = p.parse_args(argv)
     args.ramp = [float(x) for x in args.ramp.split(",") if x.strip()]
