@@ -84,6 +84,25 @@ async def test_a_caller_seen_before_is_authorised_in_one_round_trip(
     await ledger_agrees(repo)
 
 
+async def test_a_number_ending_like_one_of_the_tenants_own_is_still_one_round_trip(
+        admin, known_rater, counting, repo):
+    """New York's 212 555 0100 ends with the same seven digits as alice's own number
+    (+1 514 555 0100): only the dialled number's whole E.164 decides that it is not
+    internal, as the two-trip path decides it (issue 10: every such call took three
+    round trips). Her own number, dialled either way, is still internal."""
+    await standard_tenant(admin)
+    await known_rater.authorise_outbound("alice", "5145550123")
+    counting.trips.clear()
+    for dialled in ("2125550100", "+12125550100", "12125550100"):
+        d = await known_rater.authorise_outbound("alice", dialled)
+        assert (d.allow, d.route, d.destination) == (True, Route.PSTN, "+12125550100")
+    assert counting.trips == ["authorise_known"] * 3
+    for dialled in ("5145550100", "+15145550100"):
+        d = await known_rater.authorise_outbound("bob", dialled)
+        assert (d.allow, d.route, d.target) == (True, Route.INTERNAL, "alice"), dialled
+    await ledger_agrees(repo)
+
+
 async def test_a_changed_context_is_read_again_and_the_stale_attempt_writes_nothing(
         admin, known_rater, counting, repo):
     await standard_tenant(admin, wallet="10")

@@ -219,7 +219,8 @@ class Rater:
         assert known.context_version is not None
         return await self._record(ruling, ctx.tenant.id, ctx.user.id, Direction.OUTBOUND,
                                   sip_endpoint, pbx_uniqueid, linkedid, pbx,
-                                  known=(known.context_version, dialled, raw))
+                                  known=(known.context_version, dialled, raw,
+                                         classified.e164))
 
     @property
     def known_callers(self) -> int:
@@ -252,10 +253,11 @@ class Rater:
     async def _record(self, ruling: Ruling, tenant_id: str, user_id: str | None,
                       direction: Direction, caller: str, pbx_uniqueid: str | None,
                       linkedid: str | None, pbx: str,
-                      known: tuple[int, str, str] | None = None) -> Decision | None:
-        """Record ``ruling``. With ``known`` = (context version, dialled, dialled as typed),
-        only if the database finds the context still current (else None, nothing
-        written; see ``_authorise_known``)."""
+                      known: tuple[int, str, str, str | None] | None = None
+                      ) -> Decision | None:
+        """Record ``ruling``. With ``known`` = (context version, dialled, dialled as typed,
+        the dialled number's E.164 or None), only if the database finds the context still
+        current (else None, nothing written; see ``_authorise_known``)."""
         call_id = uuid.uuid4()
         destination = ruling.destination[:MAX_DIALLED]
         request = dict(
@@ -280,7 +282,7 @@ class Rater:
         )
         if known is not None:
             request.update(context_version=known[0], dialled=known[1],
-                           dialled_as_typed=known[2])
+                           dialled_as_typed=known[2], dialled_e164=known[3])
         pool = ((tenant_id, ruling.pool_country)
                 if ruling.allow and ruling.pool_country and ruling.sources
                 and ruling.sources[0] is Source.POOL else None)

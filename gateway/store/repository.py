@@ -90,7 +90,7 @@ def translate_errors() -> Any:
 
 
 # the arguments of gw_authorise_known's check, beside gw_authorise's
-_KNOWN_CHECK = ("context_version", "dialled", "dialled_as_typed")
+_KNOWN_CHECK = ("context_version", "dialled", "dialled_as_typed", "dialled_e164")
 
 
 def _lock_conflict(row: asyncpg.Record) -> bool:
@@ -304,17 +304,25 @@ class Repository(PoolStore):
         )
 
     async def authorise_known(self, *, context_version: int, dialled: str,
-                              dialled_as_typed: str, **decision: Any) -> AuthoriseResult | None:
+                              dialled_as_typed: str, dialled_e164: str | None = None,
+                              **decision: Any) -> AuthoriseResult | None:
         """``authorise`` in the same round trip as the check that the outbound decision was
         made from the tenant's current context (``gw_authorise_known``): the tenant's
-        context version is still ``context_version`` and ``dialled`` is none of its
-        users, extensions or numbers (compared as ``find_caller`` does). None, with
-        nothing written, when either does not hold."""
-        digits = "".join(_DIGITS.findall(dialled or ""))
+        context version is still ``context_version`` and the dialled string is none of
+        its users or extensions (``dialled``; endpoint names: ``dialled_as_typed``) nor
+        its numbers (``dialled_e164``, the dialled number's E.164 as the rater classified
+        it; None: not a number, so none of them, as the two-trip path decides). None,
+        with nothing written, when either does not hold.
+
+        The function's number check is "some number of the tenant ends with p_suffix";
+        given the whole E.164 (which starts with '+', as every stored number does) it
+        is an exact comparison, served by the same index. The last seven digits were
+        given before: a call to any number ending like one of the tenant's own (212 555
+        0100 for a tenant owning +1 514 555 0100) then took three round trips."""
         r = await self._fetchrow(
             "SELECT * FROM gw_authorise_known($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
             " $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
-            context_version, dialled, dialled_as_typed, digits[-7:] if digits else None,
+            context_version, dialled, dialled_as_typed, dialled_e164,
             decision["call_id"], decision["tenant_id"], decision["user_id"],
             decision["direction"], decision["caller"], decision["destination"],
             decision["number_class"], decision["decision"], decision["reason"],
@@ -336,7 +344,7 @@ class Repository(PoolStore):
                                     list[AuthoriseResult | None | Exception]]:
         """Several settlements (call id, billable seconds, now, by: ``settle``'s arguments,
         unfenced) and authorisations (each ``authorise``'s keyword arguments; with
-        ``context_version``, ``dialled`` and ``dialled_as_typed`` decided as
+        ``context_version``, ``dialled``, ``dialled_as_typed`` and ``dialled_e164`` decided as
         ``authorise_known`` decides) in one statement and one transaction
         (``gw_pool_batch``), the settlements first. One answer per request, in order:
         what the single step would return, or the typed error it would raise, as an
@@ -344,10 +352,8 @@ class Repository(PoolStore):
         error of the statement itself is raised: none of them committed (or, for
         ``Unavailable``, the outcome is unknown for all of them)."""
         q = authorisations
-        suffixes = []
-        for a in q:
-            digits = "".join(_DIGITS.findall(a.get("dialled") or ""))
-            suffixes.append(digits[-7:] if digits else None)
+        # gw_authorise_known's p_suffix: the whole E.164 (see authorise_known)
+        suffixes = [a.get("dialled_e164") for a in q]
         rows = await self._fetch(
             "SELECT * FROM gw_pool_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
             " $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)",
