@@ -120,6 +120,35 @@ async def test_hangup_report_settles_and_cdr_after_changes_nothing(admin, servic
     await ledger_agrees(repo)
 
 
+async def test_the_cdr_of_a_call_settled_here_costs_no_database_lookup(
+        admin, service, repo, monkeypatch):
+    """After this process settled a call from its hangup report, the PBX's Cdr for it
+    (which comes after) is known settled without asking the database (issue 10: one
+    query a call less); a Cdr of a call this process did not settle still asks."""
+    from gateway.billing.recovery import Recovery
+    asked: list[str | None] = []
+    real = Recovery.open_call_id
+
+    async def counted(self, pbx, uniqueid=None):
+        asked.append(uniqueid)
+        return await real(self, pbx, uniqueid)
+
+    monkeypatch.setattr(Recovery, "open_call_id", counted)
+    await standard_tenant(admin)
+    s = Session("outbound", "2125550100", "alice", uniqueid="u-7")
+    await service.agi_outbound(s)
+    await service.on_dial_end(answer("u-7", "PJSIP/carrier-00000002"))
+    await service.agi_hangup(Session("hangup", s.vars[var.CALL_ID], "3200", "ANSWER", "3"))
+    await service.on_cdr(Cdr(uniqueid="u-7", disposition="ANSWERED", billable_seconds=3))
+    await service.on_cdr(Cdr(uniqueid="u-7", disposition="ANSWERED", billable_seconds=3))
+    assert asked == []
+    await service.on_cdr(Cdr(uniqueid="u-elsewhere", disposition="ANSWERED",
+                             billable_seconds=3))
+    assert asked == ["u-elsewhere"]
+    assert (await repo.find_call(uuid.UUID(s.vars[var.CALL_ID])))["billable_seconds"] == 3
+    await ledger_agrees(repo)
+
+
 async def test_cdr_alone_settles_and_unanswered_releases(admin, service, repo):
     await standard_tenant(admin, wallet="5")
     s = Session("outbound", "+442079460000", "alice", uniqueid="u-2")

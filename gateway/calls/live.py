@@ -45,6 +45,12 @@ NOT_PBX_OWNER = "NOT_PBX_OWNER"  # a fenced write refused: another process owns 
 DEADLINE = "TIMEOUT(absolute)"  # on the callee channel; seconds from when it arrives
 # A failed deadline move is sent again this often while the call is funded: once the
 # AMI link is back, the call's deadline is right within this time.
+# Uniqueids of the calls this process settled lately, so that the PBX's Cdr for such a
+# call (it comes after the hangup report) needs no database lookup to know it is closed.
+# A uniqueid names one call of its PBX (UNIQUE (pbx, pbx_uniqueid)). About 100 bytes
+# each: at most about 1 MiB.
+SETTLED_REMEMBERED = 10_000
+
 DEADLINE_RETRY_SECONDS = 0.5
 # The PBX's deadline read back may differ from ours by the time between the answer and
 # our DialEnd handling, and by the read's own delay: beyond this it is corrected.
@@ -158,6 +164,7 @@ class LiveCalls:
         self.ami: DeadlineLink | None = None  # no AMI: the PBX keeps the first deadline
         self.by_id: dict[uuid.UUID, LiveCall] = {}
         self._by_uniqueid: dict[str, uuid.UUID] = {}
+        self._settled: dict[str, None] = {}  # uniqueids, oldest first (SETTLED_REMEMBERED)
 
     # ---- the table ---------------------------------------------------------------------
 
@@ -175,6 +182,10 @@ class LiveCalls:
             call.renew_task.cancel()
         _cancel(call.warning_task)
         self._count()
+
+    def settled_here(self, uniqueid: str | None) -> bool:
+        """This process settled (or released) the call of ``uniqueid`` lately."""
+        return bool(uniqueid) and uniqueid in self._settled
 
     def _count(self) -> None:
         self.metrics.live_calls.labels(self.pbx).set(len(self.by_id))
@@ -547,6 +558,10 @@ class LiveCalls:
         self.metrics.settlements.labels(by, result.outcome).inc()
         if call is not None:
             self.untrack(call)
+            if call.uniqueid:
+                while len(self._settled) >= SETTLED_REMEMBERED:
+                    self._settled.pop(next(iter(self._settled)))
+                self._settled[call.uniqueid] = None
 
 
 def _cancel(task: asyncio.Task[None] | None) -> None:

@@ -106,6 +106,8 @@ class Reconciler:
         call = self.live.find(event.uniqueid)
         call_id = call.call_id if call is not None else None
         if call_id is None:
+            if self.live.settled_here(event.uniqueid):
+                return  # its hangup report was settled here: closed, exactly once
             # authorised by another process, or by ours before a restart
             call_id = await self.recovery.open_call_id(self.pbx, event.uniqueid or "")
             if call_id is None:
