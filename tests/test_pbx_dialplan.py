@@ -653,6 +653,23 @@ async def test_emergency_numbers_are_configurable(pbx, gw):
     assert phone.final_code == 503, explain(phone)
 
 
+async def test_empty_globals_take_their_defaults_where_they_are_used(pbx, gw):
+    """No settings subroutine: an empty GW_EMERGENCY_NUMBERS still means 911, 933, 112
+    and 999 (dialled with the gateway down), and an empty GW_AGI asks 127.0.0.1 on
+    FastAGI's port 4573."""
+    pbx.set_global(var.EMERGENCY_NUMBERS, "")
+    pbx.set_global(var.AGI, "")
+    uas = await callee(pbx, "emergency")
+    phone = await pbx.call("alice", "112", scenario="hold", hold=1)
+    trunk = await uas.result()
+    assert phone.final_code == 200, explain(phone, trunk)
+    assert trunk.invite.first_line.startswith("INVITE sip:112@"), explain(trunk)
+    phone = await pbx.call("alice", NUMBER, scenario="expect_error", max_wait=10)
+    assert phone.final_code == 503, explain(phone)
+    log = pbx.log_text()
+    assert "agi://127.0.0.1/outbound," in log, log[-3000:]
+
+
 async def test_internal_route_rings_the_target_phone(pbx, gw):
     gw.handler = allow("internal", {var.TARGET: "bob", var.NUMBER: ""})
     uas = await callee(pbx, "bob", ring_ms=500)
