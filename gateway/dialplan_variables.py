@@ -31,13 +31,14 @@ ANNOUNCE = "GW_ANNOUNCE"  # REJECT only: Playback files ('&'-joined) heard befor
 # dialplan clears DECISION and CALL_ID before asking, and everything else it reads after
 # an ALLOW or a REJECT comes in the same MSet as the decision, so a value a parent
 # channel handed down is never read:
-# - an ALLOW: CALL_ID (when the call has one), ROUTE, NUMBER (trunk routes: pstn,
-#   partner, emergency) or TARGET (internal and inbound calls), FUNDED (empty = no
-#   limit), DECISION;
+# - an ALLOW: REASON (for the operator's own dialplan and logs; the shipped one only
+#   logs it off the common path), CALL_ID (when the call has one), ROUTE, NUMBER (trunk
+#   routes: pstn, partner, emergency) or TARGET (internal and inbound calls), FUNDED
+#   (empty = no limit), DECISION;
 # - a REJECT: REASON, CALL_ID (when the call has one), CAUSE, ANNOUNCE (empty: nothing
 #   is played; sent whenever announcements are configured, as the gateway runs),
 #   DECISION.
-ALLOW_ANSWER = (CALL_ID, ROUTE, NUMBER, TARGET, FUNDED, DECISION)
+ALLOW_ANSWER = (REASON, CALL_ID, ROUTE, NUMBER, TARGET, FUNDED, DECISION)
 REJECT_ANSWER = (REASON, CALL_ID, CAUSE, ANNOUNCE, DECISION)
 CLEARED = (DECISION, CALL_ID)  # emptied by the dialplan before it asks
 

@@ -53,7 +53,8 @@ async def test_outbound_allow_sets_variables_decision_last(admin, service, repo)
     assert (v[var.ROUTE], v[var.NUMBER], v[var.FUNDED]) == ("pstn", "12125550100", "300")
     # only what the dialplan reads after an ALLOW (each variable is an AMI message)
     assert [name for name, _ in s.variables] == [
-        var.CALL_ID, var.ROUTE, var.NUMBER, var.FUNDED, var.DECISION]
+        var.REASON, var.CALL_ID, var.ROUTE, var.NUMBER, var.FUNDED, var.DECISION]
+    assert v[var.REASON] == "FUNDED"
     assert len(service.live) == 1
     row = await repo.find_call_by_uniqueid("1700000000.1")
     assert str(row["id"]) == v[var.CALL_ID]
@@ -1106,8 +1107,8 @@ async def test_several_pbxs_a_request_naming_none_is_mapped_by_its_peer_or_refus
     with capture_logs() as logs:
         for s in sessions.values():
             await svc.agi_outbound(s)
-    decisions = {k: s.vars.get(var.REASON, s.vars[var.DECISION]) for k, s in sessions.items()}
-    assert decisions == {"mapped": "ALLOW", "plain": "ALLOW", "malformed": "ALLOW",
+    decisions = {k: s.vars[var.REASON] for k, s in sessions.items()}
+    assert decisions == {"mapped": "FUNDED", "plain": "FUNDED", "malformed": "FUNDED",
                          "stranger": "GATEWAY_ERROR", "no-peer": "GATEWAY_ERROR"}
     assert await _calls(repo) == {"mapped": "pbx1", "plain": "pbx2", "malformed": "pbx2"}
     said = [(e["named_pbx"], e["peer"]) for e in logs if e["event"] == "agi_pbx_not_served"]

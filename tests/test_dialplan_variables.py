@@ -238,12 +238,12 @@ async def test_the_answer_sets_the_declared_variables_decision_last():
     internal = Decision(True, Reason.INTERNAL, None, route=Route.INTERNAL, target="bob",
                         destination="bob")
     reject = Decision(False, Reason.NO_LICENSE, None, destination="2125550100")
-    trunk_allow = [(var.CALL_ID, str(call_id)), (var.ROUTE, "pstn"),
+    trunk_allow = [(var.REASON, "FUNDED"), (var.CALL_ID, str(call_id)), (var.ROUTE, "pstn"),
                    (var.NUMBER, "12125550100"), (var.FUNDED, "300"), (var.DECISION, "ALLOW")]
     for decision, announcements, expected in (
         (allow, None, trunk_allow),
-        (internal, None, [(var.ROUTE, "internal"), (var.TARGET, "bob"), (var.FUNDED, ""),
-                          (var.DECISION, "ALLOW")]),
+        (internal, None, [(var.REASON, "INTERNAL"), (var.ROUTE, "internal"),
+                          (var.TARGET, "bob"), (var.FUNDED, ""), (var.DECISION, "ALLOW")]),
         (reject, None, [(var.REASON, "NO_LICENSE"), (var.CAUSE, "50"),
                         (var.DECISION, "REJECT")]),
         # with announcements (as the gateway runs): an ALLOW is unchanged, a REJECT

@@ -89,7 +89,7 @@ async def test_status_shows_calls_pools_wallets_and_counters(gw, http, admin):
                                   monthly_cap=2)
     allowed = await agi_outbound(gw.agi.port, "alice", "+15145550123")
     refused = await agi_outbound(gw.agi.port, "carol", "+15145550123")
-    assert (allowed["GW_DECISION"], allowed["GW_ROUTE"]) == ("ALLOW", "pstn")
+    assert (allowed["GW_DECISION"], allowed["GW_REASON"]) == ("ALLOW", "FUNDED")
     assert (refused["GW_DECISION"], refused["GW_REASON"]) == ("REJECT", "NO_LICENSE")
 
     r = await http("GET", "/status")

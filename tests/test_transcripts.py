@@ -432,9 +432,7 @@ def recorded_decision(t: AgiTranscript) -> Decision:
     number = v.get(var.NUMBER, "")
     return Decision(
         allow=v[var.DECISION] == "ALLOW",
-        # an ALLOW does not send its reason (the dialplan does not read it): any reason
-        # of an allowed call answers the same
-        reason=Reason(v.get(var.REASON, Reason.FUNDED.value)),
+        reason=Reason(v[var.REASON]),
         call_id=uuid.UUID(v[var.CALL_ID]) if v.get(var.CALL_ID) else None,
         route=route,
         funded_seconds=int(v[var.FUNDED]) if v.get(var.FUNDED) else None,
