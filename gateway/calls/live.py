@@ -43,14 +43,13 @@ log = structlog.get_logger("gateway.calls")
 NOT_PBX_OWNER = "NOT_PBX_OWNER"  # a fenced write refused: another process owns the PBX
 
 DEADLINE = "TIMEOUT(absolute)"  # on the callee channel; seconds from when it arrives
-# A failed deadline move is sent again this often while the call is funded: once the
-# AMI link is back, the call's deadline is right within this time.
 # Uniqueids of the calls this process settled lately, so that the PBX's Cdr for such a
 # call (it comes after the hangup report) needs no database lookup to know it is closed.
 # A uniqueid names one call of its PBX (UNIQUE (pbx, pbx_uniqueid)). About 100 bytes
 # each: at most about 1 MiB.
 SETTLED_REMEMBERED = 10_000
-
+# A failed deadline move is sent again this often while the call is funded: once the
+# AMI link is back, the call's deadline is right within this time.
 DEADLINE_RETRY_SECONDS = 0.5
 # The PBX's deadline read back may differ from ours by the time between the answer and
 # our DialEnd handling, and by the read's own delay: beyond this it is corrected.
