@@ -160,15 +160,20 @@ async def test_cdr_alone_settles_and_unanswered_releases(admin, service, repo):
     assert service.live == {}
 
 
-async def test_renewal_moves_the_deadline_on_the_callee(admin, repo, clock):
+async def per_second_service(admin, repo, clock, ami, slice_seconds=3):
     await standard_tenant(admin)
     await admin.set_rates([{"kind": "domestic_overage", "prefix": "1",
                             "price_per_minute": "0.02", "first_increment": 1,
                             "increment": 1}])
-    rater = Rater(repo, clock=clock, slice_seconds=2)
-    svc = CallService(rater, Recovery(repo), renew_before_seconds=30)
-    ami = FakeAmi()
+    svc = CallService(Rater(repo, clock=clock, slice_seconds=slice_seconds),
+                      Recovery(repo), renew_before_seconds=30)
     svc.attach_ami(ami)
+    return svc
+
+
+async def test_renewal_moves_the_deadline_on_the_callee(admin, repo, clock):
+    ami = FakeAmi()
+    svc = await per_second_service(admin, repo, clock, ami, slice_seconds=2)
     s = Session("outbound", "2125550100", "alice", uniqueid="u-3")
     await svc.agi_outbound(s)
     assert s.vars[var.FUNDED] == "2"
@@ -197,14 +202,8 @@ async def test_an_answer_heard_late_counts_from_when_the_pbx_sent_it(admin, repo
     that much (one CI run under load: DialEnds 4 s late, a re-sent deadline let a call
     talk 13 s on 8 s funded). A PBX clock ahead of ours counts as on time; one far
     behind, as ``EVENT_LAG_MAX_SECONDS`` late."""
-    await standard_tenant(admin)
-    await admin.set_rates([{"kind": "domestic_overage", "prefix": "1",
-                            "price_per_minute": "0.02", "first_increment": 1,
-                            "increment": 1}])
-    rater = Rater(repo, clock=clock, slice_seconds=3)
-    svc = CallService(rater, Recovery(repo), renew_before_seconds=30)
     ami = FakeAmi()
-    svc.attach_ami(ami)
+    svc = await per_second_service(admin, repo, clock, ami, slice_seconds=3)
     s = Session("outbound", "2125550100", "alice", uniqueid="u-late")
     await svc.agi_outbound(s)
     heard = dataclasses.replace(answer("u-late", "PJSIP/carrier-0000000c"),
@@ -472,17 +471,6 @@ class FlakyAmi(FakeAmi):
         if channel not in self.deadlines:
             raise AmiError(AMI_ACTION_FAILED, "Getvar failed: No such channel")
         return f"{self.deadlines[channel] - asyncio.get_running_loop().time():.3f}"
-
-
-async def per_second_service(admin, repo, clock, ami, slice_seconds=3):
-    await standard_tenant(admin)
-    await admin.set_rates([{"kind": "domestic_overage", "prefix": "1",
-                            "price_per_minute": "0.02", "first_increment": 1,
-                            "increment": 1}])
-    svc = CallService(Rater(repo, clock=clock, slice_seconds=slice_seconds),
-                      Recovery(repo), renew_before_seconds=30)
-    svc.attach_ami(ami)
-    return svc
 
 
 async def test_a_deadline_move_that_failed_is_sent_again_once_the_link_is_back(
