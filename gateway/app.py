@@ -125,6 +125,11 @@ class Gateway:
         self.rater = Rater(self.repo, clock=self.clock, slice_seconds=cfg.slice_seconds)
         self.metrics.pool_statements.set_function(lambda: self.rater.coalesced["batches"])
         self.metrics.pool_requests.set_function(lambda: self.rater.coalesced["requests"])
+        pool = self.pool
+        self.metrics.db_pool_size.set_function(pool.get_size)
+        self.metrics.db_pool_in_use.set_function(
+            lambda: pool.get_size() - pool.get_idle_size())
+        self.metrics.db_pool_max.set(pool.get_max_size())
         self.provisioning = Provisioning(self.repo, clock=self.clock)
         self.views = Views(self.repo, clock=self.clock)
         self.alerts = Alerts(AlertStore(self.pool))
@@ -347,6 +352,12 @@ class Gateway:
         this process owns has its link (or none configured)."""
         reconnects = sum(k.ami.reconnects for k in self.leases.values() if k.ami is not None)
         self.metrics.ami_reconnects.set(reconnects)
+        for name, keeper in self.leases.items():  # a PBX without AMI has no backlog
+            if keeper.ami_factory is not None:
+                self.metrics.ami_event_backlog.labels(name).set(
+                    keeper.ami.event_backlog if keeper.ami is not None else 0)
+        if not self.leases and self._ami is not None:
+            self.metrics.ami_event_backlog.labels("").set(self._ami.event_backlog)
         if self.calls is not None:
             for name, pbx in self.calls.pbxes.items():
                 self.metrics.live_calls.labels(name).set(len(pbx.live.by_id))

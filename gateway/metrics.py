@@ -5,6 +5,7 @@ figures (``process_resident_memory_bytes``, CPU seconds, open files), read from 
 from __future__ import annotations
 
 from collections import Counter as PyCounter
+from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -53,6 +54,18 @@ class Metrics:
             registry=r, buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600))
         self.ami_reconnects = Gauge("gateway_ami_reconnects", "AMI reconnections since start",
                                     registry=r)
+        self.ami_event_backlog = Gauge(
+            "gateway_ami_event_backlog", "AMI events received and not yet handled (the "
+            "handlers run one at a time), by PBX", ["pbx"], registry=r)
+        # the database pool: connections open and in use now, and the most it opens
+        # (in use at the most means requests queue for a connection)
+        self.db_pool_size = Gauge("gateway_db_pool_connections",
+                                  "Database connections the pool holds open", registry=r)
+        self.db_pool_in_use = Gauge("gateway_db_pool_connections_in_use",
+                                    "Database connections lent out to a statement now",
+                                    registry=r)
+        self.db_pool_max = Gauge("gateway_db_pool_connections_max",
+                                 "The most database connections the pool opens", registry=r)
         self.deadline_moves = Counter("gateway_deadline_moves",
                                       "PBX hangup deadlines moved, by result", ["result"],
                                       registry=r)
@@ -100,5 +113,10 @@ class Metrics:
         """The AMI client dropped ``event``: its backlog was full."""
         self.ami_events_dropped.labels(event).inc()
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, names: Iterable[str] = ()) -> bytes:
+        """The text exposition; with ``names``, only the samples of those names (as
+        Prometheus' own client serves ``/metrics?name[]=...``: a cheap poll of a few
+        gauges)."""
+        names = list(names)
+        registry = self.registry.restricted_registry(names) if names else self.registry
+        return generate_latest(registry)

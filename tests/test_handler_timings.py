@@ -87,12 +87,18 @@ async def test_ami_backlog_in_status_and_handler_time_in_metrics():
 
     client.on_event("Hangup", on_hangup)
     assert client.status()["event_backlog"] == 0
+    gateway = Gateway(Config(), configure_logs=False)  # what /metrics reads, not started
+    gateway.ami = client
     await client.start()
     try:
         for n in range(3):
             fake.send_event("Hangup", Uniqueid=f"170000000{n}.1")
         await eventually(lambda: client.event_backlog == 2)  # one in the handler, two wait
         assert client.status()["event_backlog"] == 2
+        # /metrics refreshes the gauge from the link (as it does the live calls)
+        assert gateway.ami_status()["event_backlog"] == 2
+        assert sample(metrics, "gateway_ami_event_backlog", pbx="") == 0  # the client's own
+        assert sample(gateway.metrics, "gateway_ami_event_backlog", pbx="") == 2
         release.set()
         await eventually(lambda: len(handled) == 3)
         await eventually(lambda: client.event_backlog == 0)
@@ -128,3 +134,21 @@ async def test_pool_statements_and_requests_are_in_metrics(database_url, repo):
             await gw.rater.release(d.call_id)
         assert sample(gw.metrics, "gateway_pool_requests") == 14
         assert sample(gw.metrics, "gateway_pool_statements") == 2 + 1 + 6
+
+
+async def test_database_pool_use_is_in_metrics(database_url):
+    """The pool's connections: open, lent out now, and the most it opens."""
+    from tests.support.gateway import running_gateway
+
+    async with running_gateway(database_url, db_pool_size=5) as gw:
+        assert sample(gw.metrics, "gateway_db_pool_connections_max") == 5
+
+        def in_use() -> float:
+            return sample(gw.metrics, "gateway_db_pool_connections_in_use")
+
+        # the gateway's own background work borrows a connection now and then, briefly
+        await eventually(lambda: in_use() == 0)
+        async with gw.pool.acquire(), gw.pool.acquire():
+            await eventually(lambda: in_use() == 2)
+            assert sample(gw.metrics, "gateway_db_pool_connections") >= 2
+        await eventually(lambda: in_use() == 0)

@@ -181,6 +181,23 @@ async def test_metrics_text_has_the_counters(gw, http, admin):
     # the lone gateway took its PBX's lease at start, once
     assert 'gateway_pbx_owned{pbx="default"} 1.0' in text
     assert 'gateway_pbx_lease_changes_total{pbx="default"} 1.0' in text
+    assert 'gateway_db_pool_connections_max 4.0' in text
+
+
+async def test_metrics_can_be_asked_for_a_few_samples_by_name(gw, http):
+    """``?name[]=`` as Prometheus' client serves it: only those samples (a cheap poll)."""
+    async with http.session.get(
+            http.base + "/metrics?name[]=gateway_db_pool_connections_in_use"
+            "&name[]=gateway_ami_event_backlog",
+            headers={"Authorization": f"Bearer {READ}"}) as r:
+        assert r.status == 200
+        text = await r.text()
+    samples = [line.split(" ")[0] for line in text.splitlines()
+               if line and not line.startswith("#")]
+    assert samples == ["gateway_db_pool_connections_in_use"], text  # no AMI: no backlog
+    async with http.session.get(http.base + "/metrics?name[]=no_such_metric",
+                                headers={"Authorization": f"Bearer {READ}"}) as r:
+        assert r.status == 200 and (await r.text()).strip() == ""
 
 
 async def test_page_and_static_files(http):

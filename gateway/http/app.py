@@ -101,8 +101,9 @@ async def status(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     gateway = _check_read(request)
-    gateway.ami_status()  # refreshes the AMI reconnect and live call gauges
-    return web.Response(body=gateway.metrics.render(),
+    gateway.ami_status()  # refreshes the AMI reconnect, backlog and live call gauges
+    names = request.query.getall("name[]", [])  # only these samples, when given
+    return web.Response(body=gateway.metrics.render(names),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
