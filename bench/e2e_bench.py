@@ -2,8 +2,9 @@
 the call rate can rise before something fails.
 
 One script, one scratch PostgreSQL database (dropped at the end), one Asterisk 22
-(the test harness's ``Pbx``, run from the sid root folder) and the real ``Gateway``
-in this process. Two phones on that one PBX:
+(the test harness's ``Pbx``, run from the sid root folder) and the gateway as its own
+process (``python -m gateway serve``, as an operator runs it). Two phones on that one
+PBX:
 
   gateway  endpoint ``alice`` in ``gateway-outbound``: the shipped dialplan asks the
            gateway over FastAGI, then dials ``PJSIP/<number>@carrier,,L(...)``;
@@ -26,9 +27,10 @@ at which every call completed and, for every step, what each part did: SIPp's
 failure counts, response codes and INVITE retransmissions, the gateway's AGI stats,
 its AGI handler and decision timings (the histograms ``/metrics`` serves:
 ``gateway_agi_handler_seconds``, ``gateway_authorisation_seconds``), its database
-pool and AMI event backlog (the figure ``/status`` shows), PostgreSQL wait events,
-Asterisk's task queues and log warnings, and the CPU used by each process. The
-gateway is observed through those public figures only.
+pool's connections in use and its AMI event backlog (``/metrics?name[]=...`` polled
+every 100 ms), PostgreSQL wait events, Asterisk's task queues and log warnings, and
+the CPU used by each process. The gateway is observed over HTTP only (``/metrics``
+and ``/status``), as an operator's monitoring sees it.
 
 Run from the repository root, so that the test tools (``tests.support.pbx``) import
 as a package beside the installed ``gateway``:
@@ -42,7 +44,7 @@ account is the shipped one (dialplan/manager.conf.example) with its ``eventfilte
 lines; ``--no-ami-eventfilter`` drops them (every event of its read classes). Part 1
 also counts the AMI events that account is sent per call (a second session of the
 same account, part 1 only) and prints the CPU per call of Asterisk and of this
-process (the gateway with the bench's probes); ``--all-events`` also counts, by name,
+process, of the gateway's and of the database's backends; ``--all-events`` also counts, by name,
 every event a call makes (an account reading all classes).
 
 Needs the PBX root folder (``.ci/pbx-root.sh``; ``$PBX_ROOT``) and PostgreSQL
@@ -70,14 +72,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import logs
-from gateway.app import Gateway
 from gateway.billing.provisioning import Provisioning
-from gateway.config import Config
 from gateway.store.pool import open_pool
 from gateway.store.repository import Repository
+from tests.faults.process import GatewayProcess
 from tests.support.pbx import Pbx, PbxError, free_port, pbx_root_path, root_ready
 from tests.support.pbx.ports import udp_port_bound
 from tests.support.pbx.processes import kill_leftovers, track, untrack
@@ -367,7 +370,7 @@ class CpuMeter:
     """CPU seconds of each part (sampled from /proc every 0.5 s in a thread)."""
 
     def __init__(self, dbname: str, asterisk_pid: int | None, *,
-                 self_label: str = "gateway+bench (python)") -> None:
+                 self_label: str = "bench (python)") -> None:
         self.dbname = dbname
         self.asterisk_pid = asterisk_pid
         self.self_label = self_label
@@ -425,32 +428,6 @@ class CpuMeter:
         return out
 
 
-class LoopLag:
-    """How late the gateway's event loop (this process's) runs a 5 ms timer."""
-
-    def __init__(self) -> None:
-        self.lags: list[float] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            t = time.perf_counter()
-            await asyncio.sleep(0.005)
-            self.lags.append((time.perf_counter() - t - 0.005) * 1000)
-
-    def start(self) -> LoopLag:
-        self.lags.clear()
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def stop(self) -> dict[str, float]:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        return summary(self.lags)
-
-
 async def pg_waits(conn: asyncpg.Connection, dbname: str) -> dict[str, int]:
     """The backends of ``dbname`` running a statement now, by wait event (``CPU`` when
     not waiting; ``Lock:tuple``/``Lock:transactionid`` are row-lock waits)."""
@@ -463,22 +440,19 @@ async def pg_waits(conn: asyncpg.Connection, dbname: str) -> dict[str, int]:
 class DbProbe:
     """What the gateway's database side was doing: every 100 ms, the backends of the
     bench database that are running a statement, by wait event (``Lock:tuple`` and
-    ``Lock:transactionid`` are row-lock waits, ``CPU`` means working), and every
-    10 ms how many of the gateway's pooled connections are in use and how many AMI
-    events wait for the gateway's (sequential) event handlers."""
+    ``Lock:transactionid`` are row-lock waits, ``CPU`` means working), and, from the
+    gateway's ``/metrics``, how many of its pooled connections are in use and how many
+    AMI events wait for its (sequential) event handlers."""
 
-    def __init__(self, conn: asyncpg.Connection, dbname: str, gw: Gateway) -> None:
-        pool, pool_max = gw.pool, gw.config.db_pool_size
-        ami = gw.ami  # its event_backlog is what /status shows in components.ami
-        self.ami_backlog = (lambda: ami.event_backlog) if ami is not None else (lambda: 0)
-        self.backlog: list[int] = []
+    def __init__(self, conn: asyncpg.Connection, dbname: str, gw: GatewayProbe) -> None:
+        self.gw = gw
         self.conn = conn
         self.dbname = dbname
-        self.pool = pool
-        self.pool_max = pool_max
+        self.pool_max = 0
+        self.backlog: list[float] = []
         self.waits: dict[str, int] = {}
         self.samples = 0
-        self.in_use: list[int] = []
+        self.in_use: list[float] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _pg(self) -> None:
@@ -489,18 +463,21 @@ class DbProbe:
                 self.samples += 1
             await asyncio.sleep(0.1)
 
-    async def _pool(self) -> None:
+    async def _gateway(self) -> None:
         while True:
-            self.in_use.append(self.pool.get_size() - self.pool.get_idle_size())
-            self.backlog.append(self.ami_backlog())
-            await asyncio.sleep(0.01)
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                g = await self.gw.gauges()
+                self.in_use.append(g.get("gateway_db_pool_connections_in_use", 0.0))
+                self.pool_max = int(g.get("gateway_db_pool_connections_max", 0))
+                self.backlog.append(g.get("gateway_ami_event_backlog", 0.0))
+            await asyncio.sleep(0.1)
 
     def start(self) -> DbProbe:
         self.waits.clear()
         self.samples = 0
         self.in_use.clear()
         self.backlog.clear()
-        self._tasks = [asyncio.create_task(self._pg()), asyncio.create_task(self._pool())]
+        self._tasks = [asyncio.create_task(self._pg()), asyncio.create_task(self._gateway())]
         return self
 
     async def stop(self) -> dict[str, Any]:
@@ -510,15 +487,15 @@ class DbProbe:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         n = max(self.samples, 1)
-        full = sum(1 for u in self.in_use if u >= self.pool_max)
+        full = sum(1 for u in self.in_use if self.pool_max and u >= self.pool_max)
         return {
             "active_backends": {k: round(v / n, 2) for k, v in sorted(
                 self.waits.items(), key=lambda kv: -kv[1])},
             "pool_in_use_avg": statistics.mean(self.in_use) if self.in_use else 0.0,
             "pool_full_share": full / len(self.in_use) if self.in_use else 0.0,
             "pool_max": self.pool_max,
-            "ami_backlog_max": max(self.backlog, default=0),
-            "ami_backlog_end": self.backlog[-1] if self.backlog else 0,
+            "ami_backlog_max": int(max(self.backlog, default=0)),
+            "ami_backlog_end": int(self.backlog[-1]) if self.backlog else 0,
         }
 
 
@@ -591,27 +568,62 @@ class AmiTap:
 
 
 class GatewayProbe:
-    """Per-call timings inside the gateway, read from its metrics registry (what
-    ``/metrics`` serves): the whole AGI ``outbound`` handler, i.e. decide + answer
-    with SET VARIABLEs (``gateway_agi_handler_seconds{route="outbound"}``), and the
-    decision with its reservation in PostgreSQL
-    (``gateway_authorisation_seconds{direction="outbound"}``)."""
+    """The gateway process seen from outside, over HTTP: per-call timings from
+    ``/metrics`` (the whole AGI ``outbound`` handler, i.e. decide + answer with SET
+    VARIABLEs, ``gateway_agi_handler_seconds{route="outbound"}``, and the decision with
+    its reservation in PostgreSQL, ``gateway_authorisation_seconds{direction="outbound"}``),
+    a few gauges polled by name, and ``/status`` (AGI session counters, decisions)."""
 
     HANDLER = ("gateway_agi_handler_seconds", "route", "outbound")
     AUTHORISE = ("gateway_authorisation_seconds", "direction", "outbound")
+    GAUGES = ("gateway_db_pool_connections_in_use", "gateway_db_pool_connections_max",
+              "gateway_ami_event_backlog", "gateway_live_calls")
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.http: aiohttp.ClientSession | None = None
+        self._gauge_query = "&".join(f"name[]={n}" for n in self.GAUGES)
 
-    def agi_stats(self) -> dict[str, int]:
-        return dict(self.gw.agi.stats)
+    async def open(self) -> GatewayProbe:
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        return self
 
-    def histogram(self, metric: tuple[str, str, str]) -> dict[str, Any]:
-        """One histogram now: cumulative bucket counts by upper bound, sum and count."""
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+
+    async def _get(self, path: str) -> str:
+        assert self.http is not None
+        async with self.http.get(self.base + path) as r:
+            r.raise_for_status()
+            return await r.text()
+
+    async def status(self) -> dict[str, Any]:
+        assert self.http is not None
+        async with self.http.get(self.base + "/status") as r:
+            r.raise_for_status()
+            return await r.json()
+
+    async def gauges(self) -> dict[str, float]:
+        """The polled gauges, each summed over its labels (the PBXs)."""
+        out: dict[str, float] = {}
+        for line in (await self._get(f"/metrics?{self._gauge_query}")).splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                name = name.split("{", 1)[0]
+                out[name] = out.get(name, 0.0) + float(value)
+        return out
+
+    async def live_calls(self) -> int:
+        return int((await self.gauges()).get("gateway_live_calls", 0))
+
+    @staticmethod
+    def histogram(families: list[Any], metric: tuple[str, str, str]) -> dict[str, Any]:
+        """One histogram: cumulative bucket counts by upper bound, sum and count."""
         name, label, value = metric
         buckets: dict[float, float] = {}
         total = count = 0.0
-        for family in self.gw.metrics.registry.collect():
+        for family in families:
             for s in family.samples:
                 if s.labels.get(label) != value:
                     continue
@@ -623,13 +635,19 @@ class GatewayProbe:
                     count = s.value
         return {"buckets": buckets, "sum": total, "count": count}
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        return {"handler": self.histogram(self.HANDLER),
-                "authorise": self.histogram(self.AUTHORISE)}
-
-    def decisions(self) -> dict[str, int]:
-        return {f"{d}/{r}": n for (direction, d, r), n in
-                self.gw.metrics.reason_counts.items() if direction == "outbound"}
+    async def snapshot(self) -> dict[str, Any]:
+        """The two histograms, the AGI session counters and the outbound decisions."""
+        names = [f"{m}_{part}" for m, _, _ in (self.HANDLER, self.AUTHORISE)
+                 for part in ("bucket", "sum", "count")]
+        text = await self._get("/metrics?" + "&".join(f"name[]={n}" for n in names))
+        families = list(text_string_to_metric_families(text))
+        status = await self.status()
+        agi = {k: v for k, v in status["components"]["agi"].items() if isinstance(v, int)}
+        decisions = {f"{d['decision']}/{d['reason']}": d["count"]
+                     for d in status["decisions"] if d["direction"] == "outbound"}
+        return {"handler": self.histogram(families, self.HANDLER),
+                "authorise": self.histogram(families, self.AUTHORISE),
+                "agi": agi, "decisions": decisions}
 
 
 def histogram_quantile(before: dict[float, float], after: dict[float, float],
@@ -682,7 +700,6 @@ class Step:
     # from the gateway's histograms: n, mean (ms), p50 and p99 (bucket bounds)
     handler: dict[str, Any] = field(default_factory=dict)
     authorise: dict[str, Any] = field(default_factory=dict)
-    loop_lag: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
     cpu_elapsed: float = 0.0  # seconds the CPU shares were measured over
     ami_events: dict[str, int] = field(default_factory=dict)  # sent to the gateway's account
@@ -819,7 +836,7 @@ class Bench:
         self.dbname = f"gw_e2e_bench_{uuid.uuid4().hex[:8]}"
         self.url = ADMIN_URL.rpartition("/")[0] + "/" + self.dbname
         self.pbx: Pbx | None = None
-        self.gw: Gateway | None = None
+        self.gw: GatewayProcess | None = None
         self.probe: GatewayProbe | None = None
         self.asterisk_pid: int | None = None
         self._log_offset = 0
@@ -852,15 +869,16 @@ class Bench:
             self.asterisk_pid = int(pid_file.read_text().strip())
         return pbx
 
-    async def start_gateway(self, pbx: Pbx, agi_port: int) -> Gateway:
-        cfg = Config(database_url=self.url, agi_port=agi_port, http_port=0,
-                     ami_host=pbx.ami_host, ami_port=pbx.ami_port, ami_username=pbx.ami_user,
-                     ami_secret=pbx.ami_secret, reconcile_interval_seconds=3600,
-                     log_format="console", log_level="warning")
-        gw = Gateway(cfg)
-        self.gw = gw
+    async def start_gateway(self, pbx: Pbx, agi_port: int) -> GatewayProcess:
+        """``python -m gateway serve`` on ``agi_port``, its AMI link to ``pbx``; ready when
+        its ``/readyz`` says so (database, AGI and AMI up)."""
+        gw = GatewayProcess(database_url=self.url, agi_port=agi_port,
+                            ami_host=pbx.ami_host, ami_port=pbx.ami_port,
+                            ami_username=pbx.ami_user, ami_secret=pbx.ami_secret,
+                            reconcile_interval_seconds=3600, log_level="warning")
+        self.gw = gw  # closed in the finally even if start() fails
         await gw.start()
-        self.probe = GatewayProbe(gw)
+        self.probe = await GatewayProbe(f"http://127.0.0.1:{gw.http_port}").open()
         self.db_conn = await asyncpg.connect(self.url, timeout=10)
         return gw
 
@@ -902,8 +920,9 @@ class Bench:
                 chans = await asyncio.to_thread(self.pbx.channels)
             except PbxError:
                 chans = ["?"]
-            if not chans and not self.gw.calls.live:
-                return
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                if not chans and await self.probe.live_calls() == 0:
+                    return
             await asyncio.sleep(0.25)
         with contextlib.suppress(PbxError):
             await self.pbx.acli("channel request hangup all")
@@ -924,7 +943,7 @@ class Bench:
         st = Step(mode=mode, rate=rate, calls=calls)
         await uas.start(wait_bound=True)
         probe = self.probe
-        agi0, hist0, dec0 = probe.agi_stats(), probe.snapshot(), probe.decisions()
+        snap0 = await probe.snapshot()
         states0 = await self.call_states()
         if a.pin_pbx:  # the pool's backends (opened since the last step included)
             for pid in _postgres_backends(self.dbname):
@@ -936,19 +955,17 @@ class Bench:
         with contextlib.suppress(PbxError):
             await pbx.acli("core reset taskprocessors")
         cpu = CpuMeter(self.dbname, self.asterisk_pid)
-        lag = LoopLag()
-        db = DbProbe(self.db_conn, self.dbname, self.gw)
+        db = DbProbe(self.db_conn, self.dbname, probe)
         cpu.exclude = {self.db_conn.get_server_pid()}
         try:
             await uac.start()
-            cpu.procs = {"sipp phone (UAC)": uac.pid, "sipp carrier (UAS)": uas.pid}
+            cpu.procs = {"gateway (python)": self.gw.proc.pid,
+                         "sipp phone (UAC)": uac.pid, "sipp carrier (UAS)": uas.pid}
             cpu.start()
-            lag.start()
             db.start()
             st.uac_rc = await uac.wait(duration + hold_s + 45)
             st.cpu = await cpu.stop()
             st.cpu_elapsed = time.monotonic() - cpu.t0
-            st.loop_lag = await lag.stop()
             st.db = await db.stop()
             with contextlib.suppress(PbxError):
                 st.tasks = taskprocessors(await pbx.acli("core show taskprocessors"))
@@ -958,7 +975,6 @@ class Bench:
             uas.kill()
             if cpu._task is not None and not cpu._task.done():
                 await cpu.stop()
-            await lag.stop()
             await db.stop()
         await self.settle_pbx()
         states1 = await self.call_states()
@@ -977,14 +993,14 @@ class Bench:
         warnings = self.new_log_warnings()
         st.asterisk_warning_count = len(warnings)
         st.asterisk_warnings = _top(warnings, 4)
-        agi1 = probe.agi_stats()
+        snap1 = await probe.snapshot()
+        agi0, agi1 = snap0["agi"], snap1["agi"]
         st.agi = {k: agi1[k] - agi0.get(k, 0) for k in agi1 if k != "sessions_active"}
         st.agi["sessions_active_after"] = agi1.get("sessions_active", 0)
-        dec1 = probe.decisions()
+        dec0, dec1 = snap0["decisions"], snap1["decisions"]
         st.decisions = {k: v - dec0.get(k, 0) for k, v in dec1.items() if v - dec0.get(k, 0)}
-        hist1 = probe.snapshot()
-        st.handler = timings(hist0["handler"], hist1["handler"])
-        st.authorise = timings(hist0["authorise"], hist1["authorise"])
+        st.handler = timings(snap0["handler"], snap1["handler"])
+        st.authorise = timings(snap0["authorise"], snap1["authorise"])
         return st
 
     # -- reporting -----------------------------------------------------------------------
@@ -1027,10 +1043,6 @@ class Bench:
             out.append(f"    database: gateway pool in use avg {st.db['pool_in_use_avg']:.1f}"
                        f"/{st.db['pool_max']}, full {st.db['pool_full_share'] * 100:.0f}% of "
                        f"the time; backends running a statement (avg): {act}")
-        lag = st.loop_lag
-        out.append(f"    gateway event-loop lag ms p50 {fmt_ms(lag.get('p50', float('nan')))}"
-                   f" p99 {fmt_ms(lag.get('p99', float('nan')))} max "
-                   f"{fmt_ms(lag.get('max', float('nan')))}")
         cpu = ", ".join(f"{k} {v * 100:.0f}%" for k, v in sorted(
             st.cpu.items(), key=lambda kv: -kv[1]))
         out.append(f"    CPU (share of one core; machine = all cores): {cpu}")
@@ -1108,9 +1120,12 @@ class Bench:
                 if self.db_conn is not None:
                     with contextlib.suppress(Exception):
                         await self.db_conn.close()
+                if self.probe is not None:
+                    await self.probe.close()
                 if self.gw is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self.gw.stop(), 20)
+                        await self.gw.terminate()
+                    await self.gw.close()
                 if self.pbx is not None:
                     await asyncio.to_thread(self.pbx.stop)
                 await admin.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
@@ -1119,21 +1134,22 @@ class Bench:
 
     async def _run_inner(self, t_start: float, budget_end: float) -> int:
         a = self.args
-        logs.configure("console", "warning")  # the gateway's own set-up does the same
+        logs.configure("console", "warning")  # the provisioning's log lines
         await self.provision()
         agi_port = free_port()
         log("starting Asterisk")
         pbx = await asyncio.to_thread(self.start_pbx, agi_port)
         await self.start_gateway(pbx, agi_port)
         if a.pin_pbx:
-            # --pin-pbx: Asterisk alone on CPU 0; this process (the gateway, the bench),
-            # the SIPp phones it starts and the database's backends on the others
+            # --pin-pbx: Asterisk alone on CPU 0; the gateway, this process, the SIPp
+            # phones it starts and the database's backends on the others
             if self.asterisk_pid is None or len(os.sched_getaffinity(0)) < 2:
                 raise SystemExit("--pin-pbx needs Asterisk's pid and at least 2 CPUs")
             rest = os.sched_getaffinity(0) - {0}
             log(f"pinned: Asterisk ({_pin(self.asterisk_pid, {0})} threads) on CPU 0; "
-                f"this process ({_pin(os.getpid(), rest)} threads), SIPp and the "
-                f"database's backends on CPU {','.join(map(str, sorted(rest)))}")
+                f"the gateway ({_pin(self.gw.proc.pid, rest)} threads), this process "
+                f"({_pin(os.getpid(), rest)} threads), SIPp and the database's backends "
+                f"on CPU {','.join(map(str, sorted(rest)))}")
         ver = (await pbx.acli("core show version")).strip().split("\n")[0]
         log(f"{ver.split(' built ')[0]}; gateway on 127.0.0.1:{agi_port}; "
             f"database {self.dbname}")
