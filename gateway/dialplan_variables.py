@@ -15,7 +15,7 @@ from __future__ import annotations
 
 DECISION = "GW_DECISION"  # ALLOW | REJECT; anything else is "no decision" = deny
 REASON = "GW_REASON"  # the stable reason code (logged; the phone hears CAUSE)
-CALL_ID = "GW_CALL_ID"  # the gateway's call id; the hangup handler reports only when set
+CALL_ID = "GW_CALL_ID"  # the gateway's call id, reported by the hangup handler
 ROUTE = "GW_ROUTE"  # emergency | internal | partner | pstn
 NUMBER = "GW_NUMBER"  # digits for a trunk (E.164 without '+')
 TARGET = "GW_TARGET"  # PJSIP endpoint (internal and inbound calls)
@@ -23,24 +23,31 @@ FUNDED = "GW_FUNDED"  # funded talk seconds; empty = no limit
 CAUSE = "GW_CAUSE"  # Q.850 cause of a REJECT
 
 ANNOUNCE = "GW_ANNOUNCE"  # REJECT only: Playback files ('&'-joined) heard before the cause
+# Not a variable: the answer pushes the hangup handler that reports the call's end, in
+# the same MSet as CALL_ID, so a channel has a handler exactly when it has a call id of
+# this answer (one handler per answer; a channel that asks twice gets two, each
+# reporting the call id set last, which settles once).
+HANGUP_HANDLER = "CHANNEL(hangup_handler_push)"
+HANGUP_HANDLER_AT = "gateway-hangup,s,1"  # where it runs: context, extension, priority
 
 # What an answer may carry, in the order it is sent (one MSet). DECISION is last: were
 # the variables ever set one by one, a session cut short would never leave an ALLOW
 # behind. Each answer sets only what the dialplan reads after that decision, because
 # every variable set is a message on the PBX's AMI queue (docs/benchmarks.md); the
-# dialplan clears DECISION and CALL_ID before asking, and everything else it reads after
-# an ALLOW or a REJECT comes in the same MSet as the decision, so a value a parent
-# channel handed down is never read:
+# dialplan clears DECISION before asking, and everything else it reads after an ALLOW
+# or a REJECT comes in the same MSet as the decision, so a value a parent channel
+# handed down is never read (CALL_ID is read only by the hangup handler, which only
+# the answer that sets CALL_ID pushes):
 # - an ALLOW: REASON (for the operator's own dialplan and logs; the shipped one only
-#   logs it off the common path), CALL_ID (when the call has one), ROUTE, NUMBER (trunk
-#   routes: pstn, partner, emergency) or TARGET (internal and inbound calls), FUNDED
-#   (empty = no limit), DECISION;
-# - a REJECT: REASON, CALL_ID (when the call has one), CAUSE, ANNOUNCE (empty: nothing
-#   is played; sent whenever announcements are configured, as the gateway runs),
-#   DECISION.
-ALLOW_ANSWER = (REASON, CALL_ID, ROUTE, NUMBER, TARGET, FUNDED, DECISION)
-REJECT_ANSWER = (REASON, CALL_ID, CAUSE, ANNOUNCE, DECISION)
-CLEARED = (DECISION, CALL_ID)  # emptied by the dialplan before it asks
+#   logs it off the common path), CALL_ID and HANGUP_HANDLER (when the call has an id),
+#   ROUTE, NUMBER (trunk routes: pstn, partner, emergency) or TARGET (internal and
+#   inbound calls), FUNDED (empty = no limit), DECISION;
+# - a REJECT: REASON, CALL_ID and HANGUP_HANDLER (when the call has an id), CAUSE,
+#   ANNOUNCE (empty: nothing is played; sent whenever announcements are configured, as
+#   the gateway runs), DECISION.
+ALLOW_ANSWER = (REASON, CALL_ID, HANGUP_HANDLER, ROUTE, NUMBER, TARGET, FUNDED, DECISION)
+REJECT_ANSWER = (REASON, CALL_ID, HANGUP_HANDLER, CAUSE, ANNOUNCE, DECISION)
+CLEARED = (DECISION,)  # emptied by the dialplan before it asks
 
 # ---- set by the gateway over AMI (Originate), read by [gateway-warning] ------------------
 
@@ -80,7 +87,8 @@ PBX = "GW_PBX"
 CDR_PBX = "pbx"  # CDR(pbx) on the PBX, column cdr.pbx in the database
 
 # Every GW_* name the shipped dialplan reads or sets.
-DIALPLAN = frozenset(ALLOW_ANSWER) | frozenset(REJECT_ANSWER) | DIALPLAN_ONLY | {PBX, WARNING}
+DIALPLAN = (frozenset(ALLOW_ANSWER) | frozenset(REJECT_ANSWER) | DIALPLAN_ONLY
+            | {PBX, WARNING}) - {HANGUP_HANDLER}
 
 # ---- the health check ------------------------------------------------------------------
 

@@ -716,11 +716,16 @@ async def test_set_variables_is_one_mset_command_or_a_clear_refusal(serve):
         reply = await session.set_variables([("GW_A", "x-1"), ("GW_B", ""), ("GW_C", "+15")])
         seen.append(reply.code)
         with pytest.raises(ValueError):
-            await session.set_variables([("GW_D", "a,b")])  # MSet would split it
-        with pytest.raises(ValueError):
             await session.set_variables([("GW_E", 'say "hi"')])
+        with pytest.raises(ValueError):
+            await session.set_variables([("GW_F", "a b,c")])
+        # commas: one quoted MSet item, as the dialplan writes a hangup handler's place
+        reply = await session.set_variables([("GW_D", "a,b"),
+                                             ("CHANNEL(hangup_handler_push)", "ctx,s,1")])
+        seen.append(reply.code)
 
     server = await serve({"outbound": handler})
-    fake = await call(server.port, replies=["200 result=0\n"])
-    assert fake.commands == ['EXEC MSet "GW_A=x-1,GW_B=,GW_C=+15"']
-    assert seen == [200]
+    fake = await call(server.port, replies=["200 result=0\n", "200 result=0\n"])
+    assert fake.commands == ['EXEC MSet "GW_A=x-1,GW_B=,GW_C=+15"',
+                             'EXEC MSet "\\"GW_D=a,b\\",\\"CHANNEL(hangup_handler_push)=ctx,s,1\\""']
+    assert seen == [200, 200]

@@ -53,7 +53,9 @@ async def test_outbound_allow_sets_variables_decision_last(admin, service, repo)
     assert (v[var.ROUTE], v[var.NUMBER], v[var.FUNDED]) == ("pstn", "12125550100", "300")
     # only what the dialplan reads after an ALLOW (each variable is an AMI message)
     assert [name for name, _ in s.variables] == [
-        var.REASON, var.CALL_ID, var.ROUTE, var.NUMBER, var.FUNDED, var.DECISION]
+        var.REASON, var.CALL_ID, var.HANGUP_HANDLER, var.ROUTE, var.NUMBER, var.FUNDED,
+        var.DECISION]
+    assert v[var.HANGUP_HANDLER] == "gateway-hangup,s,1"
     assert v[var.REASON] == "FUNDED"
     assert len(service.live) == 1
     row = await repo.find_call_by_uniqueid("1700000000.1")

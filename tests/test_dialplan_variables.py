@@ -15,6 +15,7 @@ from gateway.agi import AgiReply, AgiServer, parse_environment
 from gateway.calls.announce import Announcements
 from gateway.calls.service import CallService
 from gateway.rating.model import Decision, Reason, Route, Source
+from tests.support.agi import mset_items
 
 ROOT = Path(__file__).resolve().parent.parent
 DIALPLAN = ROOT / "dialplan" / "extensions_gateway.conf"
@@ -42,7 +43,7 @@ def test_the_dialplan_uses_exactly_the_declared_names():
 
 def test_every_declared_name_is_used_by_one_side_or_the_other():
     names = set(declared().values())
-    answers = set(var.ALLOW_ANSWER) | set(var.REJECT_ANSWER)
+    answers = (set(var.ALLOW_ANSWER) | set(var.REJECT_ANSWER)) - {var.HANGUP_HANDLER}
     gateway_sets = answers | {var.PONG, var.WARNING}
     assert names == var.DIALPLAN | gateway_sets
     assert len(names) == len(declared())  # no name declared twice
@@ -52,7 +53,12 @@ def test_every_declared_name_is_used_by_one_side_or_the_other():
     # the decision last in both; only a REJECT carries the announcement and the cause
     assert var.ALLOW_ANSWER[-1] == var.REJECT_ANSWER[-1] == var.DECISION
     assert var.ANNOUNCE not in var.ALLOW_ANSWER and var.CAUSE not in var.ALLOW_ANSWER
-    assert set(var.CLEARED) == {var.DECISION, var.CALL_ID}
+    assert set(var.CLEARED) == {var.DECISION}
+    # the hangup handler is pushed by the answer, right after the call id it reports
+    for answer in (var.ALLOW_ANSWER, var.REJECT_ANSWER):
+        assert answer.index(var.HANGUP_HANDLER) == answer.index(var.CALL_ID) + 1
+    assert var.HANGUP_HANDLER_AT == "gateway-hangup,s,1"
+    assert "[gateway-hangup]" in dialplan_code()
 
 
 def test_no_gateway_module_spells_a_channel_variable_itself():
@@ -97,43 +103,29 @@ def test_the_pbx_name_is_the_last_argument_of_every_route():
         assert index == len(args) - 1 and args[index] == "${" + var.PBX + "}", route
 
 
-def mset_items(step: str) -> dict[str, str]:
-    """name -> value of one MSet step (split on commas outside parentheses and quotes,
-    as MSet does; the quotes removed)."""
+def mset_step_items(step: str) -> dict[str, str]:
+    """name -> value of one MSet step of the dialplan."""
     body = re.fullmatch(r"MSet\((.*)\)", step.strip())
     assert body, step
-    items, depth, quoted, item = [], 0, False, ""
-    for ch in body.group(1):
-        if ch == '"':
-            quoted = not quoted
-            continue
-        depth += (ch in "([{") - (ch in ")]}")
-        if ch == "," and depth == 0 and not quoted:
-            items.append(item)
-            item = ""
-        else:
-            item += ch
-    items.append(item)
-    return dict(item.split("=", 1) for item in items)
+    return mset_items(body.group(1))
 
 
 ASKING = (("gateway-outbound", "_[+0-9*#]!"), ("gateway-outbound", "_[A-Za-z]."),
           ("gateway-inbound", "_[+0-9*#]!"))
 
 
-def test_one_step_before_asking_clears_the_answer_names_the_pbx_and_pushes_the_handler():
-    """Right before the first AGI() of each asking extension, one MSet: the decision and
-    the call id emptied (a parent channel must not hand down an ALLOW or a call id the
-    hangup handler would report), the PBX's name on the CDR, the hangup handler pushed
-    (so a caller who hangs up while the gateway decides is still reported)."""
+def test_one_step_before_asking_clears_the_decision_and_names_the_pbx():
+    """Right before the first AGI() of each asking extension, one MSet: the decision
+    emptied (a parent channel must not hand down an ALLOW) and the PBX's name on the
+    CDR. No hangup handler is pushed there: the answer that sets a call id pushes it."""
     for context, extension in ASKING:
         ext_steps = steps(context, extension)
         first_agi = next(i for i, st in enumerate(ext_steps) if st.startswith("AGI("))
-        items = mset_items(ext_steps[first_agi - 1])
-        assert items == {var.DECISION: "", var.CALL_ID: "",
-                         f"CDR({var.CDR_PBX})": "${" + var.PBX + "}",
-                         "CHANNEL(hangup_handler_push)": "gateway-hangup,s,1"}, (context, items)
+        items = mset_step_items(ext_steps[first_agi - 1])
+        assert items == {var.DECISION: "",
+                         f"CDR({var.CDR_PBX})": "${" + var.PBX + "}"}, (context, items)
         assert not any("Gosub(" in st for st in ext_steps)
+    assert var.HANGUP_HANDLER not in "\n".join(dialplan_code())
 
 
 def steps(context: str, extension: str) -> list[str]:
@@ -145,7 +137,8 @@ def steps(context: str, extension: str) -> list[str]:
             continue
         if current != context:
             continue
-        m = re.match(r"\s*(exten => (\S+?),1,|same => n(?:\([\w]+\))?,)(.*)$", line)
+        m = re.match(r"\s*(exten => (\S+?),1(?:\([\w]+\))?,|same => n(?:\([\w]+\))?,)(.*)$",
+                     line)
         assert m, line
         if m.group(2) is not None:
             out.append((m.group(2), m.group(3)))
@@ -154,12 +147,13 @@ def steps(context: str, extension: str) -> list[str]:
     return [step for exten, step in out if exten == extension]
 
 
-def test_a_delivered_hangup_report_takes_three_steps():
-    """Check, report, ExecIf that returns: the fail-over costs nothing when the gateway
-    answers (every step is a message on the AMI queue, docs/benchmarks.md)."""
+def test_a_delivered_hangup_report_takes_two_steps():
+    """Report, ExecIf that returns: the fail-over costs nothing when the gateway answers,
+    and there is no call id to check (only an answer with one pushes the handler; every
+    step is a message on the AMI queue, docs/benchmarks.md)."""
     handler = steps("gateway-hangup", "s")
-    assert handler[1].startswith("AGI(agi://" + var.AGI_ADDRESS + "/hangup,")
-    assert handler[2].startswith("ExecIf(") and handler[2].endswith(":Return())")
+    assert handler[0].startswith("AGI(agi://" + var.AGI_ADDRESS + "/hangup,")
+    assert handler[1].startswith("ExecIf(") and handler[1].endswith(":Return())")
 
 
 def test_the_fail_over_steps_come_after_the_failure_branch_only():
@@ -238,7 +232,9 @@ async def test_the_answer_sets_the_declared_variables_decision_last():
     internal = Decision(True, Reason.INTERNAL, None, route=Route.INTERNAL, target="bob",
                         destination="bob")
     reject = Decision(False, Reason.NO_LICENSE, None, destination="2125550100")
-    trunk_allow = [(var.REASON, "FUNDED"), (var.CALL_ID, str(call_id)), (var.ROUTE, "pstn"),
+    # a call id comes with the hangup handler that will report it
+    trunk_allow = [(var.REASON, "FUNDED"), (var.CALL_ID, str(call_id)),
+                   (var.HANGUP_HANDLER, "gateway-hangup,s,1"), (var.ROUTE, "pstn"),
                    (var.NUMBER, "12125550100"), (var.FUNDED, "300"), (var.DECISION, "ALLOW")]
     for decision, announcements, expected in (
         (allow, None, trunk_allow),

@@ -95,9 +95,15 @@ class AgiSession:
         return reply
 
     async def set(self, variables: dict[str, object]) -> None:
+        """Set ``variables`` one by one; with a call id, push the hangup handler right after
+        it, as the gateway's answer does (``var.ALLOW_ANSWER``)."""
         for name, value in variables.items():
             reply = await self.command(f'SET VARIABLE {name} "{value}"')
             assert reply.startswith("200 result=1"), reply
+            if name == var.CALL_ID:
+                reply = await self.command(
+                    f'SET VARIABLE {var.HANGUP_HANDLER} "{var.HANGUP_HANDLER_AT}"')
+                assert reply.startswith("200 result=1"), reply
 
 
 Handler = Callable[[AgiRequest, AgiSession], Awaitable[None]]
@@ -1127,7 +1133,7 @@ async def test_agi_protocol_details(pbx, gw):
     req = gw.of("outbound")[0]
     assert req.env["_quoted"] == "200 result=1 (value with spaces)"
     # Unquoted spaces are a syntax error (multi-line 520) and set nothing: the variable
-    # does not exist (result=0; the dialplan clears only GW_DECISION and GW_CALL_ID).
+    # does not exist (result=0; the dialplan clears only GW_DECISION).
     assert req.env["_set_unquoted"].startswith("520-Invalid command syntax"), req.dialogue
     assert req.env["_unquoted"] == "200 result=0"
 

@@ -33,6 +33,7 @@ from gateway.ami.events import Cdr, DialEnd, Hangup
 from gateway.calls.announce import Announcements
 from gateway.calls.service import CallService
 from gateway.rating.model import Decision, Reason, Route, Source
+from tests.support.agi import mset_items
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 WITHIN = 3.0  # no single replay may take longer than this: a hang fails, it never blocks
@@ -145,7 +146,7 @@ class AgiTranscript:
             if m.group(2):
                 found[m.group(2)] = value
             else:
-                found.update(pair.split("=", 1) for pair in value.split(","))
+                found.update(mset_items(value))
         return found
 
 

@@ -44,6 +44,9 @@ __all__ = ["PING_ROUTE", "AgiServer", "AgiSession", "Handler"]
 # res_agi.c): a longer line would be split into two commands and two replies.
 MAX_COMMAND_BYTES = 2046
 _PLAIN_VALUE = re.compile(r"^[A-Za-z0-9_.+@:-]*$")
+# A value with commas goes into MSet as one quoted item ("NAME=a,b,c"): a dialplan
+# location such as the hangup handler's context,extension,priority.
+_LISTED_VALUE = re.compile(r"^[A-Za-z0-9_.+@:,-]*$")
 # Upper bound on lines read for one reply (interim 100s, HANGUP, 520 usage text).
 MAX_REPLY_LINES = 256
 _CLOSE_TIMEOUT = 1.0
@@ -179,12 +182,18 @@ class AgiSession:
     async def set_variables(self, variables: Sequence[tuple[str, str]]) -> AgiReply:
         """Set several channel variables in one command (``EXEC MSet``): one round trip
         instead of one per variable, and all of them or none. Values must be plain
-        (letters, digits and ``_.+@:-``), since MSet splits on commas."""
+        (letters, digits and ``_.+@:-``); one with commas too is sent as a quoted MSet
+        item, as the dialplan writes ``"CHANNEL(hangup_handler_push)=ctx,exten,1"``."""
+        items = []
         for name, value in variables:
             _check_name(name)
-            if not _PLAIN_VALUE.match(value):
+            if _PLAIN_VALUE.match(value):
+                items.append(f"{name}={value}")
+            elif _LISTED_VALUE.match(value):
+                items.append(f'"{name}={value}"')
+            else:
                 raise ValueError(f"{name}: value {value!r} cannot go through MSet")
-        data = ",".join(f"{name}={value}" for name, value in variables)
+        data = ",".join(items)
         return await self.command(f"EXEC MSet {quote(data)}")
 
     async def get_variable(self, name: str) -> str | None:

@@ -265,14 +265,16 @@ def _not_served(session: AgiSession, exc: PbxNotServed, route: str, *, refused: 
 def _answer_variables(d: Decision, announce: str | None = None) -> list[tuple[str, str]]:
     """The channel variables that carry a decision, in ``var.ALLOW_ANSWER`` or
     ``var.REJECT_ANSWER`` order, and only those the dialplan reads after it (each one
-    set is a message on the PBX's AMI queue): no CALL_ID when the call has none, NUMBER
-    or TARGET by the route, ANNOUNCE only with ``announce`` (even empty)."""
+    set is a message on the PBX's AMI queue): no CALL_ID and no hangup handler when the
+    call has no id, NUMBER or TARGET by the route, ANNOUNCE only with ``announce`` (even
+    empty)."""
     trunk = d.route in (Route.PSTN, Route.PARTNER, Route.EMERGENCY)
     number = d.destination.lstrip("+") if d.route in (Route.PSTN, Route.PARTNER) else \
         d.destination
     values = {
         var.REASON: d.reason.value,
         var.CALL_ID: str(d.call_id) if d.call_id else None,
+        var.HANGUP_HANDLER: var.HANGUP_HANDLER_AT if d.call_id else None,
         var.ROUTE: d.route.value if d.route else "",
         var.NUMBER: number if trunk else None,
         var.TARGET: None if trunk else d.target or "",

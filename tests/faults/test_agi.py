@@ -21,6 +21,7 @@ from gateway import dialplan_variables as var
 from gateway.app import Gateway
 from gateway.config import Config
 from tests.faults.invariants import assert_invariants
+from tests.support.agi import mset_items
 from tests.support.clock import Clock
 from tests.support.gateway import NOW, running_gateway
 from tests.support.tenant import standard_tenant
@@ -84,7 +85,7 @@ def variables_set(commands: Sequence[str]) -> dict[str, str]:
         if words[:2] == ["SET", "VARIABLE"] and len(words) == 4:
             out[words[2]] = words[3]
         elif words[:2] == ["EXEC", "MSet"] and len(words) == 3:
-            out.update(pair.split("=", 1) for pair in words[2].split(","))
+            out.update(mset_items(words[2]))
     return out
 
 

@@ -7,7 +7,26 @@ import shlex
 import uuid
 from collections.abc import Sequence
 
-__all__ = ["agi_outbound", "agi_request"]
+__all__ = ["agi_outbound", "agi_request", "mset_items"]
+
+
+def mset_items(data: str) -> dict[str, str]:
+    """name -> value of MSet's argument ``data``, split as MSet splits it: on commas
+    outside parentheses and double quotes, the quotes removed (the dialplan writes
+    ``"CHANNEL(hangup_handler_push)=ctx,s,1"``, and so does the gateway's answer)."""
+    items, depth, quoted, item = [], 0, False, ""
+    for ch in data:
+        if ch == '"':
+            quoted = not quoted
+            continue
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0 and not quoted:
+            items.append(item)
+            item = ""
+        else:
+            item += ch
+    items.append(item)
+    return dict(item.split("=", 1) for item in items)
 
 
 async def agi_outbound(port: int, endpoint: str, dialled: str) -> dict[str, str]:
@@ -37,7 +56,7 @@ async def agi_request(port: int, script: str, args: Sequence[str], *,
                 if words[:2] == ["SET", "VARIABLE"]:
                     variables[words[2]] = words[3]
                 elif words[:2] == ["EXEC", "MSet"]:  # the gateway answers in one command
-                    variables.update(pair.split("=", 1) for pair in words[2].split(","))
+                    variables.update(mset_items(words[2]))
                 writer.write(b"200 result=1\n")
     finally:
         writer.close()
