@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from gateway import dialplan_variables as var
+from gateway.agi.protocol import quote
 from gateway.calls.causes import REJECT_CAUSES
 from gateway.store.pool import open_pool
 from tests.support.database import scratch_database
@@ -1171,6 +1172,38 @@ async def test_agi_waits_for_a_slow_gateway_and_reports_a_hangup(pbx, gw, ami):
     assert req.env["_after_hangup"].startswith("200 result=1"), req.dialogue
     # No GW_CALL_ID was set, so no hangup report.
     assert gw.of("hangup") == []
+
+
+async def test_an_answer_after_the_caller_hung_up_still_pushes_the_handler_that_reports(
+        pbx, gw, ami):
+    """The gateway's answer pushes the hangup handler in its MSet (quoted, as the gateway
+    sends it). A caller who hangs up while the gateway decides still gets that answer,
+    handler included, and the handler reports the call once the session ends."""
+    release = asyncio.Event()
+
+    async def slow(req: AgiRequest, agi: AgiSession) -> None:
+        if req.script == "outbound":
+            await asyncio.wait_for(release.wait(), 30)
+            data = ",".join([f"{var.REASON}=FUNDED", f"{var.CALL_ID}=call-gone",
+                             f'"{var.HANGUP_HANDLER}={var.HANGUP_HANDLER_AT}"',
+                             f"{var.ROUTE}=pstn", f"{var.NUMBER}={NUMBER}",
+                             f"{var.DECISION}=ALLOW"])
+            req.env["_mset"] = await agi.command(f"EXEC MSet {quote(data)}")
+
+    gw.handler = slow
+    call = asyncio.create_task(pbx.call("alice", NUMBER, scenario="expect_error", max_wait=30))
+    req = await gw.wait_for("outbound")
+    chan = req.env["agi_channel"]
+    assert (await ami.action("Hangup", Channel=chan, Cause="16"))["Response"] == "Success"
+    await asyncio.sleep(0.5)
+    release.set()
+    await call
+    assert req.env["_mset"].startswith("200 result=0"), req.dialogue
+    report = await gw.wait_for("hangup")
+    assert report.args == ["call-gone", "0", "", "0", PBX_NAME]
+    assert report.env["agi_uniqueid"] == req.env["agi_uniqueid"]
+    await asyncio.sleep(0.5)
+    assert len(gw.of("hangup")) == 1  # one answer, one handler, one report
 
 
 async def test_dead_channel_commands_are_refused_in_the_hangup_handler(pbx, gw):

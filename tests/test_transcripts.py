@@ -356,6 +356,15 @@ def test_recordings_hold_the_cases_the_tests_rely_on():
     gone = AGI["caller_gone_while_deciding-outbound"]
     first_command = next(i for i, s in enumerate(gone.steps) if s.side == "G")
     assert Step("A", b"HANGUP\n") in gone.steps[gone.env_end : first_command]
+    # every answer with a call id pushed the hangup handler, and the real PBX ran it:
+    # each such call has a hangup recording, the caller gone while deciding included
+    for t in AGI.values():
+        answer = t.set_variables()
+        if var.CALL_ID in answer:
+            assert answer[var.HANGUP_HANDLER] == var.HANGUP_HANDLER_AT, t.name
+            assert f"{t.name.rsplit('-', 1)[0]}-hangup" in AGI, t.name
+        elif t.env["network_script"] != var.HANGUP_ROUTE:
+            assert var.HANGUP_HANDLER not in answer, t.name
     # What real Asterisk does that a hand-written fake might not: one more HANGUP once
     # the gateway has closed its side, in every session.
     for t in AGI.values():
