@@ -65,6 +65,7 @@ import re
 import secrets
 import signal
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -364,6 +365,34 @@ def _machine_busy() -> tuple[int, int]:
     parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
     return sum(parts) - idle, sum(parts)
+
+
+def _uptime() -> float:
+    """Seconds since boot, the clock ``perf`` stamps its samples with."""
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
+PERF_HZ = 499  # --perf-asterisk: samples a second of CPU
+
+
+def perf_command(path: str) -> list[str]:
+    """``perf record`` in front of Asterisk: CPU-clock samples of every thread into
+    ``path`` until Asterisk exits (attaching to a running Asterisk is refused here)."""
+    return ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ), "-o", path, "--"]
+
+
+def perf_by_object(path: str, root: Path, window: tuple[float, float]) -> dict[str, int]:
+    """Asterisk's samples between two uptimes, by shared object (kernel, libc, ...)."""
+    res = subprocess.run(
+        ["perf", "report", "-i", path, f"--symfs={root}", "--kallsyms=/proc/kallsyms",
+         "--time", f"{window[0]:.3f},{window[1]:.3f}", "--stdio", "--no-children", "-n",
+         "--sort", "dso"], capture_output=True, text=True, timeout=300, check=False)
+    out: dict[str, int] = {}
+    for line in res.stdout.splitlines():
+        m = re.match(r"\s*[\d.]+%\s+(\d+)\s+(\S+)", line)
+        if m:
+            out[m.group(2)] = out.get(m.group(2), 0) + int(m.group(1))
+    return out
 
 
 class CpuMeter:
@@ -711,6 +740,7 @@ class Step:
     tasks: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     uac_rc: int | None = None
     note: str = ""
+    window: tuple[float, float] = (0.0, 0.0)  # system uptime when the calls began and ended
 
     @property
     def pdd_summary(self) -> dict[str, float]:
@@ -841,6 +871,7 @@ class Bench:
         self.asterisk_pid: int | None = None
         self._log_offset = 0
         self.db_conn: asyncpg.Connection | None = None
+        self.fixed: dict[str, Step] = {}  # part 1's step of each mode
 
     # -- set-up --------------------------------------------------------------------
 
@@ -861,7 +892,9 @@ class Bench:
                   contexts={"direct": "bench-direct"}, extra_dialplan=DIRECT_DIALPLAN,
                   extra_config=extra, ami_eventfilters=not self.args.no_ami_eventfilter,
                   extra_manager=ALL_EVENTS_MANAGER if self.args.all_events else "",
-                  pjsip_global={"taskprocessor_overload_trigger": trigger} if trigger else None)
+                  pjsip_global={"taskprocessor_overload_trigger": trigger} if trigger else None,
+                  command_prefix=perf_command(self.args.perf_asterisk)
+                  if self.args.perf_asterisk else ())
         self.pbx = pbx  # stop() in the finally even if start() fails half-way
         pbx.start()
         pid_file = pbx.run_dir / "run" / "asterisk.pid"
@@ -958,12 +991,14 @@ class Bench:
         db = DbProbe(self.db_conn, self.dbname, probe)
         cpu.exclude = {self.db_conn.get_server_pid()}
         try:
+            st.window = (_uptime(), 0.0)
             await uac.start()
             cpu.procs = {"gateway (python)": self.gw.proc.pid,
                          "sipp phone (UAC)": uac.pid, "sipp carrier (UAS)": uas.pid}
             cpu.start()
             db.start()
             st.uac_rc = await uac.wait(duration + hold_s + 45)
+            st.window = (st.window[0], _uptime())
             st.cpu = await cpu.stop()
             st.cpu_elapsed = time.monotonic() - cpu.t0
             st.db = await db.stop()
@@ -1115,7 +1150,7 @@ class Bench:
         try:
             await admin.execute(f'CREATE DATABASE "{self.dbname}"')
             try:
-                return await self._run_inner(t_start, budget_end)
+                rc = await self._run_inner(t_start, budget_end)
             finally:
                 if self.db_conn is not None:
                     with contextlib.suppress(Exception):
@@ -1131,6 +1166,26 @@ class Bench:
                 await admin.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
         finally:
             await admin.close()
+        if a.perf_asterisk and self.fixed:  # Asterisk has stopped: the file is whole
+            self.print_perf()
+        return rc
+
+    def print_perf(self) -> None:
+        """Part 1's Asterisk CPU a call, by shared object, from the ``perf`` samples."""
+        root = self.pbx.root
+        rows = {mode: perf_by_object(self.args.perf_asterisk, root, st.window)
+                for mode, st in self.fixed.items()}
+        per = {mode: {k: n * 1000 / PERF_HZ / self.fixed[mode].calls for k, n in r.items()}
+               for mode, r in rows.items()}
+        g, d = per.get("gateway", {}), per.get("direct", {})
+        print(f"Asterisk CPU a call by object, part 1 (perf, {PERF_HZ} samples/s; ms): "
+              "gateway / direct / difference")
+        for name in sorted(set(g) | set(d), key=lambda k: -(g.get(k, 0) - d.get(k, 0)))[:10]:
+            print(f"  {name:28s} {g.get(name, 0):6.2f} {d.get(name, 0):6.2f} "
+                  f"{g.get(name, 0) - d.get(name, 0):+6.2f}")
+        tg, td = sum(g.values()), sum(d.values())
+        print(f"  {'total':28s} {tg:6.2f} {td:6.2f} {tg - td:+6.2f}"
+              f"  ({tg / td if td else float('nan'):.2f}x)", flush=True)
 
     async def _run_inner(self, t_start: float, budget_end: float) -> int:
         a = self.args
@@ -1161,7 +1216,7 @@ class Bench:
         # part 1: fixed rate -------------------------------------------------------------
         log(f"part 1: {a.calls} calls at {a.rate:g} calls/s in each mode, "
             f"held {a.hold_ms} ms")
-        fixed: dict[str, Step] = {}
+        fixed = self.fixed
         tap = await AmiTap(pbx).start()
         all_tap = await AmiTap(pbx, *ALL_EVENTS_ACCOUNT).start() if a.all_events else None
         try:
@@ -1325,6 +1380,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "SIPp, the database's backends) on the other CPUs: the call rate "
                         "one PBX core carries, as when the gateway and the database run "
                         "on their own machines")
+    p.add_argument("--perf-asterisk", default="", metavar="FILE",
+                   help="run Asterisk under `perf record` (CPU-clock samples into FILE) and "
+                        "print part 1's Asterisk CPU a call by shared object (kernel, libc, "
+                        "asterisk, modules) for both modes")
     p.add_argument("--pbx-root", default="", help="the sid root folder ($PBX_ROOT)")
     args = p.parse_args(argv)
     args.ramp = [float(x) for x in args.ramp.split(",") if x.strip()]

@@ -115,6 +115,9 @@ class Pbx:
         ``taskprocessor_overload_trigger``).
     extra_manager
         text appended to manager.conf (e.g. a second account for measurements).
+    command_prefix
+        a program and its arguments Asterisk runs under (a benchmark's
+        ``perf record ... --``); it must pass stdin on and end with Asterisk.
 
     After ``start()``: ``sip_port``, ``ami_host``/``ami_port``/``ami_user``/
     ``ami_secret``, ``ports`` (endpoint name -> SIPp port), ``run_dir`` (host
@@ -153,6 +156,7 @@ class Pbx:
         boot_timeout: float = 60.0,
         ami_eventfilters: bool = True,
         extra_manager: str = "",
+        command_prefix: Iterable[str] = (),
     ) -> None:
         self.root = Path(root) if root else pbx_root_path()
         self.phones = tuple(phones)
@@ -177,6 +181,8 @@ class Pbx:
         self.pjsip_global = dict(pjsip_global or {})
         self.boot_timeout = boot_timeout
         self.extra_manager = extra_manager
+        # run Asterisk under another program (a benchmark's ``perf record ... --``)
+        self.command_prefix = tuple(command_prefix)
         # False: the AMI user without the example's eventfilter lines (every event)
         self.ami_eventfilters = ami_eventfilters
 
@@ -229,7 +235,8 @@ class Pbx:
         self._out = open(self.run_dir / "log" / "console.out", "wb")  # noqa: SIM115
         # proc mounted for Asterisk only; if the test run dies without stop()
         # (kill -9, a CI job killed), Asterisk goes down with it (asterisk_command)
-        cmd = asterisk_command(self.root, f"{self.guest_dir}/etc/asterisk.conf")
+        cmd = [*self.command_prefix,
+               *asterisk_command(self.root, f"{self.guest_dir}/etc/asterisk.conf")]
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
