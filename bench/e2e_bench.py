@@ -43,9 +43,10 @@ What-if knobs for the PBX (both off by default, i.e. Asterisk's defaults):
 account is the shipped one (dialplan/manager.conf.example) with its ``eventfilter``
 lines; ``--no-ami-eventfilter`` drops them (every event of its read classes). Part 1
 also counts the AMI events that account is sent per call (a second session of the
-same account, part 1 only) and prints the CPU per call of Asterisk and of this
-process, of the gateway's and of the database's backends; ``--all-events`` also counts, by name,
-every event a call makes (an account reading all classes).
+same account, part 1 only) and prints the CPU per call of Asterisk, the gateway, this
+process and the database's backends; ``--all-events`` also counts, by name, every
+event a call makes (an account reading all classes); ``--perf-asterisk`` splits
+Asterisk's by shared object.
 
 Needs the PBX root folder (``.ci/pbx-root.sh``; ``$PBX_ROOT``) and PostgreSQL
 (``$GATEWAY_TEST_DATABASE_URL``, default the test suite's). Loopback only; every
@@ -60,6 +61,7 @@ import contextlib
 import csv
 import datetime as dt
 import io
+import json
 import os
 import re
 import secrets
@@ -607,11 +609,14 @@ class GatewayProbe:
     AUTHORISE = ("gateway_authorisation_seconds", "direction", "outbound")
     GAUGES = ("gateway_db_pool_connections_in_use", "gateway_db_pool_connections_max",
               "gateway_ami_event_backlog", "gateway_live_calls")
+    # /metrics?name[]=... of the gauges, and of the two histograms' samples
+    GAUGE_QUERY = "&".join(f"name[]={n}" for n in GAUGES)
+    TIMING_QUERY = "&".join(f"name[]={m}_{part}" for m, _, _ in (HANDLER, AUTHORISE)
+                            for part in ("bucket", "sum", "count"))
 
     def __init__(self, base: str) -> None:
         self.base = base
         self.http: aiohttp.ClientSession | None = None
-        self._gauge_query = "&".join(f"name[]={n}" for n in self.GAUGES)
 
     async def open(self) -> GatewayProbe:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
@@ -628,15 +633,12 @@ class GatewayProbe:
             return await r.text()
 
     async def status(self) -> dict[str, Any]:
-        assert self.http is not None
-        async with self.http.get(self.base + "/status") as r:
-            r.raise_for_status()
-            return await r.json()
+        return json.loads(await self._get("/status"))
 
     async def gauges(self) -> dict[str, float]:
         """The polled gauges, each summed over its labels (the PBXs)."""
         out: dict[str, float] = {}
-        for line in (await self._get(f"/metrics?{self._gauge_query}")).splitlines():
+        for line in (await self._get(f"/metrics?{self.GAUGE_QUERY}")).splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
                 name = name.split("{", 1)[0]
@@ -666,9 +668,7 @@ class GatewayProbe:
 
     async def snapshot(self) -> dict[str, Any]:
         """The two histograms, the AGI session counters and the outbound decisions."""
-        names = [f"{m}_{part}" for m, _, _ in (self.HANDLER, self.AUTHORISE)
-                 for part in ("bucket", "sum", "count")]
-        text = await self._get("/metrics?" + "&".join(f"name[]={n}" for n in names))
+        text = await self._get(f"/metrics?{self.TIMING_QUERY}")
         families = list(text_string_to_metric_families(text))
         status = await self.status()
         agi = {k: v for k, v in status["components"]["agi"].items() if isinstance(v, int)}
@@ -991,14 +991,14 @@ class Bench:
         db = DbProbe(self.db_conn, self.dbname, probe)
         cpu.exclude = {self.db_conn.get_server_pid()}
         try:
-            st.window = (_uptime(), 0.0)
+            began = _uptime()
             await uac.start()
             cpu.procs = {"gateway (python)": self.gw.proc.pid,
                          "sipp phone (UAC)": uac.pid, "sipp carrier (UAS)": uas.pid}
             cpu.start()
             db.start()
             st.uac_rc = await uac.wait(duration + hold_s + 45)
-            st.window = (st.window[0], _uptime())
+            st.window = (began, _uptime())
             st.cpu = await cpu.stop()
             st.cpu_elapsed = time.monotonic() - cpu.t0
             st.db = await db.stop()
