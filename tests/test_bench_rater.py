@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 RUNS = ("round trip: SELECT 1", "UPDATE..RETURNING, 3 rows", "UPDATE..RETURNING, one hot row",
-        "cycles spread over 3 pools", "cycles on one hot pool", "spread, each alone",
+        "floor: 2 statements, 3 rows", "floor: 2 statements, one hot row", "cycles spread over 3 pools", "cycles on one hot pool", "spread, each alone",
         "hot pool, each alone")
 
 
@@ -39,6 +39,10 @@ def test_a_tiny_run_prints_every_run_and_the_ratios():
     for kind, target in (("spread", "0.35"), ("hot   ", "0.45")):
         assert re.search(rf"^{kind} cycles / updates:\s+[\d.]+  \(target >= {target}: "
                          r"(met|not met); p99 [\d.]+ ms, target < 10 ms\)$", out, re.M), out
+    # the ceiling the ratios are read against, and the cycles against it
+    for kind in ("spread", "hot   "):
+        assert re.search(rf"^{kind} floor / updates:\s+[\d.]+  \(the most a cycle of two"
+                         r" commits reached here\); cycles / floor:\s+[\d.]+$", out, re.M), out
     # the hot pool's requests went together: at most the 2 workers per statement
     shared = re.search(r"^hot pool: ([\d.]+) authorisations and settlements per statement",
                        out, re.M)
