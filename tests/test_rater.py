@@ -884,6 +884,114 @@ async def test_one_pools_concurrent_requests_go_in_one_statement(admin, rater, r
     await ledger_agrees(repo)
 
 
+# The columns a call row takes from its decision (not its id, channel or times).
+DECIDED = ("user_id", "direction", "caller", "destination", "number_class", "decision",
+           "reason", "route", "pbx", "rate_kind", "rate_prefix", "price_per_minute",
+           "first_increment", "increment", "sources", "month", "pool_country",
+           "funded_seconds")
+
+
+async def rows_written(repo, uniqueids: list[str]) -> dict[str, tuple]:
+    """Per channel: its call row's decided columns, its funding rows and its ledger rows
+    (each as the columns a request chose), and the transaction id that wrote the call row."""
+    out = {}
+    for u in uniqueids:
+        call = await repo.pool.fetchrow(
+            f"SELECT id, xmin::text AS writer, {', '.join(DECIDED)} FROM calls"
+            " WHERE pbx_uniqueid = $1", u)
+        funding = await repo.pool.fetch(
+            "SELECT source, position, reserved_seconds, reserved_amount FROM call_funding"
+            " WHERE call_id = $1 ORDER BY position", call["id"])
+        ledger = await repo.pool.fetch(
+            "SELECT entry, account, country, month, d_reserved_seconds, d_reserved,"
+            " d_balance FROM ledger WHERE call_id = $1 ORDER BY id", call["id"])
+        out[u] = (tuple(call[c] for c in DECIDED), [tuple(f) for f in funding],
+                  [tuple(e) for e in ledger], call["writer"])
+    return out
+
+
+async def test_one_pools_batch_is_written_together_as_each_would_be_alone(admin, rater, repo):
+    """A batch whose requests all take the pool's fast path, with the pool free for all
+    of them, is written in one go (gw_authorise_together: one subtransaction writes every
+    call row) and writes exactly the rows each request writes alone, in request order."""
+    await standard_tenant(admin)
+    await known_callers(rater, "alice", "bob")
+    alone = Rater(repo, clock=rater.clock, batch_limit=1)
+    for i, caller in enumerate(("alice", "bob")):
+        await alone.authorise_outbound(caller, DOMESTIC, pbx_uniqueid=f"alone.{i}")
+    async with pool_row_held(repo):
+        first, rest = await one_then_together(
+            rater, rater.authorise_outbound("alice", DOMESTIC, pbx_uniqueid="17.first"),
+            [rater.authorise_outbound(("alice", "bob")[i % 2], DOMESTIC,
+                                      pbx_uniqueid=f"17.{i}") for i in range(6)])
+    await first
+    decisions = [await t for t in rest]
+    assert [(d.allow, d.reason, d.funded_seconds, d.price_per_minute) for d in decisions] == [
+        (True, Reason.FUNDED, 300, Decimal("0.02"))] * 6
+    written = await rows_written(repo, ["alone.0", "alone.1"] + [f"17.{i}" for i in range(6)])
+    for i in range(6):
+        assert written[f"17.{i}"][:3] == written[f"alone.{i % 2}"][:3], i
+    assert len({written[f"17.{i}"][3] for i in range(6)}) == 1  # one writer for the six
+    assert written["alone.0"][3] != written["alone.1"][3]
+    # the ledger's reservations follow the requests' order
+    order = await repo.pool.fetch(
+        "SELECT c.pbx_uniqueid FROM ledger l JOIN calls c ON c.id = l.call_id"
+        " WHERE c.pbx_uniqueid LIKE '17.%' ORDER BY l.id")
+    assert [r["pbx_uniqueid"] for r in order] == ["17.first"] + [f"17.{i}" for i in range(6)]
+    assert await pool_row(repo) == (0, 9 * 300)
+    await ledger_agrees(repo)
+
+
+async def test_a_batch_the_pool_cannot_fund_whole_is_decided_one_by_one(admin, rater, repo):
+    """The pool has room for two slices and a part of a third (two Calling Plan users of
+    6 minutes: 720 s): the batch of three after the first is decided one by one, as
+    alone: the second from the pool, the third the pool's last 120 s and the rest from
+    the wallet, the fourth the wallet alone."""
+    await standard_tenant(admin, wallet="5.00")
+    await admin.set_allotment("CA", "domestic", 6)
+    await known_callers(rater, "alice", "bob")
+    async with pool_row_held(repo):
+        first, rest = await one_then_together(
+            rater, rater.authorise_outbound("alice", DOMESTIC, pbx_uniqueid="18.first"),
+            [rater.authorise_outbound(("alice", "bob")[i % 2], DOMESTIC,
+                                      pbx_uniqueid=f"18.{i}") for i in range(3)])
+    decisions = [await first] + [await t for t in rest]
+    assert [(d.allow, d.funded_seconds) for d in decisions] == [(True, 300)] * 4
+    written = await rows_written(repo, ["18.first"] + [f"18.{i}" for i in range(3)])
+    # the three together were decided one by one: each its own writer
+    assert len({written[f"18.{i}"][3] for i in range(3)}) == 3
+    assert [[(f[0], f[2]) for f in w[1]] for w in written.values()] == [
+        [("pool", 300)], [("pool", 300)], [("pool", 120), ("wallet", 180)],
+        [("wallet", 300)]]
+    assert await pool_row(repo) == (0, 720)  # the pool spent exactly, never past
+    await ledger_agrees(repo)
+
+
+async def test_a_batch_made_from_a_context_that_moved_on_is_decided_again(admin, rater,
+                                                                          repo):
+    """The tenant's context changes while the batch waits (a number added that the dialled
+    string is): the batch is not written together; each request, decided one by one,
+    finds its context stale, and is decided again from the current one: the call to the
+    tenant's own new number is internal, the others go out as before."""
+    await standard_tenant(admin)
+    await known_callers(rater, "alice", "bob")
+    async with pool_row_held(repo):
+        first, rest = await one_then_together(
+            rater, rater.authorise_outbound("alice", DOMESTIC, pbx_uniqueid="19.first"),
+            [rater.authorise_outbound(caller, dialled, pbx_uniqueid=f"19.{i}")
+             for i, (caller, dialled) in enumerate((("alice", DOMESTIC), ("bob", "5145550177"),
+                                                    ("bob", DOMESTIC)))])
+        await admin.add_number("+15145550177", TENANT, "user", user_id="bob")
+    decisions = [await first] + [await t for t in rest]
+    assert [(d.allow, d.route) for d in decisions] == [
+        (True, Route.PSTN), (True, Route.PSTN), (True, Route.INTERNAL), (True, Route.PSTN)]
+    rows = await repo.pool.fetch("SELECT pbx_uniqueid, route, funded_seconds FROM calls"
+                                 " WHERE pbx_uniqueid LIKE '19.%' ORDER BY pbx_uniqueid")
+    assert [tuple(r) for r in rows] == [("19.0", "pstn", 300), ("19.1", "internal", 0),
+                                        ("19.2", "pstn", 300), ("19.first", "pstn", 300)]
+    await ledger_agrees(repo)
+
+
 async def test_a_request_failing_in_a_batch_takes_none_of_the_others(admin, rater, repo):
     await standard_tenant(admin)
     await known_callers(rater, "alice", "bob")
