@@ -910,6 +910,26 @@ async def rows_written(repo, uniqueids: list[str]) -> dict[str, tuple]:
     return out
 
 
+async def settlements_written(repo, call_ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple]:
+    """Per call: what its settlement wrote to its call row, its funding rows and the
+    ledger (the entries of its end, in order), and the transaction id that wrote the
+    call row last."""
+    out = {}
+    for call_id in call_ids:
+        call = await repo.pool.fetchrow(
+            "SELECT xmin::text AS writer, state, billable_seconds, billed_seconds,"
+            " charged_amount, settled_by FROM calls WHERE id = $1", call_id)
+        funding = await repo.pool.fetch(
+            "SELECT source, charged_seconds, charged_amount FROM call_funding"
+            " WHERE call_id = $1 ORDER BY position", call_id)
+        ledger = await repo.pool.fetch(
+            "SELECT entry, account, d_used_seconds, d_reserved_seconds, d_balance FROM ledger"
+            " WHERE call_id = $1 AND entry <> 'reserve' ORDER BY id", call_id)
+        out[call_id] = (tuple(call)[1:], [tuple(f) for f in funding],
+                        [tuple(e) for e in ledger], call["writer"])
+    return out
+
+
 async def test_one_pools_batch_is_written_together_as_each_would_be_alone(admin, rater, repo):
     """A batch whose requests all take the pool's fast path, with the pool free for all
     of them, is written in one go (gw_authorise_together: one subtransaction writes every
@@ -941,6 +961,30 @@ async def test_one_pools_batch_is_written_together_as_each_would_be_alone(admin,
     assert await pool_row(repo) == (0, 9 * 300)
     await ledger_agrees(repo)
 
+    # settled together (gw_settle_together), as each alone: nothing, 61 s, past the slice
+    billables = (0, 61, 400)
+    alone_ids = [r["id"] for r in await repo.pool.fetch(
+        "SELECT id FROM calls WHERE pbx_uniqueid LIKE 'alone.%' ORDER BY pbx_uniqueid")]
+    alone_ids.append((await alone.authorise_outbound("alice", DOMESTIC,
+                                                      pbx_uniqueid="alone.2")).call_id)
+    alone_settled = [await alone.settle(c, b) for c, b in zip(alone_ids, billables)]
+    async with pool_row_held(repo):
+        first, rest = await one_then_together(
+            rater, rater.release((await first).call_id),
+            [rater.settle(d.call_id, billables[i % 3]) for i, d in enumerate(decisions)])
+    await first
+    settled = [await t for t in rest]
+    assert [(s.outcome, s.billed_seconds, s.charged) for s in settled] == [
+        (s.outcome, s.billed_seconds, s.charged) for s in alone_settled] * 2
+    assert [(s.outcome, s.billed_seconds) for s in alone_settled] == [
+        ("released", 0), ("settled", 120), ("settled", 300)]
+    ended = await settlements_written(repo, [d.call_id for d in decisions] + alone_ids)
+    for i, d in enumerate(decisions):
+        assert ended[d.call_id][:3] == ended[alone_ids[i % 3]][:3], i
+    assert len({ended[d.call_id][3] for d in decisions}) == 1  # one writer for the six
+    assert await pool_row(repo) == (3 * 420, 0)
+    await ledger_agrees(repo)
+
 
 async def test_a_batch_the_pool_cannot_fund_whole_is_decided_one_by_one(admin, rater, repo):
     """The pool has room for two slices and a part of a third (two Calling Plan users of
@@ -964,6 +1008,22 @@ async def test_a_batch_the_pool_cannot_fund_whole_is_decided_one_by_one(admin, r
         [("pool", 300)], [("pool", 300)], [("pool", 120), ("wallet", 180)],
         [("wallet", 300)]]
     assert await pool_row(repo) == (0, 720)  # the pool spent exactly, never past
+    await ledger_agrees(repo)
+
+    # settled together: one of them is funded by the wallet too, so they are settled
+    # one by one (each its own writer), as alone
+    async with pool_row_held(repo):
+        first, rest = await one_then_together(
+            rater, rater.settle(decisions[0].call_id, 61),
+            [rater.settle(d.call_id, 250) for d in decisions[1:]])
+    assert (await first).billed_seconds == 120
+    settled = [await t for t in rest]
+    assert [(s.outcome, s.billed_seconds, s.charged) for s in settled] == [
+        ("settled", 300, Decimal(0)), ("settled", 300, Decimal("0.060000")),
+        ("settled", 300, Decimal("0.100000"))]
+    ended = await settlements_written(repo, [d.call_id for d in decisions[1:]])
+    assert len({e[3] for e in ended.values()}) == 3
+    assert await pool_row(repo) == (120 + 300 + 120, 0)
     await ledger_agrees(repo)
 
 

@@ -1,11 +1,13 @@
--- One pool's authorisations written together (issue 10, the hot pool). Migration 012
--- sends the authorisations of one pool that arrive together as one statement, but still
--- decides them one by one: about sixteen statements and a subtransaction each, all run
--- while the batch holds the pool row's lock. When every request of such a batch would
--- take the pool's fast path of gw_authorise (an ALLOW paid from the pool first, whose
--- pool has the slice free), and the pool has every slice free, the batch is written
--- with a few statements for all of them: the checks, each table's rows in one INSERT,
--- and one UPDATE of the pool row for the sum of the slices.
+-- One pool's requests written together (issue 10, the hot pool). Migration 012 sends the
+-- authorisations and settlements of one pool that arrive together as one statement, but
+-- still decides them one by one: about sixteen statements and a subtransaction for each
+-- authorisation, about ten for each settlement, all run while the statement holds the
+-- pool row's lock. When every authorisation of such a statement would take the pool's
+-- fast path of gw_authorise (an ALLOW paid from the pool first, whose pool has the slice
+-- free) and the pool has every slice free, they are written with a few statements for
+-- all of them: the checks, each table's rows in one INSERT, and one UPDATE of the pool
+-- row for the sum of the slices. Likewise the settlements of calls funded by the pool
+-- alone.
 --
 -- The rows are the ones the requests would write one by one, in the same order (the
 -- ledger's ids follow the requests). A batch that does not qualify, a pool that ran
@@ -242,6 +244,138 @@ BEGIN
             first_increment := NULL;
             increment := NULL;
             rate_prefix := NULL;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- ---- settlements ----------------------------------------------------------------------
+
+-- The settlements of gw_settle_batch (same arguments; the calls' rows already locked)
+-- written together: one row, each call's outcome and billed seconds at its place (its
+-- charge is 0: the pool pays). No row and nothing written unless they are n >= 2
+-- distinct open calls of one pool and one month, each funded by that pool alone. Each
+-- table's rows are gw_settle's, in request order: the ledger's charge and release of
+-- each call (those not zero), its funding row's charged seconds, the call row; then the
+-- pool row once, by the sums.
+CREATE FUNCTION gw_settle_together(p_call uuid[], p_billable integer[],
+                                   p_now timestamptz[], p_by text[])
+RETURNS TABLE (outcome text[], billed integer[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := coalesce(cardinality(p_call), 0);
+    v_fits boolean;
+    v_tenant text;
+    v_country char(2);
+    v_month date;
+    -- per call, in order
+    v_billed integer[];
+    v_reserved integer[];
+    v_seconds integer[];
+    v_state text[];
+BEGIN
+    IF n < 2 OR (SELECT count(DISTINCT q.id) FROM unnest(p_call) AS q(id)) <> n THEN
+        RETURN;
+    END IF;
+    SELECT count(c.id) = n
+           AND bool_and(c.state IN ('authorised', 'answered') AND cardinality(c.sources) > 0
+                        AND f.sources = ARRAY['pool'])
+           AND count(DISTINCT (c.tenant_id, c.pool_country, c.month)) = 1,
+           min(c.tenant_id), min(c.pool_country), min(c.month),
+           array_agg(LEAST(gw_bill_round(GREATEST(q.billable, 0), c.first_increment,
+                                         c.increment), c.funded_seconds)::integer
+                     ORDER BY q.i),
+           array_agg(f.reserved ORDER BY q.i),
+           array_agg(CASE WHEN c.answered_at IS NULL AND q.billable <= 0 THEN 'released'
+                          ELSE 'settled' END ORDER BY q.i)
+    INTO v_fits, v_tenant, v_country, v_month, v_billed, v_reserved, v_state
+    FROM unnest(p_call, p_billable) WITH ORDINALITY AS q(id, billable, i)
+    LEFT JOIN calls c ON c.id = q.id
+    LEFT JOIN LATERAL (SELECT array_agg(cf.source ORDER BY cf.position) AS sources,
+                              sum(cf.reserved_seconds)::integer AS reserved
+                       FROM call_funding cf WHERE cf.call_id = c.id) f ON true;
+    IF v_fits IS NOT TRUE THEN
+        RETURN;
+    END IF;
+    SELECT array_agg(LEAST(b, r) ORDER BY i) INTO v_seconds
+    FROM unnest(v_billed, v_reserved) WITH ORDINALITY AS q(b, r, i);
+    INSERT INTO ledger (at, tenant_id, entry, account, country, month, call_id,
+                        d_used_seconds, d_reserved_seconds)
+    SELECT p_now[q.i], v_tenant, e.entry, 'pool', v_country, v_month, q.id, e.u, e.r
+    FROM unnest(p_call) WITH ORDINALITY AS q(id, i)
+    CROSS JOIN LATERAL (VALUES (1, 'charge', v_seconds[q.i], -v_seconds[q.i]),
+                               (2, 'release', 0, v_seconds[q.i] - v_reserved[q.i]))
+               AS e(k, entry, u, r)
+    WHERE e.u <> 0 OR e.r <> 0
+    ORDER BY q.i, e.k;
+    UPDATE call_funding cf SET charged_seconds = v_seconds[q.i], charged_amount = 0
+    FROM unnest(p_call) WITH ORDINALITY AS q(id, i)
+    WHERE cf.call_id = q.id AND cf.source = 'pool';
+    UPDATE calls c SET state = v_state[q.i], ended_at = p_now[q.i],
+                       billable_seconds = GREATEST(p_billable[q.i], 0),
+                       billed_seconds = v_billed[q.i], charged_amount = 0,
+                       settled_by = p_by[q.i]
+    FROM unnest(p_call) WITH ORDINALITY AS q(id, i)
+    WHERE c.id = q.id;
+    IF (SELECT sum(r) FROM unnest(v_reserved) AS q(r)) > 0 THEN
+        UPDATE pools p
+        SET used_seconds = p.used_seconds + (SELECT sum(s) FROM unnest(v_seconds) AS q(s)),
+            reserved_seconds = p.reserved_seconds
+                               - (SELECT sum(r) FROM unnest(v_reserved) AS q(r))
+        WHERE p.tenant_id = v_tenant AND p.country = v_country AND p.month = v_month;
+    END IF;
+    RETURN QUERY SELECT v_state, v_billed;
+END
+$$;
+
+-- As in migration 012, trying gw_settle_together first (after the calls' rows are
+-- locked): its rows when it wrote the batch, else each call settled alone, in order,
+-- in a subtransaction of its own.
+CREATE OR REPLACE FUNCTION gw_settle_batch(p_call uuid[], p_billable integer[],
+                                           p_now timestamptz[], p_by text[])
+RETURNS TABLE (ord integer, outcome text, billed integer, charged numeric,
+               error_state text, error_message text, error_detail text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    v_outcome text[];
+    v_billed integer[];
+BEGIN
+    PERFORM 1 FROM calls c WHERE c.id = ANY (p_call) ORDER BY c.id FOR UPDATE;
+    IF coalesce(cardinality(p_call), 0) >= 2 THEN
+        BEGIN
+            SELECT * INTO v_outcome, v_billed
+            FROM gw_settle_together(p_call, p_billable, p_now, p_by);
+        EXCEPTION WHEN OTHERS THEN
+            -- (a statement timeout or a cancellation is not caught here)
+            v_outcome := NULL;
+        END;
+        IF v_outcome IS NOT NULL THEN
+            RETURN QUERY
+            SELECT i, v_outcome[i], v_billed[i], 0::numeric, NULL::text, NULL::text,
+                   NULL::text
+            FROM generate_series(1, cardinality(p_call)) i;
+            RETURN;
+        END IF;
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(p_call), 0) LOOP
+        ord := i;
+        error_state := NULL;
+        error_message := NULL;
+        error_detail := NULL;
+        BEGIN
+            SELECT * INTO r FROM gw_settle(p_call[i], p_billable[i], p_now[i], p_by[i]);
+            outcome := r.outcome;
+            billed := r.billed;
+            charged := r.charged;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS error_state = RETURNED_SQLSTATE,
+                                    error_message = MESSAGE_TEXT,
+                                    error_detail = PG_EXCEPTION_DETAIL;
+            outcome := NULL;
+            billed := NULL;
+            charged := NULL;
         END;
         RETURN NEXT;
     END LOOP;
