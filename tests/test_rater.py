@@ -967,7 +967,7 @@ async def test_one_pools_batch_is_written_together_as_each_would_be_alone(admin,
         "SELECT id FROM calls WHERE pbx_uniqueid LIKE 'alone.%' ORDER BY pbx_uniqueid")]
     alone_ids.append((await alone.authorise_outbound("alice", DOMESTIC,
                                                       pbx_uniqueid="alone.2")).call_id)
-    alone_settled = [await alone.settle(c, b) for c, b in zip(alone_ids, billables)]
+    alone_settled = [await alone.settle(c, b) for c, b in zip(alone_ids, billables, strict=True)]
     async with pool_row_held(repo):
         first, rest = await one_then_together(
             rater, rater.release((await first).call_id),

@@ -19,10 +19,10 @@
 
 -- The requests of gw_authorise_batch (same arguments) written together: one row, each
 -- request's answer at its place in the arrays (its decision ALLOW, its reason as given).
--- No row and nothing written when they do not all take the pool's fast path: n >= 2 requests of
--- one tenant and one pool country, each an ALLOW paid from the pool first, each with a
--- price when it names a rate kind (a domestic overage without one drops the wallet, as
--- gw_authorise does), all in one month, every one made from the tenant's current
+-- No row and nothing written unless they all take the pool's fast path: n >= 2 requests
+-- of one tenant and one pool country, each an ALLOW paid from the pool first, each with
+-- a price when it names a rate kind (a domestic overage without one drops the wallet,
+-- as gw_authorise does), all in one month, every one made from the tenant's current
 -- context when it says which (gw_authorise_known's check), and the pool's free seconds
 -- covering all their slices. Raises GW4R1 when the pool's update finds them no longer
 -- free; the caller's subtransaction takes back what was written.
@@ -89,9 +89,10 @@ BEGIN
                                    AND (u.extension = q.extension
                                         OR u.sip_endpoint = q.endpoint_name))
                       OR (q.suffix IS NOT NULL
-                          AND EXISTS (SELECT 1 FROM phone_numbers pn
-                                      WHERE pn.tenant_id = v_tenant
-                                        AND reverse(pn.e164) LIKE reverse(q.suffix) || '%'))))
+                          AND EXISTS (
+                              SELECT 1 FROM phone_numbers pn
+                              WHERE pn.tenant_id = v_tenant
+                                AND reverse(pn.e164) LIKE reverse(q.suffix) || '%'))))
     THEN
         RETURN;
     END IF;
@@ -114,8 +115,9 @@ BEGIN
         FROM rates r
         WHERE r.kind = q.kind AND r.currency = v_currency
           AND (r.tenant_id = v_tenant OR r.tenant_id IS NULL)
-          AND r.prefix = ANY (ARRAY(SELECT left(ltrim(q.destination, '+'), k)
-                                    FROM generate_series(0, length(ltrim(q.destination, '+'))) k))
+          AND r.prefix = ANY (ARRAY(
+                  SELECT left(ltrim(q.destination, '+'), k)
+                  FROM generate_series(0, length(ltrim(q.destination, '+'))) k))
         ORDER BY length(r.prefix) DESC, r.tenant_id IS NULL
         LIMIT 1) r ON q.kind IS NOT NULL;
     IF NOT v_priced THEN
