@@ -161,10 +161,17 @@ BEGIN
 END
 $$;
 
--- As in migration 012, trying gw_authorise_together first: its rows when it wrote the
--- batch, else (no row, or any error: its subtransaction leaves nothing) each request
--- decided alone, in order, in a subtransaction of its own.
-CREATE OR REPLACE FUNCTION gw_authorise_batch(
+-- Migration 012's gw_authorise_batch, kept as the one-by-one way, and a new one that
+-- tries gw_authorise_together first: its rows when it wrote the batch, else (no row, or
+-- any error: its subtransaction leaves nothing) each request decided alone, in order,
+-- in a subtransaction of its own.
+ALTER FUNCTION gw_authorise_batch(
+    bigint[], text[], text[], text[], uuid[], text[], text[], text[], text[], text[],
+    text[], text[], text[], text[], text[], text[], text[], text[], text[], integer[],
+    timestamptz[], text[])
+RENAME TO gw_authorise_one_by_one;
+
+CREATE FUNCTION gw_authorise_batch(
     p_version bigint[], p_extension text[], p_endpoint_name text[], p_suffix text[],
     p_id uuid[], p_tenant text[], p_user text[], p_direction text[], p_caller text[],
     p_destination text[], p_class text[], p_decision text[], p_reason text[],
@@ -176,8 +183,6 @@ RETURNS TABLE (ord integer, decision text, reason text, funded integer, price nu
                error_state text, error_message text, error_detail text)
 LANGUAGE plpgsql AS $$
 DECLARE
-    r record;
-    v_sources text[];
     v_funded integer[];
     v_price numeric[];
     v_first integer[];
@@ -193,7 +198,8 @@ BEGIN
                 p_route, p_pbx_uniqueid, p_linkedid, p_rate_kind, p_sources,
                 p_pool_country, p_slice, p_now, p_pbx);
         EXCEPTION WHEN OTHERS THEN
-            -- (as below, a statement timeout or a cancellation is not caught here)
+            -- (a statement timeout or a cancellation is not caught by OTHERS: it ends the
+            -- whole statement, and nothing of the batch commits)
             v_funded := NULL;
         END;
         IF v_funded IS NOT NULL THEN
@@ -204,51 +210,11 @@ BEGIN
             RETURN;
         END IF;
     END IF;
-    FOR i IN 1 .. coalesce(cardinality(p_id), 0) LOOP
-        ord := i;
-        error_state := NULL;
-        error_message := NULL;
-        error_detail := NULL;
-        v_sources := CASE WHEN p_sources[i] = '' THEN '{}'::text[]
-                          ELSE string_to_array(p_sources[i], ',') END;
-        BEGIN
-            IF p_version[i] IS NULL THEN
-                SELECT * INTO r FROM gw_authorise(
-                    p_id[i], p_tenant[i], p_user[i], p_direction[i], p_caller[i],
-                    p_destination[i], p_class[i], p_decision[i], p_reason[i], p_route[i],
-                    p_pbx_uniqueid[i], p_linkedid[i], p_rate_kind[i], v_sources,
-                    p_pool_country[i]::char(2), p_slice[i], p_now[i], p_pbx[i]);
-            ELSE
-                SELECT * INTO r FROM gw_authorise_known(
-                    p_version[i], p_extension[i], p_endpoint_name[i], p_suffix[i],
-                    p_id[i], p_tenant[i], p_user[i], p_direction[i], p_caller[i],
-                    p_destination[i], p_class[i], p_decision[i], p_reason[i], p_route[i],
-                    p_pbx_uniqueid[i], p_linkedid[i], p_rate_kind[i], v_sources,
-                    p_pool_country[i]::char(2), p_slice[i], p_now[i], p_pbx[i]);
-            END IF;
-            decision := r.decision;
-            reason := r.reason;
-            funded := r.funded;
-            price := r.price;
-            first_increment := r.first_increment;
-            increment := r.increment;
-            rate_prefix := r.rate_prefix;
-        EXCEPTION WHEN OTHERS THEN
-            -- (a statement timeout or a cancellation is not caught by OTHERS: it ends the
-            -- whole statement, and nothing of the batch commits)
-            GET STACKED DIAGNOSTICS error_state = RETURNED_SQLSTATE,
-                                    error_message = MESSAGE_TEXT,
-                                    error_detail = PG_EXCEPTION_DETAIL;
-            decision := NULL;
-            reason := NULL;
-            funded := 0;
-            price := NULL;
-            first_increment := NULL;
-            increment := NULL;
-            rate_prefix := NULL;
-        END;
-        RETURN NEXT;
-    END LOOP;
+    RETURN QUERY SELECT * FROM gw_authorise_one_by_one(
+        p_version, p_extension, p_endpoint_name, p_suffix, p_id, p_tenant, p_user,
+        p_direction, p_caller, p_destination, p_class, p_decision, p_reason, p_route,
+        p_pbx_uniqueid, p_linkedid, p_rate_kind, p_sources, p_pool_country, p_slice,
+        p_now, p_pbx);
 END
 $$;
 
@@ -331,21 +297,24 @@ BEGIN
 END
 $$;
 
--- As in migration 012, trying gw_settle_together first (after the calls' rows are
--- locked): its rows when it wrote the batch, else each call settled alone, in order,
--- in a subtransaction of its own.
-CREATE OR REPLACE FUNCTION gw_settle_batch(p_call uuid[], p_billable integer[],
-                                           p_now timestamptz[], p_by text[])
+-- Migration 012's gw_settle_batch, kept as the one-by-one way, and a new one that
+-- locks the calls' rows in the order of their ids (as that one does) and tries
+-- gw_settle_together first: its rows when it wrote the batch, else each call settled
+-- alone, in order, in a subtransaction of its own.
+ALTER FUNCTION gw_settle_batch(uuid[], integer[], timestamptz[], text[])
+RENAME TO gw_settle_one_by_one;
+
+CREATE FUNCTION gw_settle_batch(p_call uuid[], p_billable integer[], p_now timestamptz[],
+                                p_by text[])
 RETURNS TABLE (ord integer, outcome text, billed integer, charged numeric,
                error_state text, error_message text, error_detail text)
 LANGUAGE plpgsql AS $$
 DECLARE
-    r record;
     v_outcome text[];
     v_billed integer[];
 BEGIN
-    PERFORM 1 FROM calls c WHERE c.id = ANY (p_call) ORDER BY c.id FOR UPDATE;
     IF coalesce(cardinality(p_call), 0) >= 2 THEN
+        PERFORM 1 FROM calls c WHERE c.id = ANY (p_call) ORDER BY c.id FOR UPDATE;
         BEGIN
             SELECT * INTO v_outcome, v_billed
             FROM gw_settle_together(p_call, p_billable, p_now, p_by);
@@ -361,25 +330,6 @@ BEGIN
             RETURN;
         END IF;
     END IF;
-    FOR i IN 1 .. coalesce(cardinality(p_call), 0) LOOP
-        ord := i;
-        error_state := NULL;
-        error_message := NULL;
-        error_detail := NULL;
-        BEGIN
-            SELECT * INTO r FROM gw_settle(p_call[i], p_billable[i], p_now[i], p_by[i]);
-            outcome := r.outcome;
-            billed := r.billed;
-            charged := r.charged;
-        EXCEPTION WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS error_state = RETURNED_SQLSTATE,
-                                    error_message = MESSAGE_TEXT,
-                                    error_detail = PG_EXCEPTION_DETAIL;
-            outcome := NULL;
-            billed := NULL;
-            charged := NULL;
-        END;
-        RETURN NEXT;
-    END LOOP;
+    RETURN QUERY SELECT * FROM gw_settle_one_by_one(p_call, p_billable, p_now, p_by);
 END
 $$;
